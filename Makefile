@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` and `make test`. Both run `make setup` first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.setup-stamp
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+# Idempotent: the venv is rebuilt only when the packaging files change.
+# torch is installed first, from the pin in constraints.txt (a CPU wheel), so that
+# nothing later can pull a CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[cpu,dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/rewrite zoo:bn-cnn --passes foldnorm -o demo.foldnorm.onnx
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) benchmarks/foldnorm_bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

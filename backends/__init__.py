@@ -1,0 +1,1 @@
+"""Backends: ``ort`` (ONNX emission and sessions) and ``triton`` (kernels + torch ops)."""

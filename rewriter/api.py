@@ -1,0 +1,200 @@
+"""The Python API: ``rewriter.rewrite(model, passes=[...]) -> Result``.
+
+The CLI is a thin layer over this function; ``Result.report`` is the same JSON document
+``rewrite --json`` writes (schema in the README).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+
+from rewriter.errors import BadInput, VerificationFailed
+from rewriter.ir.fx_view import FxView, capture
+from rewriter.ir.onnx_view import OnnxView
+from rewriter.ir.view import GraphView
+from rewriter.loader import Source, load_onnx, resolve, save, to_view
+from rewriter.manager import PassRecord, run_passes
+from rewriter.pass_api import Context, Pass, get_pass, make_options
+from rewriter.verify import Runner, compare, input_specs, load_inputs, make_inputs
+
+SCHEMA = "rewriter.report/1"
+
+
+def param_stats(view: GraphView) -> dict[str, int]:
+    """Number of parameter elements and their bytes."""
+    if isinstance(view, OnnxView):
+        count = nbytes = 0
+        for v in view.graph.initializers.values():
+            t = v.const_value
+            if t is not None:
+                count += t.size
+                nbytes += t.nbytes
+        return {"count": int(count), "bytes": int(nbytes)}
+    tensors = {id(t): t for t in list(view.gm.parameters()) + list(view.gm.buffers())}
+    return {"count": int(sum(t.numel() for t in tensors.values())),
+            "bytes": int(sum(t.numel() * t.element_size() for t in tensors.values()))}
+
+
+@dataclasses.dataclass
+class Result:
+    """What a run produced. ``model`` is an ``onnx_ir.Model`` or an fx ``GraphModule``."""
+
+    view: GraphView
+    records: list[PassRecord]
+    verification: dict[str, Any]
+    report: dict[str, Any]
+    forced: bool = False
+
+    @property
+    def model(self) -> Any:
+        return self.view.model if isinstance(self.view, OnnxView) else self.view.gm
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.verification.get("passed", True))
+
+    @property
+    def unapplied(self) -> list[PassRecord]:
+        return [r for r in self.records if not r.applied]
+
+    def save(self, path: str | os.PathLike, *, force: bool | None = None) -> Path:
+        """Write the model (``.onnx`` or ``.pt2``) atomically; refuses a model that failed
+        verification unless ``force``."""
+        force = self.forced if force is None else force
+        if not self.passed and not force:
+            raise VerificationFailed("refusing to save a model that failed verification (use force=True)")
+        out = save(self.view, path)
+        self.report["output"] = str(out)
+        return out
+
+
+def _instantiate(passes: Sequence[str | Pass], options: Mapping[str, Any] | None, ctx: Context) -> list[Pass]:
+    options = dict(options or {})
+    out = []
+    for p in passes:
+        if isinstance(p, Pass):
+            out.append(p)
+            continue
+        cls = get_pass(p)
+        opts = options.pop(p, None)
+        if opts is None:
+            opt_obj = cls.Options()
+        elif isinstance(opts, cls.Options):
+            opt_obj = opts
+        else:
+            fields = {f.name for f in dataclasses.fields(cls.Options)}
+            opt_obj = make_options(cls, {k: v for k, v in opts.items() if isinstance(v, str)})
+            for k, v in opts.items():
+                if not isinstance(v, str):
+                    if k not in fields:
+                        raise BadInput(f"pass {p!r} has no option {k!r}")
+                    setattr(opt_obj, k, v)
+        out.append(cls(opt_obj, ctx))
+    if options:
+        raise BadInput(f"options given for pass(es) not in the list: {', '.join(sorted(options))}")
+    return out
+
+
+def as_view(model: Any, *, example_inputs: Sequence[Any] | None = None, ir_kind: str | None = None) -> GraphView:
+    """Accept a path, ``zoo:NAME``, ``module:factory``, ModelProto, onnx_ir Model or nn.Module."""
+    if isinstance(model, GraphView):
+        return model.copy()
+    if isinstance(model, onnx.ModelProto):
+        return OnnxView(ir.from_proto(model))
+    if isinstance(model, ir.Model):
+        return OnnxView(model.clone())
+    if isinstance(model, torch.nn.Module):
+        if example_inputs is None:
+            raise BadInput("a torch module needs example_inputs")
+        if ir_kind == "onnx":
+            src = Source("factory", type(model).__name__, type(model).__name__.lower(), model.eval(), tuple(example_inputs))
+            return to_view(src, "onnx")
+        if isinstance(model, torch.fx.GraphModule):
+            return FxView(model, tuple(example_inputs))
+        return FxView(capture(model.eval(), tuple(example_inputs)), tuple(example_inputs))
+    if isinstance(model, (str, os.PathLike)):
+        src = resolve(str(model))
+        if src.kind == "onnx":
+            return load_onnx(src.name)
+        return to_view(src, ir_kind or "onnx")
+    raise BadInput(f"cannot rewrite a {type(model).__name__}")
+
+
+def verification_feeds(view: GraphView, inputs: Any = None,
+                       shapes: Mapping[str, list[int]] | None = None, seed: int = 0) -> tuple[dict, list[str]]:
+    specs = input_specs(view)
+    if inputs is None:
+        if isinstance(view, FxView):
+            return {s.name: torch.as_tensor(x).numpy() for s, x in zip(specs, view.example_inputs)}, []
+        return make_inputs(specs, shapes, seed=seed)
+    if isinstance(inputs, (str, os.PathLike)):
+        return load_inputs(str(inputs), specs), []
+    return {k: np.asarray(v) for k, v in dict(inputs).items()}, []
+
+
+def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, Any] | None = None,
+            inputs: Any = None, calib: Any = None, example_inputs: Sequence[Any] | None = None,
+            shapes: Mapping[str, list[int]] | None = None, verify: bool = True, force: bool = False,
+            ir_kind: str | None = None, progress=None, source: str | None = None) -> Result:
+    """Apply ``passes`` in order to ``model`` and verify each one.
+
+    ``options``: ``{"foldnorm": {"direction": "next"}}`` (strings are parsed like ``--set``).
+    ``inputs``: a ``.npz`` path or ``{name: array}`` for verification (default: seeded
+    random inputs, or the example inputs of a torch module). Returns a ``Result``; a
+    failed verification is recorded in it and ``Result.save`` refuses it unless forced.
+    """
+    if not passes:
+        raise BadInput("no passes given")
+    view = as_view(model, example_inputs=example_inputs, ir_kind=ir_kind)
+    calib_data = None
+    if calib is not None:
+        calib_data = dict(np.load(calib, allow_pickle=False)) if isinstance(calib, (str, os.PathLike)) else dict(calib)
+    pass_objs = _instantiate(passes, options, Context(calib=calib_data))
+    for p in pass_objs:
+        if view.ir not in p.irs:
+            raise BadInput(f"pass {p.name!r} does not support {view.ir} models")
+    before_ops = view.op_counts()
+    before_params = param_stats(view)
+    feeds, notes = (verification_feeds(view, inputs, shapes) if verify else (None, []))
+    records, reference = run_passes(view, pass_objs, feeds=feeds, progress=progress)
+    if feeds is not None and records and all(r.verification is None or r.verification["passed"] for r in records):
+        final = compare(reference, Runner(view)(feeds), _final_tolerance(pass_objs))
+        final["passed"] = all(r.verification is None or r.verification["passed"] for r in records)
+    elif feeds is not None:
+        failed = next(r for r in records if r.verification and not r.verification["passed"])
+        final = dict(failed.verification)
+        final["failed_pass"] = failed.name
+    else:
+        final = {"performed": False, "passed": True}
+    final.setdefault("performed", feeds is not None)
+    if feeds is not None:
+        final["inputs"] = {k: list(np.shape(v)) for k, v in feeds.items()}
+        final["notes"] = notes
+    report = {
+        "schema": SCHEMA,
+        "model": {"source": source or (str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__),
+                  "ir": view.ir},
+        "passes": [r.to_json() for r in records],
+        "verification": final,
+        "diff": {
+            "op_counts": {"before": before_ops, "after": view.op_counts()},
+            "params": {"before": before_params["count"], "after": param_stats(view)["count"]},
+            "bytes": {"before": before_params["bytes"], "after": param_stats(view)["bytes"]},
+        },
+        "output": None,
+    }
+    return Result(view, records, final, report, forced=force)
+
+
+def _final_tolerance(passes: list[Pass]) -> float | None:
+    budgets = [p.error_budget() for p in passes if p.error_budget() is not None]
+    return max(budgets) if budgets else None

@@ -1,0 +1,438 @@
+"""The torch adapter: a GraphView over a torch.fx GraphModule.
+
+Capture goes through ``torch.export`` (``ExportedProgram.module()``: ATen ops, parameters as
+``get_attr``), falling back to ``torch.fx.symbolic_trace`` for plain modules that export
+cannot take; ``canonicalize`` then rewrites the common leaf modules (Linear, Conv, norms)
+into the same ATen calls, so one recogniser serves both. The result is still a trainable
+GraphModule: changed weights become new ``nn.Parameter`` attributes (copy-on-write), so
+gradients flow to them, and parameters no longer read are dropped.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import operator
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from rewriter.ir.view import (
+    Affine,
+    ConvParams,
+    Declined,
+    GraphView,
+    LinearParams,
+    Node,
+    Value,
+    broadcast_axis,
+)
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+_LINEAR = {aten.linear.default, aten.addmm.default, aten.mm.default}
+_CONV = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
+_BN = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
+_ELEMENTWISE = {
+    aten.mul.Tensor: "mul", aten.mul.Scalar: "mul", operator.mul: "mul", torch.mul: "mul",
+    aten.add.Tensor: "add", aten.add.Scalar: "add", operator.add: "add", torch.add: "add",
+    aten.sub.Tensor: "sub", aten.sub.Scalar: "sub", operator.sub: "sub", torch.sub: "sub",
+    aten.div.Tensor: "div", aten.div.Scalar: "div", operator.truediv: "div", torch.div: "div",
+}
+_TRANSPOSE = {aten.transpose.int, aten.permute.default, aten.t.default}
+_SIMPLE = {
+    aten.layer_norm.default: "layer_norm",
+    aten.rms_norm.default: "rms_norm",
+    aten.embedding.default: "embedding",
+    aten.scaled_dot_product_attention.default: "attention",
+}
+_IMPURE_NAMES = ("rand", "normal", "bernoulli", "dropout", "uniform", "empty", "copy_", "_guards")
+
+
+def _target_name(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return node.target
+    t = node.target
+    return getattr(t, "__name__", str(t)) if not isinstance(t, torch._ops.OpOverload) else str(t)
+
+
+def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Rewrite leaf-module calls (symbolic_trace graphs) into ATen calls on get_attr params."""
+    g = gm.graph
+    for node in list(g.nodes):
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
+                            torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm)):
+            with g.inserting_before(node):
+                def attr(name):
+                    t = getattr(mod, name, None)
+                    return None if t is None else g.get_attr(f"{node.target}.{name}")
+                x = node.args[0]
+                if isinstance(mod, torch.nn.Linear):
+                    new = g.call_function(aten.linear.default, (x, attr("weight"), attr("bias")))
+                elif isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                    if mod.training or not mod.track_running_stats:
+                        continue
+                    new = g.call_function(aten.batch_norm.default, (
+                        x, attr("weight"), attr("bias"), attr("running_mean"), attr("running_var"),
+                        False, mod.momentum or 0.0, mod.eps, False))
+                elif isinstance(mod, torch.nn.LayerNorm):
+                    new = g.call_function(aten.layer_norm.default, (
+                        x, list(mod.normalized_shape), attr("weight"), attr("bias"), mod.eps))
+                else:
+                    if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+                        continue
+                    fn = {torch.nn.Conv1d: aten.conv1d.default, torch.nn.Conv2d: aten.conv2d.default,
+                          torch.nn.Conv3d: aten.conv3d.default}[type(mod)]
+                    new = g.call_function(fn, (x, attr("weight"), attr("bias"), list(mod.stride),
+                                               list(mod.padding), list(mod.dilation), mod.groups))
+            new.meta.update(node.meta)
+            node.replace_all_uses_with(new)
+            g.erase_node(node)
+    g.lint()
+    gm.recompile()
+    return gm
+
+
+def capture(module: torch.nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
+    """torch.export first (real models); symbolic_trace for what export cannot take."""
+    try:
+        ep = torch.export.export(module, tuple(example_inputs))
+        gm = ep.module()
+    except Exception as err:  # noqa: BLE001 - fall back, and say so
+        log.info("torch.export failed (%s); falling back to symbolic_trace", err)
+        gm = fx.symbolic_trace(module)
+        try:
+            from torch.fx.passes.shape_prop import ShapeProp
+
+            ShapeProp(gm).propagate(*example_inputs)
+        except Exception as perr:  # noqa: BLE001
+            log.info("shape propagation failed: %s", perr)
+    return canonicalize(gm)
+
+
+class FxView(GraphView):
+    """A GraphView over a ``torch.fx.GraphModule``."""
+
+    ir = "torch"
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any] = ()):
+        super().__init__()
+        self.gm = gm
+        self.example_inputs = tuple(example_inputs)
+        self._const_cache: dict[fx.Node, np.ndarray | None] = {}
+        self._names = itertools.count()
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.gm.graph
+
+    def invalidate(self) -> None:
+        super().invalidate()
+        self._const_cache.clear()
+
+    # -- structure ---------------------------------------------------------------------
+    def _build_nodes(self) -> list[Node]:
+        nodes: list[Node] = []
+        taken: set[int] = set()
+        for raw in self.graph.nodes:
+            if raw.op in ("placeholder", "get_attr", "output") or id(raw) in taken:
+                continue
+            if self.const_value(raw) is not None:
+                continue  # folded constants are values, not ops
+            nodes.append(self._classify(raw, taken))
+        return nodes
+
+    def _data_args(self, raw: fx.Node) -> list[fx.Node]:
+        return [a for a in raw.all_input_nodes if self.const_value(a) is None]
+
+    def _classify(self, raw: fx.Node, taken: set[int]) -> Node:
+        t = raw.target
+        if raw.op == "call_function":
+            if t in _LINEAR and self._linear_ok(raw):
+                x = raw.args[1] if t is aten.addmm.default else raw.args[0]
+                return Node("linear", raw.name, [x], raw, [raw])
+            if t in _CONV and not (t is aten.convolution.default and raw.args[6]):
+                return Node("conv", raw.name, [raw.args[0]], raw, [raw])
+            if t in _BN:
+                if t is aten._native_batch_norm_legit_no_training.default:
+                    getters = [u for u in raw.users if u.target is operator.getitem and u.args[1] == 0]
+                    if len(getters) == 1 and len(raw.users) == 1:
+                        taken.add(id(getters[0]))
+                        return Node("batch_norm", raw.name, [raw.args[0]], getters[0], [raw, getters[0]])
+                    return Node("other:batch_norm", raw.name, [raw.args[0]], raw, [raw])
+                return Node("batch_norm", raw.name, [raw.args[0]], raw, [raw])
+            if t in _ELEMENTWISE:
+                return Node(_ELEMENTWISE[t], raw.name, self._data_args(raw), raw, [raw])
+            if t in _TRANSPOSE:
+                return Node("transpose", raw.name, [raw.args[0]], raw, [raw])
+            if t is aten.embedding.default:
+                return Node("embedding", raw.name, [raw.args[1]], raw, [raw])
+            if t in _SIMPLE:
+                return Node(_SIMPLE[t], raw.name, [raw.args[0]], raw, [raw])
+        return Node(f"other:{_target_name(raw)}", raw.name, self._data_args(raw), raw, [raw])
+
+    def _linear_ok(self, raw: fx.Node) -> bool:
+        t = raw.target
+        if t is aten.linear.default:
+            return self.const_value(raw.args[1]) is not None and (
+                len(raw.args) < 3 or raw.args[2] is None or self.const_value(raw.args[2]) is not None)
+        if t is aten.addmm.default:
+            if raw.kwargs.get("beta", 1) != 1 or raw.kwargs.get("alpha", 1) != 1:
+                return False
+            b = self.const_value(raw.args[0])
+            return b is not None and b.ndim == 1 and self.const_value(raw.args[2]) is not None
+        return self.const_value(raw.args[1]) is not None  # mm
+
+    def _raw_users(self, value: Value) -> list[Any]:
+        return [u for u in value.users if u.op != "output"]
+
+    def _raw_producer(self, value: Value) -> Any | None:
+        return value if isinstance(value, fx.Node) and value.op.startswith("call_") else None
+
+    def is_graph_output(self, value: Value) -> bool:
+        return any(u.op == "output" for u in value.users)
+
+    def _meta_shape(self, value: Value):
+        val = value.meta.get("val") if isinstance(value, fx.Node) else None
+        if val is None:
+            tm = value.meta.get("tensor_meta") if isinstance(value, fx.Node) else None
+            return None if tm is None else tm.shape
+        return getattr(val, "shape", None)
+
+    def rank(self, value: Value) -> int | None:
+        s = self._meta_shape(value)
+        return None if s is None else len(s)
+
+    def shape(self, value: Value) -> tuple | None:
+        s = self._meta_shape(value)
+        if s is None:
+            return None
+        return tuple(int(d) if isinstance(d, int) or str(d).isdigit() else None for d in s)
+
+    def value_name(self, value: Value) -> str:
+        return value.name
+
+    # -- constants ---------------------------------------------------------------------
+    def const_value(self, value: Any) -> np.ndarray | None:
+        t = self._const_tensor(value)
+        return None if t is None else t.detach().cpu().numpy()
+
+    def _const_tensor(self, value: Any) -> torch.Tensor | None:
+        if not isinstance(value, fx.Node):
+            return None
+        if value in self._const_cache:
+            return self._const_cache[value]
+        self._const_cache[value] = None
+        result = None
+        if value.op == "get_attr":
+            obj = self._attr(value.target)
+            if isinstance(obj, torch.Tensor):
+                result = obj
+        elif value.op == "call_function" and isinstance(value.target, torch._ops.OpOverload):
+            name = str(value.target)
+            if value.all_input_nodes and not any(k in name for k in _IMPURE_NAMES):
+                if all(self._const_tensor(a) is not None for a in value.all_input_nodes):
+                    args, kwargs = fx.node.map_arg((value.args, value.kwargs), self._const_tensor)
+                    try:
+                        with torch.no_grad():
+                            out = value.target(*args, **kwargs)
+                        if isinstance(out, torch.Tensor):
+                            result = out
+                    except Exception as err:  # noqa: BLE001 - best effort
+                        log.debug("could not evaluate %s: %s", value.name, err)
+        self._const_cache[value] = result
+        return result
+
+    def _attr(self, target: str) -> Any:
+        obj: Any = self.gm
+        for part in target.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                return None
+        return obj
+
+    def _new_param(self, before: fx.Node, base: str, array: np.ndarray, like: Any) -> fx.Node:
+        like_t = self._const_tensor(like) if isinstance(like, fx.Node) else None
+        dtype = like_t.dtype if like_t is not None else torch.float32
+        device = like_t.device if like_t is not None else torch.device("cpu")
+        requires_grad = bool(like_t is not None and like_t.requires_grad) or like_t is None
+        tensor = torch.as_tensor(np.ascontiguousarray(array)).to(dtype=dtype, device=device)
+        name = f"_rw_{base.replace('.', '_')}_{next(self._names)}"
+        while hasattr(self.gm, name):
+            name = f"_rw_{base.replace('.', '_')}_{next(self._names)}"
+        self.gm.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=requires_grad))
+        with self.graph.inserting_before(before):
+            node = self.graph.get_attr(name)
+        node.meta["val"] = tensor
+        return node
+
+    # -- semantics ---------------------------------------------------------------------
+    def linear(self, node: Node) -> LinearParams:
+        raw = node.raw[0]
+        t = raw.target
+        if t is aten.linear.default:
+            w = self.const_value(raw.args[1])
+            b = self.const_value(raw.args[2]) if len(raw.args) > 2 and raw.args[2] is not None else None
+        elif t is aten.addmm.default:
+            w = self.const_value(raw.args[2]).T
+            b = self.const_value(raw.args[0])
+        else:
+            w, b = self.const_value(raw.args[1]).T, None
+        return LinearParams(w.astype(np.float64), None if b is None else b.astype(np.float64))
+
+    def set_linear(self, node: Node, params: LinearParams) -> None:
+        raw = node.raw[0]
+        wsrc = raw.args[1] if raw.target is not aten.addmm.default else raw.args[2]
+        base = wsrc.target if wsrc.op == "get_attr" else node.name
+        w = self._new_param(raw, base, params.weight, wsrc)
+        b = None if params.bias is None else self._new_param(raw, base + "_bias", params.bias, wsrc)
+        # rewrite in place (addmm / mm become aten.linear) so the node keeps its identity
+        raw.target = aten.linear.default
+        raw.args = (node.inputs[0], w, b)
+        raw.kwargs = {}
+        self.invalidate()
+
+    def conv(self, node: Node) -> ConvParams:
+        raw = node.raw[0]
+        t = raw.target
+        args = list(raw.args)
+        w = self.const_value(args[1])
+        if w is None:
+            raise Declined(f"conv {node.name} has a non-constant weight")
+        b = self.const_value(args[2]) if len(args) > 2 and args[2] is not None else None
+        if t is aten.convolution.default:
+            padding, groups = args[4], args[8]
+        else:
+            padding = args[4] if len(args) > 4 else raw.kwargs.get("padding", 0)
+            groups = args[6] if len(args) > 6 else raw.kwargs.get("groups", 1)
+        if isinstance(padding, str):
+            padded = padding != "valid"
+        else:
+            padded = any(p != 0 for p in (padding if isinstance(padding, (list, tuple)) else [padding]))
+        return ConvParams(w.astype(np.float64), None if b is None else b.astype(np.float64),
+                          int(groups), padded)
+
+    def set_conv(self, node: Node, params: ConvParams) -> None:
+        raw = node.raw[0]
+        args = list(raw.args)
+        base = args[1].target if args[1].op == "get_attr" else node.name
+        args[1] = self._new_param(raw, base, params.weight, raw.args[1])
+        if params.bias is not None:
+            while len(args) < 3:
+                args.append(None)
+            args[2] = self._new_param(raw, base + "_bias", params.bias, raw.args[1])
+        raw.args = tuple(args)
+        self.invalidate()
+
+    def affine(self, node: Node) -> Affine | None:
+        raw = node.raw[0]
+        if node.op == "batch_norm":
+            args = list(raw.args)
+            if raw.target is aten.batch_norm.default:
+                training, eps = args[5], args[7]
+            else:
+                training, eps = False, args[6]
+            if training:
+                raise Declined(f"{node.name} is a norm in training mode")
+            rank = self.rank(node.inputs[0])
+            if rank is None:
+                raise Declined(f"{node.name}: the rank of its input is unknown")
+            c = self.shape(node.inputs[0])[1] if rank > 1 else self.shape(node.inputs[0])[0]
+            vals = [self.const_value(a) if a is not None else None for a in args[1:5]]
+            gamma = np.ones(c) if vals[0] is None else vals[0].astype(np.float64)
+            beta = np.zeros(c) if vals[1] is None else vals[1].astype(np.float64)
+            if vals[2] is None or vals[3] is None:
+                raise Declined(f"{node.name} has no running statistics")
+            mean, var = vals[2].astype(np.float64), vals[3].astype(np.float64)
+            k = gamma / np.sqrt(var + eps)
+            return Affine(1 - rank if rank > 1 else -1, k, beta - mean * k)
+        if node.op not in ("mul", "add", "sub", "div"):
+            return None
+        if raw.kwargs.get("alpha", 1) != 1 or raw.kwargs.get("rounding_mode") is not None:
+            return None
+        if len(raw.args) != 2:
+            return None
+        a, b = raw.args
+        ca, cb = self._operand(a), self._operand(b)
+        if (ca is None) == (cb is None):
+            return None
+        data, const, const_first = (b, ca, True) if ca is not None else (a, cb, False)
+        rank = self.rank(data)
+        if rank is None or const.ndim > rank or not np.issubdtype(const.dtype, np.floating):
+            return None
+        axis = broadcast_axis(const.shape, rank)
+        if axis == "bad":
+            return None
+        c = const.astype(np.float64).reshape(-1)
+        if node.op == "mul":
+            return Affine(axis, c, np.zeros_like(c))
+        if node.op == "add":
+            return Affine(axis, np.ones_like(c), c)
+        if node.op == "sub":
+            return Affine(axis, -np.ones_like(c), c) if const_first else Affine(axis, np.ones_like(c), -c)
+        if const_first:
+            return None
+        return Affine(axis, 1.0 / c, np.zeros_like(c))
+
+    def _operand(self, a: Any) -> np.ndarray | None:
+        if isinstance(a, (int, float)) and not isinstance(a, bool):
+            return np.asarray(float(a), dtype=np.float64)
+        return self.const_value(a) if isinstance(a, fx.Node) else None
+
+    def perm(self, node: Node) -> list[int]:
+        raw = node.raw[0]
+        if raw.target is aten.permute.default:
+            r = len(raw.args[1])
+            return [d % r for d in raw.args[1]]
+        if raw.target is aten.t.default:
+            return [1, 0] if self.rank(raw.args[0]) == 2 else [0]
+        r = self.rank(raw.args[0])
+        if r is None:
+            raise Declined(f"{node.name}: rank unknown")
+        p = list(range(r))
+        d0, d1 = raw.args[1] % r, raw.args[2] % r
+        p[d0], p[d1] = p[d1], p[d0]
+        return p
+
+    # -- edits -------------------------------------------------------------------------
+    def bypass(self, node: Node) -> None:
+        node.output.replace_all_uses_with(node.inputs[0])
+        for raw in reversed(node.raw):
+            self.graph.erase_node(raw)
+        self.invalidate()
+
+    def tag(self, node: Node, pass_name: str, replaced: Iterable[str]) -> None:
+        for raw in node.raw:
+            raw.meta["rewriter"] = {"pass": pass_name, "replaced": list(replaced)}
+
+    def finalize(self) -> None:
+        """Drop dead nodes and parameters no node reads any more; recompile."""
+        g = self.graph
+        for n in list(reversed(g.nodes)):
+            if n.op in ("get_attr", "call_function") and not n.users:
+                if n.op == "get_attr" or self.const_value(n) is not None:
+                    g.erase_node(n)
+        used = {n.target for n in g.nodes if n.op == "get_attr"}
+        for name, _ in list(self.gm.named_parameters(recurse=False)):
+            if name.startswith("_rw_") and name not in used:
+                delattr(self.gm, name)
+        g.lint()
+        self.gm.recompile()
+        self.invalidate()
+
+    # -- whole model -------------------------------------------------------------------
+    def copy(self) -> FxView:
+        return FxView(copy.deepcopy(self.gm), self.example_inputs)
+
+    def raw_op_types(self) -> list[str]:
+        return [_target_name(n) for n in self.graph.nodes
+                if n.op in ("call_function", "call_module", "call_method")
+                and not _target_name(n).startswith("_guards")]

@@ -1,0 +1,250 @@
+"""The IR-neutral view every pass is written against.
+
+A pass never touches onnx-ir or torch.fx directly. It sees a graph of *semantic nodes*
+(``Node``): each covers one or a few IR nodes (an ONNX ``MatMul`` plus its bias ``Add`` is
+one ``linear``) and names what they compute. Everything the passes do not reason about is
+``other:<op type>`` and stays opaque. Parameters are read and written as float64 numpy
+arrays in a fixed layout (linear weights are ``[out, in]`` whatever the IR stores), so the
+math of a pass is plain array code shared by both IRs; the adapter casts back once, to the
+tensor's original dtype, when it writes.
+
+Semantic op names (``Node.op``):
+
+=================  ===============================================================
+``linear``         y = x @ W.T + b over the last axis (MatMul[+Add], Gemm; aten.linear,
+                   addmm, mm)
+``conv``           Conv / aten.conv{1,2,3}d, channel axis 1
+``batch_norm``     BatchNormalization / aten.batch_norm (frozen statistics or training)
+``mul`` ``add``    elementwise ops; ``affine()`` tells whether one operand is constant
+``sub`` ``div``
+``transpose``      Transpose / permute / transpose.int (``perm()``)
+``layer_norm``     LayerNormalization / aten.layer_norm over the last axis
+``rms_norm``       RMSNormalization / aten.rms_norm
+``embedding``      Gather of a constant table / aten.embedding
+``attention``      Attention / aten.scaled_dot_product_attention
+``other:T``        anything else
+=================  ===============================================================
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import networkx as nx
+import numpy as np
+
+Value = Any  # an IR value: onnx_ir.Value or torch.fx.Node
+
+
+@dataclasses.dataclass(eq=False)
+class Node:
+    """A semantic node: one op the passes reason about, over one or more IR nodes."""
+
+    op: str
+    name: str
+    inputs: list[Value]  # data inputs (parameters excluded)
+    output: Value  # the main output
+    raw: list[Any]  # the IR nodes it covers, in order
+    attrs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"Node({self.op}, {self.name!r})"
+
+
+@dataclasses.dataclass
+class LinearParams:
+    """``y = x @ weight.T + bias``; weight ``[out, in]``, bias ``[out]`` or None (float64)."""
+
+    weight: np.ndarray
+    bias: np.ndarray | None
+
+
+@dataclasses.dataclass
+class ConvParams:
+    """Convolution weight ``[out, in/groups, *kernel]``, bias ``[out]`` or None (float64)."""
+
+    weight: np.ndarray
+    bias: np.ndarray | None
+    groups: int
+    padded: bool  # any non-zero (implicit zero) padding
+
+
+@dataclasses.dataclass
+class Affine:
+    """``y = scale * x + shift`` broadcast along ``axis`` (negative, from the end).
+
+    ``axis`` None means scale and shift are scalars (shape ``[1]``), valid on any axis.
+    """
+
+    axis: int | None
+    scale: np.ndarray
+    shift: np.ndarray
+
+    @staticmethod
+    def identity() -> Affine:
+        return Affine(None, np.ones(1), np.zeros(1))
+
+    def then(self, other: Affine) -> Affine | None:
+        """The composition ``other(self(x))``, or None when the axes disagree."""
+        if self.axis is not None and other.axis is not None and self.axis != other.axis:
+            return None
+        if len(self.scale) > 1 and len(other.scale) > 1 and len(self.scale) != len(other.scale):
+            return None
+        axis = self.axis if self.axis is not None else other.axis
+        return Affine(axis, other.scale * self.scale, other.scale * self.shift + other.shift)
+
+    def channels(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scale and shift broadcast to ``n`` channels."""
+        return np.broadcast_to(self.scale, (n,)).copy(), np.broadcast_to(self.shift, (n,)).copy()
+
+    @property
+    def width(self) -> int:
+        return max(len(self.scale), len(self.shift))
+
+
+class Declined(Exception):
+    """Raised by view queries when a node cannot be used; the message is the reason."""
+
+
+class GraphView(abc.ABC):
+    """A model in one IR, seen as semantic nodes. Subclasses: OnnxView, FxView."""
+
+    ir: str = ""
+
+    def __init__(self) -> None:
+        self._nodes: list[Node] | None = None
+        self._by_raw: dict[int, Node] = {}
+        self._users: dict[int, list[Node]] = {}
+
+    # -- structure ---------------------------------------------------------------------
+    @abc.abstractmethod
+    def _build_nodes(self) -> list[Node]:
+        """Group the IR's nodes into semantic nodes, in topological order."""
+
+    @abc.abstractmethod
+    def _raw_users(self, value: Value) -> list[Any]:
+        """IR nodes reading ``value``."""
+
+    @abc.abstractmethod
+    def _raw_producer(self, value: Value) -> Any | None:
+        """The IR node producing ``value``, or None (graph input, parameter)."""
+
+    @abc.abstractmethod
+    def is_graph_output(self, value: Value) -> bool: ...
+
+    @abc.abstractmethod
+    def rank(self, value: Value) -> int | None: ...
+
+    @abc.abstractmethod
+    def shape(self, value: Value) -> tuple | None:
+        """Static shape; a dim is an int or None when unknown."""
+
+    @abc.abstractmethod
+    def value_name(self, value: Value) -> str: ...
+
+    def invalidate(self) -> None:
+        """Forget the semantic grouping (call after an edit changes the structure)."""
+        self._nodes = None
+
+    def nodes(self) -> list[Node]:
+        if self._nodes is None:
+            self._nodes = self._build_nodes()
+            self._by_raw = {id(r): n for n in self._nodes for r in n.raw}
+        return self._nodes
+
+    def node_of(self, raw: Any) -> Node | None:
+        self.nodes()
+        return self._by_raw.get(id(raw))
+
+    def users(self, value: Value) -> list[Node]:
+        """Semantic nodes reading ``value`` (each once), in graph order."""
+        src = self._raw_producer(value)
+        out: list[Node] = []
+        for r in self._raw_users(value):
+            n = self.node_of(r)
+            internal = src is not None and any(x is src for x in n.raw) if n else False
+            if n is not None and n not in out and not internal:
+                out.append(n)
+        return out
+
+    def producer(self, value: Value) -> Node | None:
+        raw = self._raw_producer(value)
+        return None if raw is None else self.node_of(raw)
+
+    # -- semantics ---------------------------------------------------------------------
+    @abc.abstractmethod
+    def linear(self, node: Node) -> LinearParams: ...
+
+    @abc.abstractmethod
+    def set_linear(self, node: Node, params: LinearParams) -> None: ...
+
+    @abc.abstractmethod
+    def conv(self, node: Node) -> ConvParams: ...
+
+    @abc.abstractmethod
+    def set_conv(self, node: Node, params: ConvParams) -> None: ...
+
+    @abc.abstractmethod
+    def affine(self, node: Node) -> Affine | None:
+        """For batch_norm and elementwise ops with a constant operand: the per-channel
+        affine map they compute. None when the node is not such a map. Raises
+        ``Declined`` for a norm that is not frozen (training mode)."""
+
+    @abc.abstractmethod
+    def perm(self, node: Node) -> list[int]:
+        """The permutation of a ``transpose`` node (``out.shape[i] == in.shape[perm[i]]``)."""
+
+    # -- edits -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def bypass(self, node: Node) -> None:
+        """Remove ``node``; its readers read its first data input instead."""
+
+    @abc.abstractmethod
+    def tag(self, node: Node, pass_name: str, replaced: Iterable[str]) -> None:
+        """Record provenance: ``node`` was made or changed by ``pass_name``."""
+
+    def finalize(self) -> None:
+        """Tidy after a pass: drop what no node reads any more."""
+
+    # -- whole model -------------------------------------------------------------------
+    @abc.abstractmethod
+    def copy(self) -> GraphView: ...
+
+    def op_counts(self) -> dict[str, int]:
+        """IR-level op type -> count (what a user sees in Netron / the FX graph)."""
+        return dict(collections.Counter(self.raw_op_types()))
+
+    @abc.abstractmethod
+    def raw_op_types(self) -> list[str]: ...
+
+    def to_networkx(self) -> nx.DiGraph:
+        """The semantic graph as a networkx DiGraph (nodes keyed by name, attr ``op``)."""
+        g = nx.DiGraph()
+        for n in self.nodes():
+            g.add_node(n.name, op=n.op)
+        for n in self.nodes():
+            for v in n.inputs:
+                p = self.producer(v)
+                if p is not None:
+                    g.add_edge(p.name, n.name)
+        return g
+
+
+def broadcast_axis(const_shape: Sequence[int], data_rank: int) -> int | None | str:
+    """The single axis (negative) along which a constant of ``const_shape`` varies when
+    broadcast against a rank-``data_rank`` tensor; None for a scalar; "bad" otherwise."""
+    shape = list(const_shape)
+    if len(shape) > data_rank:
+        if any(d != 1 for d in shape[: len(shape) - data_rank]):
+            return "bad"
+        shape = shape[len(shape) - data_rank :]
+    axes = [i - len(shape) for i, d in enumerate(shape) if d != 1]
+    if not axes:
+        return None
+    if len(axes) > 1:
+        return "bad"
+    return axes[0]

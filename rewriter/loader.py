@@ -1,0 +1,191 @@
+"""Turning what the user names into a GraphView, and a view back into a file.
+
+``MODEL`` may be an ONNX path, ``zoo:NAME`` or ``package.module:factory``. The last one
+imports and runs user code (the factory returns ``(module, example_inputs)``): only name
+modules you trust. Torch models go to the IR the output asks for: ``.onnx`` exports once
+with the dynamo exporter and rewrites the ONNX graph; ``.pt2`` captures with torch.export
+and rewrites the fx graph.
+
+Files are written atomically: to a temporary name in the target directory, then renamed,
+so a failure never leaves a partial output and the input is never touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+import torch
+
+from rewriter.errors import BadInput
+from rewriter.ir.fx_view import FxView, capture
+from rewriter.ir.onnx_view import OnnxView
+from rewriter.ir.view import GraphView
+
+_EXTERNAL_THRESHOLD = 1 << 30  # save weights as external data above 1 GiB
+
+
+@dataclasses.dataclass
+class Source:
+    """Where a model came from: ``kind`` is onnx, zoo or factory."""
+
+    kind: str
+    name: str  # path, zoo name or module:factory
+    stem: str  # for the default output name
+    module: torch.nn.Module | None = None
+    example_inputs: tuple[Any, ...] = ()
+
+
+def resolve(spec: str) -> Source:
+    """Parse MODEL without loading heavy things yet; errors are BadInput."""
+    if spec.startswith("zoo:"):
+        import models_zoo
+
+        name = spec[4:]
+        try:
+            module, inputs = models_zoo.build(name)
+        except KeyError as err:
+            raise BadInput(str(err.args[0])) from None
+        return Source("zoo", name, name, module, inputs)
+    path = Path(spec)
+    if path.suffix.lower() == ".onnx" or path.exists() or ":" not in spec:
+        if not path.exists():
+            raise BadInput(f"{spec}: no such file")
+        if path.is_dir():
+            raise BadInput(f"{spec}: is a directory, not an ONNX file")
+        return Source("onnx", str(path), path.name.removesuffix(".onnx"))
+    mod_name, _, attr = spec.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except Exception as err:  # noqa: BLE001 - user code
+        raise BadInput(f"{spec}: cannot import {mod_name!r} ({type(err).__name__}: {err})") from None
+    factory = getattr(mod, attr, None)
+    if not callable(factory):
+        raise BadInput(f"{spec}: {mod_name!r} has no callable {attr!r}")
+    try:
+        built = factory()
+        module, inputs = built
+    except Exception as err:  # noqa: BLE001
+        raise BadInput(f"{spec}: the factory must return (module, example_inputs): {type(err).__name__}: {err}") from None
+    if not isinstance(module, torch.nn.Module):
+        raise BadInput(f"{spec}: the factory returned {type(module).__name__}, not a torch.nn.Module")
+    return Source("factory", spec, attr, module.eval(), tuple(inputs))
+
+
+def load_onnx(path: str | os.PathLike) -> OnnxView:
+    """Load an ONNX file (external data included) or raise BadInput naming the problem."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1)
+    except OSError as err:
+        raise BadInput(f"{path}: cannot read ({err.strerror})") from None
+    if not head:
+        raise BadInput(f"{path}: empty file")
+    try:
+        model = ir.load(path)
+    except Exception as err:  # noqa: BLE001 - any parse failure is bad input
+        raise BadInput(f"{path}: not a valid ONNX model ({type(err).__name__})") from None
+    if len(model.graph) == 0 and not model.graph.outputs:
+        raise BadInput(f"{path}: the file holds no ONNX graph (a protobuf, but not a model)")
+    view = OnnxView(model, path)
+    _check_external_data(view, path)
+    return view
+
+
+def _check_external_data(view: OnnxView, path: Path) -> None:
+    base = path.resolve().parent
+    for v in view.graph.initializers.values():
+        t = v.const_value
+        if isinstance(t, ir.ExternalTensor):
+            loc = (Path(t.base_dir) / t.location).resolve()
+            if base not in loc.parents and loc != base:
+                raise BadInput(f"{path}: external data {t.location!r} of {v.name!r} lies outside the model's directory")
+            if not loc.exists():
+                raise BadInput(f"{path}: external data file {t.location!r} of {v.name!r} is missing")
+
+
+def to_view(source: Source, ir_kind: str, *, opset: int = 18, workdir: str | None = None) -> GraphView:
+    """Load ``source`` as an ONNX or torch view."""
+    if source.kind == "onnx":
+        if ir_kind != "onnx":
+            raise BadInput(f"{source.name}: an ONNX model can only be written as .onnx")
+        return load_onnx(source.name)
+    if ir_kind == "onnx":
+        from rewriter.torch_export import export_to_onnx
+
+        tmp = workdir or tempfile.mkdtemp(prefix="rewriter-export-")
+        path = Path(tmp) / f"{source.stem}.onnx"
+        try:
+            export_to_onnx(source.module, source.example_inputs, path, opset=opset)
+        except Exception as err:  # noqa: BLE001
+            raise BadInput(f"{source.name}: ONNX export failed ({type(err).__name__}: {err})") from None
+        view = load_onnx(path)
+        view.model.graph.initializers  # loaded eagerly enough for in-memory use
+        return view
+    try:
+        gm = capture(source.module, source.example_inputs)
+    except Exception as err:  # noqa: BLE001
+        raise BadInput(f"{source.name}: cannot capture the module ({type(err).__name__}: {err})") from None
+    return FxView(gm, source.example_inputs)
+
+
+def _atomic_dir(target: Path) -> Path:
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.exists():
+        raise BadInput(f"{target}: directory {parent} does not exist")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise BadInput(f"{target}: directory {parent} is not writable")
+    return parent
+
+
+def check_output_path(target: str | os.PathLike, input_path: str | None = None) -> Path:
+    """Validate an output path before any work is done."""
+    target = Path(target)
+    _atomic_dir(target)
+    if target.suffix.lower() not in (".onnx", ".pt2"):
+        raise BadInput(f"{target}: the output must end in .onnx or .pt2")
+    if target.is_dir():
+        raise BadInput(f"{target}: is a directory")
+    if input_path is not None and Path(input_path).resolve() == target.resolve():
+        raise BadInput(f"{target}: refusing to overwrite the input model")
+    return target
+
+
+def save(view: GraphView, target: str | os.PathLike) -> Path:
+    """Write ``view`` to ``target`` atomically (.onnx or .pt2)."""
+    target = Path(target)
+    parent = _atomic_dir(target)
+    tmpdir = Path(tempfile.mkdtemp(prefix=".rewriter-", dir=parent))
+    try:
+        if isinstance(view, OnnxView):
+            if target.suffix.lower() != ".onnx":
+                raise BadInput(f"{target}: an ONNX model is written as .onnx")
+            tmp = tmpdir / target.name
+            total = sum(v.const_value.nbytes for v in view.graph.initializers.values() if v.const_value is not None)
+            external = total > _EXTERNAL_THRESHOLD or any(
+                isinstance(v.const_value, ir.ExternalTensor) for v in view.graph.initializers.values())
+            if external:
+                data_name = target.name + ".data"
+                ir.save(view.model, tmp, external_data=data_name)
+                os.replace(tmpdir / data_name, parent / data_name)
+            else:
+                ir.save(view.model, tmp)
+            os.replace(tmp, target)
+        else:
+            if target.suffix.lower() != ".pt2":
+                raise BadInput(f"{target}: a torch model is written as .pt2 (or rewrite to .onnx from the start)")
+            tmp = tmpdir / target.name
+            ep = torch.export.export(view.gm, tuple(view.example_inputs))
+            torch.export.save(ep, str(tmp))
+            os.replace(tmp, target)
+    finally:
+        for p in tmpdir.iterdir():
+            p.unlink()
+        tmpdir.rmdir()
+    return target

@@ -1,0 +1,141 @@
+"""The pass manager: runs passes in order, times them, verifies after each one.
+
+After every pass the rewritten model is run on the verification inputs and compared with
+the model before that pass (so an error is attributed to the pass that made it):
+exact passes at the dtype tolerance, approximate passes at their error budget,
+architectural passes through their own ``check``. On a failure the manager bisects the
+pass's sites (re-applying growing prefixes on a copy) and names the first failing site.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from rewriter.ir.view import GraphView
+from rewriter.pass_api import Kind, Pass, Site
+from rewriter.verify import Runner, compare
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+@dataclasses.dataclass
+class PassRecord:
+    name: str
+    kind: Kind
+    sites: list[Site]
+    seconds: float
+    verification: dict[str, Any] | None = None
+
+    @property
+    def applied(self) -> list[Site]:
+        return [s for s in self.sites if s.accepted]
+
+    @property
+    def declined(self) -> list[Site]:
+        return [s for s in self.sites if not s.accepted]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind.value,
+            "applied": len(self.applied),
+            "sites": [s.to_json() for s in self.applied],
+            "declined": [{"site": s.site, "reason": s.reason} for s in self.declined],
+            "seconds": round(self.seconds, 6),
+            "verification": self.verification,
+        }
+
+
+def explain(view: GraphView, passes: list[Pass]) -> list[PassRecord]:
+    """Match every pass in order, applying each (unverified) so later passes see the
+    graph they would see in a real run; returns the sites."""
+    records = []
+    work = view.copy()
+    for p in passes:
+        t0 = time.perf_counter()
+        sites = p.match(work)
+        p.apply(work, [s for s in sites if s.accepted])
+        p.finish(work)
+        work.finalize()
+        records.append(PassRecord(p.name, p.kind, sites, time.perf_counter() - t0))
+    return records
+
+
+def _apply(p: Pass, view: GraphView, sites: list[Site]) -> None:
+    p.apply(view, sites)
+    p.finish(view)
+    view.finalize()
+
+
+def run_passes(view: GraphView, passes: list[Pass], *, feeds: Mapping[str, np.ndarray] | None,
+               progress: Progress | None = None) -> tuple[list[PassRecord], dict | None]:
+    """Apply ``passes`` to ``view`` in place. ``feeds`` None skips verification.
+
+    Returns the per-pass records and the outputs of the original model (the reference)."""
+    say = progress or (lambda msg: None)
+    records: list[PassRecord] = []
+    reference = None
+    if feeds is not None:
+        say("running the original model")
+        reference = Runner(view)(feeds)
+    current_ref = reference
+    for p in passes:
+        say(f"{p.name}: matching")
+        t0 = time.perf_counter()
+        sites = p.match(view)
+        accepted = [s for s in sites if s.accepted]
+        before = view.copy() if (feeds is not None and accepted) else None
+        say(f"{p.name}: applying {len(accepted)} site(s)")
+        _apply(p, view, accepted)
+        seconds = time.perf_counter() - t0
+        rec = PassRecord(p.name, p.kind, sites, seconds)
+        records.append(rec)
+        if feeds is None or not accepted:
+            continue
+        say(f"{p.name}: verifying")
+        if p.kind is Kind.ARCHITECTURAL:
+            rec.verification = p.check(before, view, feeds)  # type: ignore[attr-defined]
+            outs = Runner(view)(feeds)
+        else:
+            outs = Runner(view)(feeds)
+            rec.verification = compare(current_ref, outs, p.error_budget())
+        if not rec.verification["passed"]:
+            if p.kind is not Kind.ARCHITECTURAL:
+                rec.verification["failing_site"] = _bisect(p, before, accepted, feeds, current_ref, say)
+            break
+        current_ref = outs
+    return records, reference
+
+
+def _bisect(p: Pass, before: GraphView, accepted: list[Site], feeds, ref, say: Progress) -> str | None:
+    """The first site whose application breaks verification, by bisection on prefixes."""
+    if len(accepted) == 1:
+        return accepted[0].site
+    say(f"{p.name}: bisecting {len(accepted)} sites")
+    names = [s.site for s in accepted]
+
+    def fails(k: int) -> bool:
+        work = before.copy()
+        chosen = set(names[:k])
+        sites = [s for s in p.match(work) if s.accepted and s.site in chosen]
+        _apply(p, work, sites)
+        return not compare(ref, Runner(work)(feeds), p.error_budget())["passed"]
+
+    lo, hi = 1, len(names)
+    if not fails(hi):
+        return None  # only the whole set fails (interaction between sites)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fails(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return names[lo - 1]

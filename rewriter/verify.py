@@ -1,0 +1,185 @@
+"""Verification: run the original and the rewritten model on the same inputs and compare.
+
+Inputs are the user's ``--inputs FILE.npz`` or seeded random tensors drawn from the model's
+input signature: floats from N(0, 1); integer inputs read by a constant-table ``Gather`` /
+``embedding`` (token ids) uniformly in ``[0, rows)``, other integers in ``[0, 2)``. Dynamic
+dims come from ``--shape NAME=D0,D1,...``; a dim still unknown defaults to
+``DEFAULT_DYNAMIC_DIM`` and the report says so.
+
+The error measure is per output: ``max|a - b|`` and ``max|a - b| / max|a|``. Exact passes
+must stay within ``tolerance(dtype)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from rewriter.errors import BadInput
+from rewriter.ir.fx_view import FxView
+from rewriter.ir.onnx_view import OnnxView
+from rewriter.ir.view import GraphView
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DYNAMIC_DIM = 2
+_TOL = {"float64": 1e-10, "float32": 1e-5, "float16": 1e-2, "bfloat16": 2e-2}
+
+
+def tolerance(dtype: Any) -> float:
+    """The exactness tolerance (max relative error) for outputs of ``dtype``."""
+    name = str(dtype).replace("torch.", "")
+    return _TOL.get(name, 1e-5)
+
+
+@dataclasses.dataclass
+class InputSpec:
+    name: str
+    shape: list[int | str | None]
+    dtype: np.dtype
+    int_high: int | None = None  # exclusive bound for integer inputs
+
+
+def input_specs(view: GraphView) -> list[InputSpec]:
+    if isinstance(view, OnnxView):
+        specs = []
+        for v in view.graph.inputs:
+            if v.is_initializer():
+                continue
+            dims = [] if v.shape is None else [d if isinstance(d, int) else (str(d) if d is not None else None) for d in v.shape]
+            dtype = v.dtype.numpy() if v.dtype is not None else np.dtype(np.float32)
+            high = None
+            if np.issubdtype(dtype, np.integer):
+                for use in v.uses():
+                    n = use.node
+                    if n.op_type == "Gather" and use.idx == 1:
+                        table = view.const_value(n.inputs[0])
+                        if table is not None:
+                            axis = n.attributes.get_int("axis", 0)
+                            size = table.shape[axis]
+                            high = size if high is None else min(high, size)
+            specs.append(InputSpec(v.name, dims, dtype, high))
+        return specs
+    assert isinstance(view, FxView)
+    specs = []
+    names = [n.name for n in view.graph.nodes if n.op == "placeholder"]
+    for name, x in zip(names, view.example_inputs):
+        t = torch.as_tensor(x)
+        dtype = t.numpy().dtype if t.dtype != torch.bfloat16 else np.dtype(np.float32)
+        high = int(t.max()) + 1 if not t.is_floating_point() and t.numel() else None
+        specs.append(InputSpec(name, list(t.shape), dtype, high))
+    return specs
+
+
+def make_inputs(specs: list[InputSpec], shapes: Mapping[str, list[int]] | None = None, *,
+                seed: int = 0) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Seeded random inputs; returns (feeds, notes about defaulted dims)."""
+    shapes = dict(shapes or {})
+    unknown = set(shapes) - {s.name for s in specs}
+    if unknown:
+        raise BadInput(f"--shape names unknown input(s) {sorted(unknown)}; inputs are {[s.name for s in specs]}")
+    rng = np.random.default_rng(seed)
+    feeds, notes = {}, []
+    for s in specs:
+        if s.name in shapes:
+            shape = shapes[s.name]
+            if len(shape) != len(s.shape) or any(isinstance(d, int) and d != g for d, g in zip(s.shape, shape)):
+                raise BadInput(f"--shape {s.name}={','.join(map(str, shape))} does not fit the input's shape {s.shape}")
+        else:
+            shape = []
+            for d in s.shape:
+                if isinstance(d, int):
+                    shape.append(d)
+                else:
+                    shape.append(DEFAULT_DYNAMIC_DIM)
+                    notes.append(f"{s.name}: dynamic dim {d or '?'} set to {DEFAULT_DYNAMIC_DIM} (use --shape)")
+        if np.issubdtype(s.dtype, np.integer):
+            feeds[s.name] = rng.integers(0, s.int_high or 2, size=shape).astype(s.dtype)
+        elif s.dtype == np.bool_:
+            feeds[s.name] = rng.integers(0, 2, size=shape).astype(bool)
+        else:
+            feeds[s.name] = rng.standard_normal(shape).astype(s.dtype)
+    return feeds, notes
+
+
+def load_inputs(path: str, specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """Read ``--inputs FILE.npz`` (no pickle) and check names, ranks and dtypes."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            feeds = {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise BadInput(f"--inputs {path}: no such file") from None
+    except Exception as err:  # noqa: BLE001
+        raise BadInput(f"--inputs {path}: not a readable .npz file ({type(err).__name__})") from None
+    by_name = {s.name: s for s in specs}
+    extra = sorted(set(feeds) - set(by_name))
+    missing = sorted(set(by_name) - set(feeds))
+    if extra or missing:
+        raise BadInput(
+            f"--inputs {path}: input names do not match the model"
+            + (f"; unknown {extra}" if extra else "") + (f"; missing {missing}" if missing else "")
+            + f" (model inputs: {sorted(by_name)})")
+    for name, arr in feeds.items():
+        s = by_name[name]
+        if len(arr.shape) != len(s.shape) or any(isinstance(d, int) and d != g for d, g in zip(s.shape, arr.shape)):
+            raise BadInput(f"--inputs {path}: {name} has shape {list(arr.shape)}, the model expects {s.shape}")
+        if arr.dtype != s.dtype:
+            raise BadInput(f"--inputs {path}: {name} has dtype {arr.dtype}, the model expects {s.dtype}")
+    return feeds
+
+
+class Runner:
+    """Runs a view on numpy feeds and returns its outputs as named numpy arrays."""
+
+    def __init__(self, view: GraphView):
+        self.view = view
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if isinstance(self.view, OnnxView):
+            from backends.ort import make_session, run_onnx
+
+            sess = make_session(self.view.to_proto(), optimize=False)
+            return run_onnx(sess, feeds)
+        names = [n.name for n in self.view.graph.nodes if n.op == "placeholder"]
+        args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names]
+        with torch.no_grad():
+            out = self.view.gm(*args)
+        flat = torch.utils._pytree.tree_leaves(out)
+        return {f"output_{i}": t.detach().float().numpy() if t.dtype == torch.bfloat16 else t.detach().numpy()
+                for i, t in enumerate(flat) if isinstance(t, torch.Tensor)}
+
+
+def compare(reference: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray],
+            tol: float | None) -> dict[str, Any]:
+    """Per-output errors and the overall verdict (``tol`` None: dtype tolerance)."""
+    outputs = []
+    worst_abs = worst_rel = 0.0
+    passed = True
+    for name, a in reference.items():
+        if name not in actual:
+            outputs.append({"name": name, "error": "missing in the rewritten model"})
+            passed = False
+            continue
+        b = actual[name]
+        if a.shape != b.shape:
+            outputs.append({"name": name, "error": f"shape {list(b.shape)} instead of {list(a.shape)}"})
+            passed = False
+            continue
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        diff = np.abs(a64 - b64)
+        nan_mismatch = bool(np.any(np.isnan(a64) != np.isnan(b64)))
+        max_abs = float(np.nanmax(diff)) if diff.size else 0.0
+        scale = float(np.nanmax(np.abs(a64))) if a64.size else 0.0
+        max_rel = float("inf") if nan_mismatch else (max_abs / scale if scale > 0 else max_abs)
+        t = tol if tol is not None else tolerance(a.dtype)
+        ok = max_rel <= t
+        passed &= ok
+        worst_abs, worst_rel = max(worst_abs, max_abs), max(worst_rel, max_rel)
+        outputs.append({"name": name, "max_abs_error": max_abs, "max_rel_error": max_rel,
+                        "tolerance": t, "passed": ok})
+    return {"passed": passed, "max_abs_error": worst_abs, "max_rel_error": worst_rel, "outputs": outputs}
