@@ -295,8 +295,9 @@ class FxView(GraphView):
         w = self._new_param(raw, base, params.weight, wsrc)
         b = None if params.bias is None else self._new_param(raw, base + "_bias", params.bias, wsrc)
         # rewrite in place (addmm / mm become aten.linear) so the node keeps its identity
+        x = raw.args[1] if raw.target is aten.addmm.default else raw.args[0]
         raw.target = aten.linear.default
-        raw.args = (node.inputs[0], w, b)
+        raw.args = (x, w, b)
         raw.kwargs = {}
         self.invalidate()
 
@@ -404,6 +405,7 @@ class FxView(GraphView):
 
     # -- edits -------------------------------------------------------------------------
     def bypass(self, node: Node) -> None:
+        node = self.node_of(node.raw[0]) or node  # inputs may have been rewired since
         node.output.replace_all_uses_with(node.inputs[0])
         for raw in reversed(node.raw):
             self.graph.erase_node(raw)

@@ -392,9 +392,10 @@ class OnnxView(GraphView):
                     outs[i] = new
 
     def bypass(self, node: Node) -> None:
+        node = self.node_of(node.raw[0]) or node  # inputs may have been rewired since
         out, src = node.output, node.inputs[0]
-        if out.is_graph_output():
-            raise Declined(f"{node.name}: its output is a graph output")
+        if out.is_graph_output() and (src.is_graph_input() or src.is_graph_output() or src.is_initializer()):
+            raise Declined(f"{node.name}: its output is a graph output and its input cannot take its name")
         self._replace_uses(out, src)
         for raw in reversed(node.raw):
             self.graph.remove(raw, safe=True)
