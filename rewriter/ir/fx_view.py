@@ -26,8 +26,10 @@ from rewriter.ir.view import (
     ConvParams,
     Declined,
     GraphView,
+    Layout,
     LinearParams,
     Node,
+    NormParams,
     Value,
     broadcast_axis,
 )
@@ -51,6 +53,13 @@ _SIMPLE = {
     aten.embedding.default: "embedding",
     aten.scaled_dot_product_attention.default: "attention",
 }
+_IDENTITY = {aten.clone.default, aten.alias.default, aten.detach.default, aten.contiguous.default,
+             aten.lift_fresh_copy.default}
+_TO = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.to.device}
+_RESHAPE = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+_RESHAPE_NOTARGET = {aten.flatten.using_ints, aten.unflatten.int, aten.squeeze.dim, aten.squeeze.dims,
+                     aten.squeeze.default, aten.unsqueeze.default}
+_HARMLESS = {aten._assert_tensor_metadata.default}
 _IMPURE_NAMES = ("rand", "normal", "bernoulli", "dropout", "uniform", "empty", "copy_", "_guards")
 
 
@@ -299,6 +308,9 @@ class FxView(GraphView):
         raw.target = aten.linear.default
         raw.args = (x, w, b)
         raw.kwargs = {}
+        shape = self.shape(raw)
+        if shape and shape[-1] != params.weight.shape[0]:
+            self.set_dim(raw, -1, params.weight.shape[0])
         self.invalidate()
 
     def conv(self, node: Node) -> ConvParams:
@@ -331,6 +343,9 @@ class FxView(GraphView):
                 args.append(None)
             args[2] = self._new_param(raw, base + "_bias", params.bias, raw.args[1])
         raw.args = tuple(args)
+        shape = self.shape(raw)
+        if shape and len(shape) > 1 and shape[1] != params.weight.shape[0]:
+            self.set_dim(raw, 1, params.weight.shape[0])
         self.invalidate()
 
     def affine(self, node: Node) -> Affine | None:
@@ -403,13 +418,243 @@ class FxView(GraphView):
         p[d0], p[d1] = p[d1], p[d0]
         return p
 
+
+    # -- residual-stream queries -------------------------------------------------------
+    def norm(self, node: Node) -> NormParams:
+        raw = node.raw[0]
+        args = list(raw.args) + [None] * 6
+        shape = args[1]
+        if not isinstance(shape, (list, tuple)) or len(shape) != 1:
+            raise Declined(f"{node.name} normalizes over {shape} (not only the last axis)")
+        width = int(shape[0])
+        if raw.target is aten.layer_norm.default:
+            w, b = args[2], args[3]
+            eps = args[4] if args[4] is not None else raw.kwargs.get("eps", 1e-5)
+        else:
+            w, b = args[2], None
+            eps = args[3] if args[3] is not None else raw.kwargs.get("eps", None)
+            if eps is None:
+                raise Declined(f"{node.name}: RMSNorm without an explicit epsilon (dtype-dependent)")
+        params = []
+        for p in (w, b):
+            if p is None:
+                params.append(None)
+                continue
+            c = self.const_value(p)
+            if c is None:
+                raise Declined(f"{node.name} has a non-constant scale or bias")
+            params.append(c.astype(np.float64).reshape(-1))
+        return NormParams(width, float(eps), params[0], params[1])
+
+    def operands(self, node: Node) -> list[Value]:
+        out: list[Value] = []
+        for a in node.raw[0].args:
+            if isinstance(a, fx.Node):
+                out.append(a)
+            elif isinstance(a, (list, tuple)):
+                out.extend(x for x in a if isinstance(x, fx.Node))
+        return out
+
+    def embedding(self, node: Node) -> np.ndarray:
+        table = self.const_value(node.raw[0].args[0])
+        if table is None or table.ndim != 2:
+            raise Declined(f"{node.name}: its table is not a constant matrix")
+        return table.astype(np.float64)
+
+    def set_embedding(self, node: Node, table: np.ndarray) -> None:
+        raw = node.raw[0]
+        src = raw.args[0]
+        base = src.target if src.op == "get_attr" else node.name
+        new = self._new_param(raw, base, table, src)
+        raw.args = (new, *raw.args[1:])
+        self.set_dim(raw, -1, table.shape[1])
+        self.invalidate()
+
+    def layout(self, node: Node) -> Layout | None:
+        raw = node.raw[0]
+        t = raw.target
+        if raw.op != "call_function" or not raw.args or not isinstance(raw.args[0], (fx.Node, list, tuple)):
+            return None
+        x = raw.args[0]
+        rank = self.rank(x) if isinstance(x, fx.Node) else None
+        if t in _IDENTITY:
+            return Layout("identity")
+        if t is aten.dropout.default:
+            train = raw.args[2] if len(raw.args) > 2 else raw.kwargs.get("train", False)
+            return None if train else Layout("identity")
+        if t in _TO:
+            val = raw.meta.get("val")
+            return Layout("identity") if val is None or val.dtype.is_floating_point else None
+        if t in _RESHAPE:
+            target = raw.args[1]
+            ok = all(isinstance(d, int) for d in target)
+            return Layout("reshape", [], list(target) if ok else None)
+        if t in _RESHAPE_NOTARGET:
+            return Layout("reshape")
+        if t is aten.expand.default:
+            target = raw.args[1]
+            ok = all(isinstance(d, int) for d in target)
+            return Layout("expand", [], list(target) if ok else None)
+        if rank is None:
+            return None
+        if t is aten.mean.dim:
+            dims = raw.args[1]
+            if dims is None:
+                return None
+            dims = [dims] if isinstance(dims, int) else dims
+            return Layout("reduce", sorted(int(d) % rank for d in dims))
+        if t in (aten.select.int, aten.slice.Tensor, aten.index_select.default):
+            dim = raw.args[1] if len(raw.args) > 1 else raw.kwargs.get("dim", 0)
+            return Layout("select", [int(dim) % rank])
+        if t is aten.cat.default:
+            first = x[0] if isinstance(x, (list, tuple)) and x else None
+            r = self.rank(first) if isinstance(first, fx.Node) else None
+            dim = raw.args[1] if len(raw.args) > 1 else raw.kwargs.get("dim", 0)
+            return None if r is None else Layout("concat", [int(dim) % r])
+        return None
+
+    def is_harmless_reader(self, node: Node) -> bool:
+        """Readers that do not compute anything from the value (metadata assertions)."""
+        return node.raw[0].target in _HARMLESS
+
+    def set_layout_target(self, node: Node, target) -> None:
+        raw = node.raw[0]
+        raw.args = (raw.args[0], [int(t) for t in target], *raw.args[2:])
+        self.invalidate()
+
+    def edit_const(self, value: Value, fn, *, width: int, new_width: int | None = None) -> str:
+        chain: list[fx.Node] = []
+        v = value
+        while v.op != "get_attr":
+            t = v.target
+            if v.op != "call_function" or not v.args or not isinstance(v.args[0], fx.Node):
+                raise Declined(f"constant {value.name} is not computed from a parameter")
+            ok = (t in _IDENTITY or t in _TO or t in _RESHAPE or t in _RESHAPE_NOTARGET
+                  or t is aten.expand.default)
+            if t in (aten.select.int, aten.slice.Tensor):
+                r = self.rank(v.args[0])
+                ok = r is not None and int(v.args[1]) % r != r - 1
+            if not ok:
+                raise Declined(f"constant {value.name} is computed by {_target_name(v)}: its parameter cannot be edited")
+            if len(v.users) > 1 and chain:
+                raise Declined(f"constant {v.name} is shared: cannot edit it for one reader")
+            chain.append(v)
+            v = v.args[0]
+        source = self.const_value(v)
+        if source is None or source.ndim == 0 or source.shape[-1] not in (width, 1):
+            raise Declined(f"parameter {v.target} is not [..., {width}]")
+        new = np.asarray(fn(source.astype(np.float64)))
+        consumer = chain[-1] if chain else None
+        anchor = consumer if consumer is not None else next(iter(value.users))
+        param = self._new_param(anchor, v.target, new, v)
+        if consumer is None:
+            value.replace_all_uses_with(param)
+        else:
+            consumer.args = (param, *consumer.args[1:])
+        if new_width is not None:
+            for p in chain:
+                if (p.target in _RESHAPE or p.target is aten.expand.default) and p.args[1] \
+                        and p.args[1][-1] == width:
+                    p.args = (p.args[0], [*p.args[1][:-1], new_width], *p.args[2:])
+                self.set_dim(p, -1, new_width)
+        self.invalidate()
+        return str(v.target)
+
+    def set_dim(self, value: Value, axis: int, size: int) -> None:
+        val = value.meta.get("val") if isinstance(value, fx.Node) else None
+        if val is None or not hasattr(val, "shape"):
+            return
+        shape = list(val.shape)
+        if not shape:
+            return
+        shape[axis] = size
+        value.meta["val"] = torch.empty(shape, dtype=val.dtype, device="meta")
+
+    def _call(self, before: fx.Node, target, args, like: fx.Node, shape=None) -> fx.Node:
+        with self.graph.inserting_before(before):
+            n = self.graph.call_function(target, tuple(args))
+        val = like.meta.get("val") if isinstance(like, fx.Node) else None
+        if val is not None and hasattr(val, "shape"):
+            n.meta["val"] = torch.empty(list(shape) if shape is not None else list(val.shape),
+                                        dtype=val.dtype, device="meta")
+        return n
+
+    def insert(self, value: Value, op: str, *, n: int | None = None, weight: np.ndarray | None = None,
+               bias: np.ndarray | None = None) -> Value:
+        users = [u for u in value.users]
+        anchor = value.next
+        shape = self.shape(value)
+        if op == "center":
+            m = self._call(anchor, aten.mean.dim, (value, [-1], True), value,
+                           None if shape is None else [*shape[:-1], 1])
+            out = self._call(anchor, aten.sub.Tensor, (value, m), value)
+        elif op == "keep":
+            out = self._call(anchor, aten.slice.Tensor, (value, -1, 0, n), value,
+                             None if shape is None else [*shape[:-1], n])
+        elif op == "scale_shift":
+            out = value
+            if weight is not None:
+                out = self._call(anchor, aten.mul.Tensor, (out, self._new_param(anchor, f"{value.name}_weight", weight, None)), value)
+            if bias is not None:
+                out = self._call(anchor, aten.add.Tensor, (out, self._new_param(anchor, f"{value.name}_bias", bias, None)), value)
+            if out is value:
+                return value
+        elif op == "uncompress":
+            s = self._call(anchor, aten.sum.dim_IntList, (value, [-1], True), value,
+                           None if shape is None else [*shape[:-1], 1])
+            neg = self._call(anchor, aten.neg.default, (s,), s)
+            out = self._call(anchor, aten.cat.default, ([value, neg], -1), value,
+                             None if shape is None or shape[-1] is None else [*shape[:-1], shape[-1] + 1])
+        else:
+            raise ValueError(f"unknown insert op {op!r}")
+        for u in users:
+            u.replace_input_with(value, out)
+        self.invalidate()
+        return out
+
+    def replace_norm(self, node: Node, kind: str, *, eps: float, weight: np.ndarray | None = None,
+                     bias: np.ndarray | None = None) -> Node:
+        raw = node.raw[0]
+        x = raw.args[0]
+        width = int(raw.args[1][0])
+        params = [a for a in raw.args[2:4] if isinstance(a, fx.Node)]
+        like = params[0] if params else None
+
+        def param(base, arr):
+            return self._new_param(raw, f"{node.name}_{base}", arr, like)
+
+        if kind == "rms_norm":
+            w = param("weight", weight) if weight is not None else None
+            new = self._call(raw, aten.rms_norm.default, (x, [width], w, float(eps)), raw)
+            weight = None
+        elif kind == "crms_norm":
+            from backends.triton.crms_norm import crms_norm_op
+
+            new = self._call(raw, crms_norm_op(), (x, None, float(eps)), raw)
+        else:
+            raise ValueError(f"unknown norm kind {kind!r}")
+        last = new
+        if weight is not None:
+            last = self._call(raw, aten.mul.Tensor, (last, param("weight", weight)), raw)
+        if bias is not None:
+            last = self._call(raw, aten.add.Tensor, (last, param("bias", bias)), raw)
+        if isinstance(x, fx.Node) and "val" in x.meta:
+            for n_ in {new, last}:
+                n_.meta["val"] = torch.empty(list(x.meta["val"].shape), dtype=x.meta["val"].dtype, device="meta")
+        raw.replace_all_uses_with(last)
+        self.graph.erase_node(raw)
+        self.invalidate()
+        self.nodes()
+        return self.node_of(new)
+
     # -- edits -------------------------------------------------------------------------
     def bypass(self, node: Node) -> None:
         node = self.node_of(node.raw[0]) or node  # inputs may have been rewired since
+        self._rewire(node.output, node.inputs[0])
         node.output.replace_all_uses_with(node.inputs[0])
         for raw in reversed(node.raw):
             self.graph.erase_node(raw)
-        self.invalidate()
+        self._drop(node)
 
     def tag(self, node: Node, pass_name: str, replaced: Iterable[str]) -> None:
         for raw in node.raw:

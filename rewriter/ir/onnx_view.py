@@ -23,8 +23,10 @@ from rewriter.ir.view import (
     ConvParams,
     Declined,
     GraphView,
+    Layout,
     LinearParams,
     Node,
+    NormParams,
     Value,
     broadcast_axis,
 )
@@ -43,6 +45,11 @@ _SIMPLE = {
 # Ops cheap and safe to evaluate when all their inputs are constant.
 _MAX_CONST_ELEMS = 1 << 24
 
+_IDENTITY_OPS = {"Identity"}
+_RESHAPE_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
+# ops a constant operand may be computed through from its parameter (edit_const)
+_CONST_CHAIN_OPS = {"Identity", "Cast", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Gather", "Slice"}
+
 PROVENANCE_PASS = "rewriter.pass"
 PROVENANCE_REPLACED = "rewriter.replaced"
 
@@ -60,7 +67,9 @@ class OnnxView(GraphView):
         super().__init__()
         self.model = model
         self.path = path
-        self._const_cache: dict[int, np.ndarray | None] = {}
+        # keyed by the value itself (not id(): ids of removed values get reused); edits
+        # never change what an existing value computes, so the cache survives them
+        self._const_cache: dict[ir.Value, np.ndarray | None] = {}
         self._names = itertools.count()
 
     @property
@@ -72,10 +81,6 @@ class OnnxView(GraphView):
         return self.model.opset_imports.get("", 1)
 
     # -- structure ---------------------------------------------------------------------
-    def invalidate(self) -> None:
-        super().invalidate()
-        self._const_cache.clear()
-
     def _build_nodes(self) -> list[Node]:
         nodes: list[Node] = []
         taken: set[int] = set()
@@ -115,6 +120,8 @@ class OnnxView(GraphView):
     def _const_2d(self, v: ir.Value | None) -> bool:
         if v is None:
             return False
+        if v.const_value is not None and not v.is_graph_input():
+            return len(v.const_value.shape) == 2
         c = self.const_value(v)
         return c is not None and c.ndim == 2
 
@@ -169,7 +176,7 @@ class OnnxView(GraphView):
         """The value as a numpy array when it depends on constants only, else None."""
         if value is None:
             return None
-        key = id(value)
+        key = value
         if key not in self._const_cache:
             self._const_cache[key] = None  # cycle guard
             self._const_cache[key] = self._eval_const(value)
@@ -263,6 +270,11 @@ class OnnxView(GraphView):
         raw = node.raw[0]
         wdt = self._dtype_of(raw.inputs[1])
         base = raw.inputs[1].name or node.name
+        out_width = params.weight.shape[0]
+        for r in node.raw:
+            if r.outputs and r.outputs[0].shape is not None and len(r.outputs[0].shape):
+                if r.outputs[0].shape[-1] != out_width:
+                    self.set_dim(r.outputs[0], -1, out_width)
         if raw.op_type == "MatMul":
             raw.replace_input_with(1, self._new_initializer(base, params.weight.T.astype(wdt)))
             if params.bias is None:
@@ -283,7 +295,8 @@ class OnnxView(GraphView):
                 node.raw.append(add)
                 node.output = add.outputs[0]
                 node.attrs["_internal"] = [out]
-                self.invalidate()
+                if self._nodes is not None:
+                    self._by_raw[id(add)] = node
             return
         # Gemm: write the effective weight back with alpha = beta = 1
         trans_b = raw.attributes.get_int("transB", 0)
@@ -320,6 +333,9 @@ class OnnxView(GraphView):
         wdt = self._dtype_of(raw.inputs[1])
         base = raw.inputs[1].name or node.name
         raw.replace_input_with(1, self._new_initializer(base, params.weight.astype(wdt)))
+        out = raw.outputs[0]
+        if out.shape is not None and len(out.shape) > 1 and out.shape[1] != params.weight.shape[0]:
+            self.set_dim(out, 1, params.weight.shape[0])
         if params.bias is not None:
             if len(raw.inputs) < 3:
                 raw.resize_inputs(3)
@@ -377,8 +393,325 @@ class OnnxView(GraphView):
             p = list(reversed(range(r)))
         return list(p)
 
+
+    # -- residual-stream queries -------------------------------------------------------
+    def norm(self, node: Node) -> NormParams:
+        raw = node.raw[0]
+        x = raw.inputs[0]
+        rank = self.rank(x)
+        axis = raw.attributes.get_int("axis", -1)
+        if rank is None:
+            raise Declined(f"{node.name}: the rank of its input is unknown")
+        if axis % rank != rank - 1:
+            raise Declined(f"{node.name} normalizes over axes {axis}.. (not only the last axis)")
+        if any(o.uses() or o.is_graph_output() for o in raw.outputs[1:]):
+            raise Declined(f"{node.name}: its mean / inverse std outputs are read")
+        if raw.op_type == "LayerNormalization" and raw.attributes.get_int("stash_type", 1) != 1:
+            raise Declined(f"{node.name}: stash_type != 1 (statistics not in float32)")
+        width = self.shape(x)[-1] if self.shape(x) else None
+        params = []
+        for i in (1, 2):
+            v = raw.inputs[i] if len(raw.inputs) > i else None
+            if v is None:
+                params.append(None)
+                continue
+            c = self.const_value(v)
+            if c is None:
+                raise Declined(f"{node.name} has a non-constant scale or bias")
+            params.append(np.broadcast_to(c.astype(np.float64).reshape(-1), (width or c.size,)).copy())
+        if width is None:
+            if params[0] is None:
+                raise Declined(f"{node.name}: the width of its input is unknown")
+            width = params[0].size
+        return NormParams(int(width), raw.attributes.get_float("epsilon", 1e-5), params[0], params[1])
+
+    def operands(self, node: Node) -> list[Value]:
+        return [v for v in node.raw[0].inputs if v is not None]
+
+    def embedding(self, node: Node) -> np.ndarray:
+        raw = node.raw[0]
+        if raw.attributes.get_int("axis", 0) != 0:
+            raise Declined(f"{node.name} gathers along axis {raw.attributes.get_int('axis', 0)}, not rows")
+        table = self.const_value(raw.inputs[0])
+        if table is None or table.ndim != 2:
+            raise Declined(f"{node.name}: its table is not a constant matrix")
+        return table.astype(np.float64)
+
+    def set_embedding(self, node: Node, table: np.ndarray) -> None:
+        raw = node.raw[0]
+        dt = self._dtype_of(raw.inputs[0])
+        raw.replace_input_with(0, self._new_initializer(raw.inputs[0].name or node.name, table.astype(dt)))
+        self.set_dim(raw.outputs[0], -1, table.shape[1])
+        self._const_cache.clear()
+
+    def layout(self, node: Node) -> Layout | None:
+        raw = node.raw[0]
+        if raw.domain not in ("", "ai.onnx") or not raw.inputs or raw.inputs[0] is None:
+            return None
+        op = raw.op_type
+        rank = self.rank(raw.inputs[0])
+        if op in _IDENTITY_OPS:
+            return Layout("identity")
+        if op == "Dropout":
+            training = raw.inputs[2] if len(raw.inputs) > 2 else None
+            t = self.const_value(training) if training is not None else np.array(False)
+            if t is None or bool(t) or any(o.uses() or o.is_graph_output() for o in raw.outputs[1:]):
+                return None
+            return Layout("identity")
+        if op == "Cast":
+            src, dst = raw.inputs[0].dtype, raw.outputs[0].dtype
+            if src is not None and dst is not None and src.is_floating_point() and dst.is_floating_point():
+                return Layout("identity")
+            return None
+        if op in _RESHAPE_OPS:
+            target = None
+            if op == "Reshape":
+                c = self.const_value(raw.inputs[1])
+                target = None if c is None else [int(t) for t in c.reshape(-1)]
+            return Layout("reshape", [], target)
+        if op == "Expand":
+            c = self.const_value(raw.inputs[1])
+            return Layout("expand", [], None if c is None else [int(t) for t in c.reshape(-1)])
+        if rank is None:
+            return None
+        if op == "ReduceMean":
+            axes = None
+            if len(raw.inputs) > 1 and raw.inputs[1] is not None:
+                c = self.const_value(raw.inputs[1])
+                if c is None:
+                    return None
+                axes = [int(a) % rank for a in c.reshape(-1)]
+            else:
+                a = raw.attributes.get_ints("axes", None)
+                axes = None if a is None else [int(x) % rank for x in a]
+            if axes is None:
+                return None  # reduce over every axis
+            return Layout("reduce", sorted(axes))
+        if op == "Gather":
+            if self.const_value(raw.inputs[1]) is None:
+                return None
+            return Layout("select", [raw.attributes.get_int("axis", 0) % rank])
+        if op == "Slice":
+            if any(self.const_value(v) is None for v in raw.inputs[1:] if v is not None):
+                return None
+            if len(raw.inputs) > 3 and raw.inputs[3] is not None:
+                axes = [int(a) % rank for a in self.const_value(raw.inputs[3]).reshape(-1)]
+            else:
+                axes = list(range(self.const_value(raw.inputs[1]).size))
+            return Layout("select", axes)
+        if op == "Concat":
+            return Layout("concat", [raw.attributes.get_int("axis", 0) % rank])
+        return None
+
+    def set_layout_target(self, node: Node, target) -> None:
+        raw = node.raw[0]
+        arr = np.asarray(list(target), dtype=np.int64)
+        raw.replace_input_with(1, self._new_initializer(f"{node.name}_shape", arr))
+        self._const_cache.clear()
+
+    def edit_const(self, value: Value, fn, *, width: int, new_width: int | None = None) -> str:
+        chain: list[ir.Node] = []
+        v = value
+        while True:
+            if v.const_value is not None and not v.is_graph_input():
+                break
+            p = v.producer()
+            if p is None:
+                raise Declined(f"{self.value_name(value)} is not computed from a parameter")
+            if p.op_type == "Constant" and "value" in p.attributes:
+                break
+            if p.op_type not in _CONST_CHAIN_OPS or p.domain not in ("", "ai.onnx"):
+                raise Declined(f"constant {self.value_name(value)} is computed by {p.op_type} "
+                               f"({p.name}): its parameter cannot be edited")
+            if len(list(v.uses())) > 1 and chain:
+                raise Declined(f"constant {self.value_name(v)} is shared: cannot edit it for one reader")
+            rank = self.rank(p.inputs[0])
+            if p.op_type in ("Gather", "Slice") and rank is not None:
+                lay = self.layout(self.node_of(p) or Node("other", p.name or "?", [p.inputs[0]], v, [p]))
+                if lay is None or rank - 1 in lay.axes:
+                    raise Declined(f"constant {self.value_name(value)} is selected along its channel axis")
+            chain.append(p)
+            v = p.inputs[0]
+        source = self.const_value(v) if v.const_value is None else v.const_value.numpy()
+        if source.ndim == 0 or source.shape[-1] not in (width, 1):
+            raise Declined(f"parameter {self.value_name(v)} has shape {list(source.shape)}, not [..., {width}]")
+        new = np.asarray(fn(source.astype(np.float64)))
+        consumer = chain[-1] if chain else None
+        init = self._new_initializer(v.name or "const", new.astype(source.dtype))
+        if consumer is None:
+            # the value itself is the parameter: replace it in its readers
+            users = [(u.node, u.idx) for u in value.uses()]
+            for n, i in users:
+                n.replace_input_with(i, init)
+        else:
+            consumer.replace_input_with(0, init)
+        if new_width is not None:
+            for p in chain:
+                if p.op_type in ("Reshape", "Expand"):
+                    c = self.const_value(p.inputs[1])
+                    if c is not None and c.size and int(c.reshape(-1)[-1]) == width:
+                        t = c.reshape(-1).astype(np.int64).copy()
+                        t[-1] = new_width
+                        p.replace_input_with(1, self._new_initializer(f"{p.name}_shape", t))
+                self.set_dim(p.outputs[0], -1, new_width)
+        self.invalidate()
+        return v.name or "?"
+
+    def set_dim(self, value: Value, axis: int, size: int) -> None:
+        if value.shape is None:
+            return
+        dims = list(value.shape)
+        if not dims:
+            return
+        dims[axis] = size
+        value.shape = ir.Shape(dims)
+
+    def _new_node(self, op: str, inputs, attrs=(), name: str = "", domain: str = "") -> ir.Node:
+        return ir.Node(domain, op, inputs, list(attrs), name=f"{name}__rw{next(self._names)}")
+
+    def _int64_const(self, base: str, values) -> ir.Value:
+        return self._new_initializer(base, np.asarray(values, dtype=np.int64))
+
+    def _scalar_like(self, base: str, value: float, like: ir.Value) -> ir.Value:
+        return self._new_initializer(base, np.asarray([value], dtype=self._dtype_of(like)))
+
+    def _splice(self, anchor: ir.Node, old: ir.Value, new_nodes: list[ir.Node], new_out: ir.Value,
+                *, shape_last: int | None = None) -> None:
+        """Insert ``new_nodes`` after ``anchor`` and make ``old``'s readers read ``new_out``."""
+        self.graph.insert_after(anchor, new_nodes)
+        for n in new_nodes:
+            for o in n.outputs:
+                o.dtype = old.dtype
+        new_out.shape = old.shape
+        if shape_last is not None:
+            self.set_dim(new_out, -1, shape_last)
+        self._replace_uses(old, new_out, exclude=None)
+        # the new nodes must keep reading ``old``
+        first_inputs = {id(n): n for n in new_nodes}
+        for n in new_nodes:
+            for i, v in enumerate(n.inputs):
+                if v is new_out and id(n) in first_inputs:
+                    n.replace_input_with(i, old)
+
+    def insert(self, value: Value, op: str, *, n: int | None = None, weight: np.ndarray | None = None,
+               bias: np.ndarray | None = None) -> Value:
+        anchor = value.producer()
+        if anchor is None:
+            raise Declined(f"cannot insert after graph input {self.value_name(value)}")
+        name = self.value_name(value)
+        axes = self._int64_const(f"{name}_axes", [-1])
+        shape_last = None
+        if op == "center":
+            m = self._new_node("ReduceMean", [value, axes], [ir.AttrInt64("keepdims", 1)], f"{name}_center_mean")
+            if self.opset < 18:
+                m = self._new_node("ReduceMean", [value], [ir.AttrInt64s("axes", [-1]), ir.AttrInt64("keepdims", 1)],
+                                   f"{name}_center_mean")
+            sub = self._new_node("Sub", [value, m.outputs[0]], (), f"{name}_center")
+            nodes, out = [m, sub], sub.outputs[0]
+        elif op == "keep":
+            sl = self._new_node("Slice", [value, self._int64_const(f"{name}_start", [0]),
+                                          self._int64_const(f"{name}_end", [n]), axes], (), f"{name}_keep")
+            nodes, out, shape_last = [sl], sl.outputs[0], n
+        elif op == "scale_shift":
+            nodes, out = [], value
+            dt = self._dtype_of(value)
+            if weight is not None:
+                nodes.append(self._new_node("Mul", [out, self._new_initializer(f"{name}.weight", weight.astype(dt))],
+                                            (), f"{name}_weight"))
+                out = nodes[-1].outputs[0]
+            if bias is not None:
+                nodes.append(self._new_node("Add", [out, self._new_initializer(f"{name}.bias", bias.astype(dt))],
+                                            (), f"{name}_bias"))
+                out = nodes[-1].outputs[0]
+            if not nodes:
+                return value
+        elif op == "uncompress":
+            s = self._new_node("ReduceSum", [value, axes], [ir.AttrInt64("keepdims", 1)], f"{name}_sum")
+            neg = self._new_node("Neg", [s.outputs[0]], (), f"{name}_neg")
+            cat = self._new_node("Concat", [value, neg.outputs[0]], [ir.AttrInt64("axis", -1)], f"{name}_uncompress")
+            nodes, out = [s, neg, cat], cat.outputs[0]
+            w = self.shape(value)
+            shape_last = None if not w or w[-1] is None else w[-1] + 1
+        else:
+            raise ValueError(f"unknown insert op {op!r}")
+        old_shape = value.shape
+        self._splice(anchor, value, nodes, out, shape_last=shape_last)
+        if op in ("center", "uncompress"):
+            for nd in nodes[:-1]:
+                nd.outputs[0].shape = None
+        if old_shape is not None and shape_last is None:
+            out.shape = old_shape
+        self.invalidate()
+        return out
+
+    def upgrade_opset(self, version: int) -> str | None:
+        """Bump the default-domain opset to ``version`` when no op in the model changed
+        meaning on the way; returns None on success, else the reason it was not done."""
+        from backends.ort.functions import OPSET_UPGRADE_BLOCKERS
+
+        if self.opset >= version:
+            return None
+        blockers = sorted({n.op_type for n in self.graph.all_nodes()
+                           if n.domain in ("", "ai.onnx") and n.op_type in OPSET_UPGRADE_BLOCKERS})
+        if blockers:
+            return f"the model uses {', '.join(blockers)}, whose meaning changed after opset {self.opset}"
+        if any(n.version is not None for n in self.graph.all_nodes()):
+            return "nodes carry their own opset versions"
+        self.model.opset_imports[""] = version
+        return None
+
+    def replace_norm(self, node: Node, kind: str, *, eps: float, weight: np.ndarray | None = None,
+                     bias: np.ndarray | None = None) -> Node:
+        from backends.ort import functions as F
+
+        raw = node.raw[0]
+        x, out = raw.inputs[0], raw.outputs[0]
+        shape = self.shape(x)
+        width = shape[-1] if shape else None
+        dt = self._dtype_of(x)
+        name = node.name
+        nodes: list[ir.Node] = []
+        if kind == "rms_norm":
+            if width is None and weight is None:
+                raise Declined(f"{name}: the width of its input is unknown")
+            scale = weight if weight is not None else np.ones(width)
+            scale_v = self._new_initializer(f"{name}.scale", scale.astype(dt))
+            consts = {"axes": self._int64_const(f"{name}_axes", [-1]),
+                      "eps": self._new_initializer(f"{name}_eps", np.asarray([eps], dtype=dt))}
+            nodes = F.rms_nodes(x, scale_v if (weight is not None or self.opset >= 23) else None,
+                                eps, self.opset, f"{name}_rms", consts)
+            weight = None
+        elif kind == "crms_norm":
+            if width is None:
+                raise Declined(f"{name}: the width of its input is unknown")
+            F.ensure_crms_function(self.model, "rms" if self.opset >= 23 else "chain")
+            nodes = [F.crms_call(x, eps, width, f"{name}_crms")]
+        else:
+            raise ValueError(f"unknown norm kind {kind!r}")
+        norm_node = nodes[-1]
+        last = norm_node.outputs[0]
+        if weight is not None:
+            nodes.append(ir.Node("", "Mul", [last, self._new_initializer(f"{name}.weight", weight.astype(dt))],
+                                 name=f"{name}_weight"))
+            last = nodes[-1].outputs[0]
+        if bias is not None:
+            nodes.append(ir.Node("", "Add", [last, self._new_initializer(f"{name}.bias", bias.astype(dt))],
+                                 name=f"{name}_bias"))
+            last = nodes[-1].outputs[0]
+        for n in nodes:
+            for o in n.outputs:
+                o.dtype = out.dtype
+                o.shape = x.shape
+        self.graph.insert_before(raw, nodes)
+        self._replace_uses(out, last)
+        self.graph.remove(raw, safe=True)
+        self.invalidate()
+        self.nodes()
+        return self.node_of(norm_node)
+
     # -- edits -------------------------------------------------------------------------
     def _replace_uses(self, old: ir.Value, new: ir.Value, exclude: ir.Node | None = None) -> None:
+        self._rewire(old, new)
         for use in list(old.uses()):
             if use.node is not exclude:
                 use.node.replace_input_with(use.idx, new)
@@ -399,7 +732,7 @@ class OnnxView(GraphView):
         self._replace_uses(out, src)
         for raw in reversed(node.raw):
             self.graph.remove(raw, safe=True)
-        self.invalidate()
+        self._drop(node)
 
     def tag(self, node: Node, pass_name: str, replaced: Iterable[str]) -> None:
         for raw in node.raw:

@@ -24,6 +24,15 @@ Semantic op names (``Node.op``):
 ``attention``      Attention / aten.scaled_dot_product_attention
 ``other:T``        anything else
 =================  ===============================================================
+
+Queries and edits used by the residual-stream passes (``rms``, ``crms``; see
+``passes/residual.py``): ``norm`` / ``replace_norm`` (norm parameters and replacement by
+RMSNorm or CRMSNorm), ``embedding`` / ``set_embedding``, ``operands`` (every input,
+constants included), ``layout`` / ``set_layout_target`` (ops that move or copy data
+without mixing channels: reshape, transpose, expand, pooling, selection, concat),
+``edit_const`` (change the parameter a constant operand is computed from), ``insert``
+(a centring, a narrowing or a re-expansion after a value) and ``set_dim`` (the static
+shape annotation of a value whose width changed).
 """
 
 from __future__ import annotations
@@ -106,6 +115,33 @@ class Affine:
         return max(len(self.scale), len(self.shift))
 
 
+@dataclasses.dataclass
+class NormParams:
+    """A layer/RMS norm over the last axis: ``width`` channels, ``eps``, and its affine
+    ``weight`` / ``bias`` ``[width]`` (float64) or None when absent."""
+
+    width: int
+    eps: float
+    weight: np.ndarray | None
+    bias: np.ndarray | None
+
+
+@dataclasses.dataclass
+class Layout:
+    """An op that moves, copies or selects data without mixing channels.
+
+    ``kind``: ``identity`` (copy, eval dropout, float cast), ``reshape`` (view, flatten,
+    squeeze...: axes are matched through the static shapes), ``expand``, ``reduce``
+    (mean over ``axes``), ``select`` (slice/gather/select along ``axes`` with constant
+    indices), ``concat`` (along ``axes[0]``). ``axes`` are non-negative, in the input's
+    frame. ``target`` is the constant target shape a reshape/expand carries, or None.
+    """
+
+    kind: str
+    axes: list[int] = dataclasses.field(default_factory=list)
+    target: list[int] | None = None
+
+
 class Declined(Exception):
     """Raised by view queries when a node cannot be used; the message is the reason."""
 
@@ -149,6 +185,23 @@ class GraphView(abc.ABC):
     def invalidate(self) -> None:
         """Forget the semantic grouping (call after an edit changes the structure)."""
         self._nodes = None
+
+    def _rewire(self, old: Value, new: Value) -> None:
+        """Keep cached semantic nodes coherent when readers of ``old`` now read ``new``."""
+        if self._nodes is None:
+            return
+        for r in self._raw_users(old):
+            n = self._by_raw.get(id(r))
+            if n is not None:
+                n.inputs = [new if v is old else v for v in n.inputs]
+
+    def _drop(self, node: Node) -> None:
+        """Forget a removed semantic node without regrouping the whole graph."""
+        if self._nodes is None:
+            return
+        self._nodes = [n for n in self._nodes if n is not node]
+        for r in node.raw:
+            self._by_raw.pop(id(r), None)
 
     def nodes(self) -> list[Node]:
         if self._nodes is None:
@@ -197,6 +250,66 @@ class GraphView(abc.ABC):
     @abc.abstractmethod
     def perm(self, node: Node) -> list[int]:
         """The permutation of a ``transpose`` node (``out.shape[i] == in.shape[perm[i]]``)."""
+
+    # -- residual-stream queries (rms, crms, lns, osplus) ---------------------------------
+    def norm(self, node: Node) -> NormParams:
+        """Parameters of a ``layer_norm`` / ``rms_norm`` node; raises ``Declined`` when it
+        normalizes over more than the last axis or its parameters are not constant."""
+        raise NotImplementedError
+
+    def operands(self, node: Node) -> list[Value]:
+        """Every tensor input of the node's first IR node, constants included, in order."""
+        raise NotImplementedError
+
+    def const_value(self, value: Value) -> np.ndarray | None:
+        """The value as an array when it depends on constants only, else None."""
+        raise NotImplementedError
+
+    def embedding(self, node: Node) -> np.ndarray:
+        """The table ``[rows, width]`` of an ``embedding`` node (float64)."""
+        raise NotImplementedError
+
+    def set_embedding(self, node: Node, table: np.ndarray) -> None:
+        """Give ``node`` a new table (copy-on-write: a shared table is not changed)."""
+        raise NotImplementedError
+
+    def layout(self, node: Node) -> Layout | None:
+        """How ``node`` moves data, when it is a layout op (see ``Layout``); else None."""
+        raise NotImplementedError
+
+    def set_layout_target(self, node: Node, target: Sequence[int]) -> None:
+        """Replace the constant target shape of a reshape / expand node."""
+        raise NotImplementedError
+
+    def edit_const(self, value: Value, fn, *, width: int, new_width: int | None = None) -> str:
+        """Change the parameter a constant ``value`` is computed from: the chain of copies,
+        casts, reshapes, expands and selections between a parameter and ``value`` is
+        walked back and ``fn`` (float64 array -> array, acting on the last axis, where the
+        ``width`` channels are) is applied to the parameter, copy-on-write. With
+        ``new_width`` the width changes and reshape/expand targets along the chain follow.
+        Returns the parameter's name; raises ``Declined`` when no such chain exists."""
+        raise NotImplementedError
+
+    def replace_norm(self, node: Node, kind: str, *, eps: float, weight: np.ndarray | None = None,
+                     bias: np.ndarray | None = None) -> Node:
+        """Replace a norm by ``kind`` (``rms_norm`` or ``crms_norm``) over the last axis with
+        epsilon ``eps``, then ``* weight + bias`` when given. Returns the new norm node."""
+        raise NotImplementedError
+
+    def insert(self, value: Value, op: str, *, n: int | None = None, weight: np.ndarray | None = None,
+               bias: np.ndarray | None = None) -> Value:
+        """Insert an op after ``value`` and make every reader read its result instead.
+        ``center``: ``x - mean(x, -1)``; ``keep``: ``x[..., :n]``; ``uncompress``:
+        ``concat(x, -sum(x, -1))`` (undoes a dropped zero-mean coordinate);
+        ``scale_shift``: ``x * weight + bias`` over the last axis (either may be None)."""
+        raise NotImplementedError
+
+    def set_dim(self, value: Value, axis: int, size: int) -> None:
+        """Update the static shape annotation of ``value`` at ``axis`` (if it has one)."""
+
+    def is_harmless_reader(self, node: Node) -> bool:
+        """Whether ``node`` reads a value without computing from it (a metadata check)."""
+        return False
 
     # -- edits -------------------------------------------------------------------------
     @abc.abstractmethod
