@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/rewrite zoo:bn-cnn --passes foldnorm -o demo.foldnorm.onnx
+	$(VENV)/bin/rewrite zoo:bn-cnn --passes foldnorm --bench --html demo-report.html -o demo.foldnorm.onnx
 
 test: setup
 	$(PY) -m pytest -q tests

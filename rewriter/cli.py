@@ -1,12 +1,17 @@
 """The ``rewrite`` command line (typer). It only calls the Python API and renders.
 
     rewrite MODEL --passes P1,P2 [-o OUT] [--set PASS.KEY=VALUE ...] [--inputs F.npz]
-            [--calib F.npz] [--shape NAME=D0,D1,...] [--no-verify] [--force] [--json F] [--debug]
+            [--calib F.npz] [--shape NAME=D0,D1,...] [--no-verify] [--force] [--json F]
+            [--html F] [--bench [--per-pass] [--runs N]] [--debug]
     rewrite passes
     rewrite explain MODEL --passes P
+    rewrite diff A.onnx B.onnx [--json F] [--html F]
+    rewrite bench MODEL [--against OTHER | --passes P [--per-pass]] [--runs N] [--shape ...] [--json F] [--html F]
+    rewrite check MODEL --passes P [--max-rel-error X] [--min-speedup Y] [--json F] [--html F]
 
-Exit codes: 0 done; 1 verification failed (nothing written); 2 bad input or usage (one
-line on stderr); 3 a requested pass applied to no site (nothing written); 4 internal error.
+Exit codes: 0 done; 1 verification failed (nothing written), or for ``check`` a goal not
+met; 2 bad input or usage (one line on stderr); 3 a requested pass applied to no site
+(nothing written); 4 internal error.
 """
 
 from __future__ import annotations
@@ -29,7 +34,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 out = Console()
 err = Console(stderr=True)
 
-SUBCOMMANDS = {"run", "passes", "explain"}
+SUBCOMMANDS = {"run", "passes", "explain", "diff", "bench", "check"}
+
+log = logging.getLogger(__name__)
+
+
+class GoalFailed(RewriterError):
+    """``rewrite check``: a goal was not met (exit 1)."""
+
+    exit_code = 1
 
 
 def _split_passes(text: str) -> list[str]:
@@ -70,6 +83,20 @@ def _options(sets: list[str], pass_names: list[str]) -> dict[str, dict[str, str]
     return parsed
 
 
+def _check_report_path(path: str | None, flag: str) -> None:
+    """Fail before any work when a report file cannot be written there."""
+    if path is None:
+        return
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise BadInput(f"{flag} {path}: directory {parent} does not exist")
+    if target.is_dir():
+        raise BadInput(f"{flag} {path}: is a directory")
+    if not os.access(parent, os.W_OK):
+        raise BadInput(f"{flag} {path}: directory {parent} is not writable")
+
+
 def _write_json(path: str, report: dict) -> None:
     target = Path(path)
     if not target.parent.exists():
@@ -77,6 +104,81 @@ def _write_json(path: str, report: dict) -> None:
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_text(json.dumps(report, indent=2, default=str))
     os.replace(tmp, target)
+
+
+def _write_html(path: str, report: dict, snaps: tuple | None) -> Path:
+    from rewriter.html import render_html, write_html
+
+    before, after = snaps if snaps else (None, None)
+    return write_html(path, render_html(report, before, after))
+
+
+def _attach_diff(report: dict, before, after) -> tuple | None:
+    """Add the node-level graph diff to ``report["diff"]``; returns the two snapshots.
+
+    The diff is an addition to the run: if it fails on some graph, the run still completes
+    (with a warning) rather than losing the rewrite."""
+    from rewriter.diff import diff_models
+
+    try:
+        d, sa, sb = diff_models(before, after)
+    except Exception as e:  # noqa: BLE001
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            raise
+        err.print(f"[yellow]warning: graph diff failed ({type(e).__name__}: {e}); report has op counts only[/]")
+        return None
+    report["diff"].update({k: d[k] for k in ("nodes", "io", "widths")})
+    return sa, sb
+
+
+def _progress(quiet: bool):
+    """A rich progress bar on stderr (transient; disabled with --quiet)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err, transient=True, disable=quiet or not err.is_terminal)
+
+
+def _bench(before, after, feeds: dict, *, runs: int, warmup: int, threads: int | None, profile: bool,
+           quiet: bool, pass_names=(), prefixes=(), labels=("before", "after")) -> dict:
+    """Time GraphViews (or ready Targets) interleaved; returns the latency section."""
+    from rewriter import bench as B
+
+    if runs < 1:
+        raise BadInput(f"--runs {runs}: must be at least 1")
+    if warmup < 0:
+        raise BadInput(f"--warmup {warmup}: must be at least 0")
+
+    def target(label, v):
+        return v if isinstance(v, B.Target) else B.target_for(label, v, feeds, threads=threads)
+
+    with _progress(quiet) as prog:
+        task = prog.add_task("preparing sessions", total=None)
+        tb = target(labels[0], before)
+        ta = target(labels[1], after) if after is not None else None
+        extra = [target(f"after {n}", v) for n, v in zip(pass_names, prefixes)]
+        prog.update(task, description=f"timing {1 + (ta is not None) + len(extra)} model(s), interleaved", total=runs)
+        sec = B.latency_section(tb, ta, runs=runs, warmup=warmup, profile=False, threads=threads,
+                                inputs=feeds, pass_names=pass_names, prefixes=extra,
+                                progress=lambda done, total: prog.update(task, completed=done))
+        if profile and tb.engine == "onnxruntime":
+            prog.update(task, description="profiling per op type", total=None)
+            n = max(3, min(runs, 20))
+            sec["op_types"] = B.op_type_rows(B.profile_op_types(tb, runs=n, threads=threads),
+                                             B.profile_op_types(ta, runs=n, threads=threads) if ta else None)
+    return sec
+
+
+def _prefix_views(view, pass_names: list[str], options: dict, calib) -> list:
+    """The model after each proper prefix of the pass list (for --per-pass), unverified."""
+    from rewriter import api
+
+    out = []
+    for k in range(1, len(pass_names)):
+        names = pass_names[:k]
+        opts = {n: o for n, o in options.items() if n in names}
+        out.append(api.rewrite(view, names, options=opts, calib=calib, verify=False).view)
+    return out
 
 
 @app.command("run", help="Rewrite MODEL with the given passes, verify, and write the result.")
@@ -91,15 +193,25 @@ def run_cmd(
     no_verify: bool = typer.Option(False, "--no-verify", help="skip verification"),
     force: bool = typer.Option(False, "--force", help="write even if verification fails"),
     json_out: Optional[str] = typer.Option(None, "--json", help="write the JSON report here"),
+    html_out: Optional[str] = typer.Option(None, "--html", help="write a self-contained HTML report here"),
+    bench: bool = typer.Option(False, "--bench", help="time the model before and after (adds the latency section)"),
+    per_pass: bool = typer.Option(False, "--per-pass", help="with --bench: time after each prefix of the pass list"),
+    runs: int = typer.Option(100, "--runs", help="--bench: timed samples per model"),
+    warmup: int = typer.Option(5, "--warmup", help="--bench: warm-up calls per model"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="--bench: ORT intra-op threads (default: ORT's)"),
+    no_profile: bool = typer.Option(False, "--no-profile", help="--bench: skip the per-op-type ORT profile"),
     debug: bool = typer.Option(False, "--debug", help="tracebacks and debug logging"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print only errors"),
 ) -> int:
     from rewriter import api, loader
-    from rewriter.report import render
+    from rewriter.report import render, render_extras
 
     pass_names = _split_passes(passes)
     options = _options(set_, pass_names)
     shapes = _parse_shapes(shape)
+    bench = bench or per_pass
+    _check_report_path(json_out, "--json")
+    _check_report_path(html_out, "--html")
     for f, flag in ((inputs, "--inputs"), (calib, "--calib")):
         if f is not None and not Path(f).is_file():
             raise BadInput(f"{flag} {f}: no such file")
@@ -120,10 +232,23 @@ def run_cmd(
                              shapes=shapes, verify=not no_verify, force=force, progress=progress,
                              source=model)
     report = result.report
+    snaps = _attach_diff(report, view, result.view)
+    if bench:
+        if result.passed or force:
+            feeds, _ = api.verification_feeds(view, inputs, shapes)
+            prefixes = _prefix_views(view, pass_names, options, calib) if per_pass and len(pass_names) > 1 else []
+            report["latency"] = _bench(view, result.view, feeds, runs=runs, warmup=warmup, threads=threads,
+                                       profile=not no_profile, quiet=quiet,
+                                       pass_names=pass_names if prefixes else (), prefixes=prefixes)
+        elif not quiet:
+            err.print("[yellow]benchmark skipped: verification failed[/]")
     if not quiet:
         render(report, out)
+        render_extras(report, out)
     if json_out:
         _write_json(json_out, report)
+    if html_out:
+        _write_html(html_out, report, snaps)
     if not result.passed and not force:
         v = result.verification
         site = v.get("failing_site")
@@ -138,8 +263,12 @@ def run_cmd(
     path = result.save(target, force=force)
     if json_out:
         _write_json(json_out, report)
+    if html_out:
+        _write_html(html_out, report, snaps)
     if not quiet:
         out.print(f"wrote [bold]{path}[/]")
+        if html_out:
+            out.print(f"report [bold]{Path(html_out).resolve()}[/]")
     return 0
 
 
@@ -184,6 +313,224 @@ def explain_cmd(
     out.print(sites_table(docs))
     if json_out:
         _write_json(json_out, {"passes": docs})
+    return 0
+
+def _load_view(spec: str, flag: str = "MODEL"):
+    """A GraphView for ``spec``: .onnx, .pt2 (torch.export), zoo:NAME or module:factory (as ONNX)."""
+    from rewriter import loader
+
+    if spec.lower().endswith(".pt2"):
+        import torch
+
+        from rewriter.ir.fx_view import FxView
+
+        if not Path(spec).is_file():
+            raise BadInput(f"{spec}: no such file")
+        try:
+            ep = torch.export.load(spec)
+        except Exception as e:  # noqa: BLE001
+            raise BadInput(f"{spec}: not a readable .pt2 file ({type(e).__name__})") from None
+        args = ep.example_inputs[0] if ep.example_inputs else None
+        if args is None:
+            raise BadInput(f"{spec}: the .pt2 file carries no example inputs to run it with")
+        return FxView(ep.module(), tuple(args))
+    source = loader.resolve(spec)
+    with err.status(f"loading {spec}..."):
+        return loader.to_view(source, "onnx")
+
+
+@app.command("diff", help="Compare two models: op counts, nodes added/removed/changed, params, I/O, shapes.")
+def diff_cmd(
+    before: str = typer.Argument(..., help="the first model (.onnx, .pt2, zoo:NAME)"),
+    after: str = typer.Argument(..., help="the second model"),
+    json_out: Optional[str] = typer.Option(None, "--json", help="write the diff document here"),
+    html_out: Optional[str] = typer.Option(None, "--html", help="write a self-contained HTML page here"),
+    debug: bool = typer.Option(False, "--debug"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> int:
+    from rewriter.diff import diff_models
+    from rewriter.report import render_diff
+
+    _check_report_path(json_out, "--json")
+    _check_report_path(html_out, "--html")
+    a, b = _load_view(before), _load_view(after)
+    with err.status("comparing graphs..."):
+        d, sa, sb = diff_models(a, b)
+    doc = {"schema": "rewriter.diff/1", "before": before, "after": after, "diff": d}
+    if not quiet:
+        render_diff(doc, out)
+    if json_out:
+        _write_json(json_out, doc)
+    if html_out:
+        _write_html(html_out, doc, (sa, sb))
+        if not quiet:
+            out.print(f"report [bold]{Path(html_out).resolve()}[/]")
+    return 0
+
+
+@app.command("bench", help="Time a model (ORT with full optimizations, or torch), optionally against another.")
+def bench_cmd(
+    model: str = typer.Argument(..., help=".onnx, .pt2, zoo:NAME or module:factory"),
+    against: Optional[str] = typer.Option(None, "--against", help="a second model, timed interleaved with MODEL"),
+    passes: Optional[str] = typer.Option(None, "--passes", "-p", help="time MODEL against MODEL rewritten by these"),
+    set_: list[str] = typer.Option([], "--set", help="PASS.KEY=VALUE pass option (with --passes)"),
+    per_pass: bool = typer.Option(False, "--per-pass", help="with --passes: time after each prefix of the list"),
+    runs: int = typer.Option(100, "--runs", help="timed samples per model"),
+    warmup: int = typer.Option(5, "--warmup", help="warm-up calls per model"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="ORT intra-op threads (default: ORT's)"),
+    shape: list[str] = typer.Option([], "--shape", help="NAME=D0,D1,... for dynamic input dims"),
+    inputs: Optional[str] = typer.Option(None, "--inputs", help=".npz of inputs"),
+    no_profile: bool = typer.Option(False, "--no-profile", help="skip the per-op-type ORT profile"),
+    json_out: Optional[str] = typer.Option(None, "--json", help="write the bench document here"),
+    html_out: Optional[str] = typer.Option(None, "--html", help="write a self-contained HTML page here"),
+    debug: bool = typer.Option(False, "--debug"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> int:
+    from rewriter import api
+    from rewriter.report import latency_tables
+
+    if against and passes:
+        raise BadInput("give --against or --passes, not both")
+    if per_pass and not passes:
+        raise BadInput("--per-pass needs --passes")
+    pass_names = _split_passes(passes) if passes else []
+    options = _options(set_, pass_names) if passes else {}
+    shapes = _parse_shapes(shape)
+    if inputs is not None and not Path(inputs).is_file():
+        raise BadInput(f"--inputs {inputs}: no such file")
+    _check_report_path(json_out, "--json")
+    _check_report_path(html_out, "--html")
+    view = _load_view(model)
+    feeds, _ = api.verification_feeds(view, inputs, shapes)
+    other, prefixes, labels, snaps = None, [], (model, against or "rewritten"), None
+    if against:
+        other = _load_view(against, "--against")
+        if other.ir != view.ir:
+            raise BadInput(f"--against {against}: a {other.ir} model cannot be timed against a {view.ir} model")
+    elif pass_names:
+        with err.status("rewriting...") as status:
+            result = api.rewrite(view, pass_names, options=options, inputs=inputs, shapes=shapes,
+                                 progress=lambda m: status.update(m + "..."))
+        if not result.passed:
+            raise VerificationFailed(f"verification failed after pass {result.verification.get('failed_pass')!r}; "
+                                     "not timing a wrong model")
+        other = result.view
+        labels = (model, f"{model} + {','.join(pass_names)}")
+        if per_pass and len(pass_names) > 1:
+            prefixes = _prefix_views(view, pass_names, options, None)
+    sec = _bench(view, other, feeds, runs=runs, warmup=warmup, threads=threads, profile=not no_profile,
+                 quiet=quiet, pass_names=pass_names if prefixes else (), prefixes=prefixes, labels=labels)
+    doc = {"schema": "rewriter.bench/1", "model": model, "against": against, "latency": sec}
+    if not quiet:
+        for t in latency_tables(sec):
+            out.print(t)
+    if json_out:
+        _write_json(json_out, doc)
+    if html_out:
+        _write_html(html_out, doc, snaps)
+        if not quiet:
+            out.print(f"report [bold]{Path(html_out).resolve()}[/]")
+    return 0
+
+
+def _goals(report: dict, pass_names: list[str], max_rel_error: float | None, min_speedup: float | None) -> list[dict]:
+    """The goals of ``rewrite check`` with what was measured and whether each is met."""
+    goals = []
+    v = report["verification"]
+    failed = v.get("failed_pass")
+    goals.append({"goal": "verified", "target": "every pass within its tolerance or budget",
+                  "measured": "passed" if v.get("passed") else f"failed after {failed!r}"
+                  + (f" at site {v['failing_site']!r}" if v.get("failing_site") else ""),
+                  "passed": bool(v.get("passed")),
+                  **({} if v.get("passed") else {"why": f"max rel error {v.get('max_rel_error', float('nan')):.3g}"})})
+    applied = {p["name"]: p["applied"] for p in report["passes"]}
+    empty = [n for n in pass_names if applied.get(n, 0) == 0]
+    goals.append({"goal": "applied", "target": "every pass applies to >= 1 site",
+                  "measured": ", ".join(f"{n}: {applied.get(n, 0)}" for n in pass_names),
+                  "passed": not empty,
+                  **({"why": "no site for " + ", ".join(empty)} if empty else {})})
+    if max_rel_error is not None:
+        err_v = v.get("max_rel_error")
+        ok = err_v is not None and v.get("performed", True) and err_v <= max_rel_error
+        goals.append({"goal": "max rel error", "target": f"<= {max_rel_error:g}",
+                      "measured": "not measured" if err_v is None else f"{err_v:.3g}", "passed": bool(ok),
+                      **({} if ok else {"why": "verification did not run" if err_v is None else
+                                        f"{err_v:.3g} > {max_rel_error:g}"})})
+    if min_speedup is not None:
+        sp = (report.get("latency") or {}).get("speedup")
+        ok = sp is not None and sp >= min_speedup
+        goals.append({"goal": "speedup", "target": f">= {min_speedup:g}x",
+                      "measured": "not measured" if sp is None else f"{sp:.3f}x", "passed": bool(ok),
+                      **({} if ok else {"why": "not measured" if sp is None else f"{sp:.3f}x < {min_speedup:g}x"})})
+    return goals
+
+
+@app.command("check", help="CI gate: rewrite, verify, optionally time; exit 1 when a goal is not met.")
+def check_cmd(
+    model: str = typer.Argument(..., help="a .onnx path, zoo:NAME, or package.module:factory"),
+    passes: str = typer.Option(..., "--passes", "-p", help="comma-separated pass names, applied in order"),
+    max_rel_error: Optional[float] = typer.Option(None, "--max-rel-error", help="goal: final max relative error <= X"),
+    min_speedup: Optional[float] = typer.Option(None, "--min-speedup", help="goal: speedup (before/after) >= Y"),
+    set_: list[str] = typer.Option([], "--set", help="PASS.KEY=VALUE pass option (repeatable)"),
+    inputs: Optional[str] = typer.Option(None, "--inputs", help=".npz of verification inputs"),
+    calib: Optional[str] = typer.Option(None, "--calib", help=".npz of calibration inputs"),
+    shape: list[str] = typer.Option([], "--shape", help="NAME=D0,D1,... for dynamic input dims"),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="write the model here when every goal is met"),
+    runs: int = typer.Option(100, "--runs", help="timed samples per model (with --min-speedup)"),
+    warmup: int = typer.Option(5, "--warmup", help="warm-up calls per model"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="ORT intra-op threads"),
+    json_out: Optional[str] = typer.Option(None, "--json", help="write the JSON report (with goals) here"),
+    html_out: Optional[str] = typer.Option(None, "--html", help="write a self-contained HTML report here"),
+    debug: bool = typer.Option(False, "--debug"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the goals table and errors"),
+) -> int:
+    from rewriter import api, loader
+    from rewriter.report import goals_table, render, render_extras
+
+    pass_names = _split_passes(passes)
+    options = _options(set_, pass_names)
+    shapes = _parse_shapes(shape)
+    for val, flag in ((max_rel_error, "--max-rel-error"), (min_speedup, "--min-speedup")):
+        if val is not None and not (val >= 0):
+            raise BadInput(f"{flag} {val}: must be a non-negative number")
+    for f, flag in ((inputs, "--inputs"), (calib, "--calib")):
+        if f is not None and not Path(f).is_file():
+            raise BadInput(f"{flag} {f}: no such file")
+    _check_report_path(json_out, "--json")
+    _check_report_path(html_out, "--html")
+    source = loader.resolve(model)
+    target = None
+    if output is not None:
+        target = loader.check_output_path(output, source.name if source.kind == "onnx" else None)
+    ir_kind = "torch" if target is not None and target.suffix.lower() == ".pt2" else "onnx"
+    with err.status("loading model...") as status:
+        view = loader.to_view(source, ir_kind)
+        result = api.rewrite(view, pass_names, options=options, inputs=inputs, calib=calib, shapes=shapes,
+                             verify=True, progress=lambda m: status.update(m + "..."), source=model)
+    report = result.report
+    snaps = _attach_diff(report, view, result.view)
+    if min_speedup is not None:
+        feeds, _ = api.verification_feeds(view, inputs, shapes)
+        report["latency"] = _bench(view, result.view, feeds, runs=runs, warmup=warmup, threads=threads,
+                                   profile=html_out is not None, quiet=quiet)
+    goals = _goals(report, pass_names, max_rel_error, min_speedup)
+    report["goals"] = goals
+    report["passed"] = all(g["passed"] for g in goals)
+    if not quiet:
+        render(report, out)
+        render_extras(report, out)
+    out.print(goals_table(goals))
+    if report["passed"] and target is not None:
+        result.save(target, force=True)
+    if json_out:
+        _write_json(json_out, report)
+    if html_out:
+        _write_html(html_out, report, snaps)
+    if not report["passed"]:
+        raise GoalFailed("check failed: " + "; ".join(f"{g['goal']}: {g.get('why', 'not met')}"
+                                                      for g in goals if not g["passed"]))
+    if not quiet:
+        out.print("[green]all goals met[/]")
     return 0
 
 

@@ -81,3 +81,127 @@ def render(report: dict[str, Any], console: Console | None = None) -> None:
     console.print(nt)
     for note in v.get("notes", []):
         console.print(f"[dim]note: {note}[/]")
+
+
+def _ms(x: Any) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def latency_tables(lat: dict[str, Any]) -> list[Table]:
+    """The latency section: p50/p90 before/after with the speedup, per op type, per pass."""
+    eng = lat["engine"] + (f" {','.join(lat.get('providers') or [])}" if lat.get("providers") else "")
+    t = Table(title=f"latency ({eng}, {lat['runs']} interleaved samples x {lat.get('inner', 1)} calls, ms/call)",
+              title_justify="left")
+    for col in ("model", "p50 ms", "p90 ms", "min ms"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for side in ("before", "after"):
+        s = lat.get(side)
+        if s:
+            t.add_row(f"{side}: {s['label']}", _ms(s["p50_ms"]), _ms(s["p90_ms"]), _ms(s.get("min_ms")))
+    if lat.get("speedup") is not None:
+        sp = lat["speedup"]
+        style = "green" if sp >= 1 else "red"
+        t.add_row("[b]speedup[/] (paired median)", f"[{style}]{sp:.3f}x[/]", "", "")
+    tables = [t]
+    ops = lat.get("op_types") or []
+    if ops:
+        ot = Table(title="time per op type (ORT profiling, ms/call)", title_justify="left")
+        for col in ("op", "before", "after", "delta"):
+            ot.add_column(col, justify="left" if col == "op" else "right")
+        for r in ops[:20]:
+            d = r["after_ms"] - r["before_ms"]
+            style = "green" if d < 0 else ("yellow" if d > 0 else "")
+            ot.add_row(r["op"], _ms(r["before_ms"]), _ms(r["after_ms"]), f"[{style}]{d:+.4f}[/]" if style else "0")
+        tables.append(ot)
+    if lat.get("per_pass"):
+        pt = Table(title="latency per pass (after each prefix)", title_justify="left")
+        for col in ("after pass", "p50 ms", "speedup", "cumulative"):
+            pt.add_column(col, justify="left" if col == "after pass" else "right")
+        for r in lat["per_pass"]:
+            pt.add_row(r["pass"], _ms(r["p50_ms"]), "-" if r["speedup"] is None else f"{r['speedup']:.3f}x",
+                       "-" if r["cumulative_speedup"] is None else f"{r['cumulative_speedup']:.3f}x")
+        tables.append(pt)
+    return tables
+
+
+def node_diff_table(diff: dict[str, Any], *, limit: int = 40) -> Table | None:
+    """Nodes added, removed and changed (with the pass that did it), when the diff has them."""
+    nodes = diff.get("nodes")
+    if not nodes:
+        return None
+    n_changes = len(nodes["added"]) + len(nodes["removed"]) + len(nodes["changed"])
+    t = Table(title=f"nodes: {nodes['before']} -> {nodes['after']} (+{len(nodes['added'])} "
+                    f"-{len(nodes['removed'])} ~{len(nodes['changed'])}, {nodes['unchanged']} unchanged)",
+              title_justify="left")
+    for col in ("change", "op", "node", "pass", "what"):
+        t.add_column(col, overflow="fold")
+    style = {"added": "green", "removed": "red", "changed": "yellow"}
+    shown = 0
+    for kind in ("added", "removed", "changed"):
+        for e in nodes[kind]:
+            if shown == limit:
+                break
+            shown += 1
+            what = ", ".join(e.get("what", []) + (["dead"] if e.get("dead") else []))
+            t.add_row(f"[{style[kind]}]{kind}[/]", e["op"], e["name"], e.get("pass", ""), what)
+    if n_changes > shown:
+        t.add_row("…", "", f"{n_changes - shown} more (see --json)", "", "")
+    return t
+
+
+def shape_changes_table(diff: dict[str, Any]) -> Table | None:
+    """Tensors whose shape changed and input/output signature changes."""
+    widths = diff.get("widths") or []
+    io = diff.get("io") or {}
+    io_rows = [(side, kind, e) for side in ("inputs", "outputs") for kind in ("added", "removed", "changed")
+               for e in io.get(side, {}).get(kind, [])]
+    if not widths and not io_rows:
+        return None
+    t = Table(title="shape and signature changes", title_justify="left")
+    for col in ("what", "tensor", "before", "after"):
+        t.add_column(col, overflow="fold")
+    for w in widths:
+        t.add_row(f"{w['kind']} shape", w["tensor"], str(w["before"]), str(w["after"]))
+    for side, kind, e in io_rows:
+        if kind == "changed":
+            t.add_row(f"{side[:-1]} changed", e["name"], str(e["before"]), str(e["after"]))
+        else:
+            t.add_row(f"{side[:-1]} {kind}", e["name"], str(e.get("shape")) if kind == "removed" else "",
+                      str(e.get("shape")) if kind == "added" else "")
+    return t
+
+
+def goals_table(goals: list[dict[str, Any]]) -> Table:
+    """``rewrite check``: each goal, its target, what was measured, met or not."""
+    t = Table(title="goals", title_justify="left")
+    for col in ("goal", "target", "measured", "result", "why"):
+        t.add_column(col, overflow="fold")
+    for g in goals:
+        t.add_row(g["goal"], str(g["target"]), str(g["measured"]),
+                  "[green]met[/]" if g["passed"] else "[red]FAILED[/]", g.get("why", ""))
+    return t
+
+
+def render_diff(doc: dict[str, Any], console: Console | None = None) -> None:
+    """Print a ``rewrite diff`` document: op table, params, nodes, shape changes."""
+    console = console or Console()
+    diff = doc["diff"]
+    ops = diff["op_counts"]
+    console.print(op_count_table(ops["before"], ops["after"]))
+    console.print(f"parameters: {diff['params']['before']:,} -> {diff['params']['after']:,}  "
+                  f"bytes: {diff['bytes']['before']:,} -> {diff['bytes']['after']:,}")
+    for t in (node_diff_table(diff), shape_changes_table(diff)):
+        if t is not None:
+            console.print(t)
+
+
+def render_extras(report: dict[str, Any], console: Console | None = None) -> None:
+    """What ``render`` leaves out: node-level diff, shape changes, latency."""
+    console = console or Console()
+    diff = report.get("diff") or {}
+    for t in (node_diff_table(diff), shape_changes_table(diff)):
+        if t is not None:
+            console.print(t)
+    if report.get("latency"):
+        for t in latency_tables(report["latency"]):
+            console.print(t)

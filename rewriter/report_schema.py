@@ -1,0 +1,204 @@
+"""The JSON documents the CLI writes, as JSON-Schema (draft 2020-12) dicts.
+
+- ``REPORT_SCHEMA``: ``rewrite MODEL --passes ... --json F`` and ``rewrite check --json F``
+  (``"schema": "rewriter.report/1"``). ``latency`` is present with ``--bench`` (and in
+  ``check`` with ``--min-speedup``); ``goals`` only in ``check``.
+- ``DIFF_SCHEMA``: ``rewrite diff A B --json F`` (``"schema": "rewriter.diff/1"``).
+- ``BENCH_SCHEMA``: ``rewrite bench MODEL --json F`` (``"schema": "rewriter.bench/1"``).
+
+Versioning: a key may be *added* within a version (readers must ignore unknown keys);
+renaming, removing or changing the meaning of a key bumps the ``/N``.
+
+Keys CI usually reads: ``verification.passed``, ``verification.max_rel_error``,
+``latency.before.p50_ms``, ``latency.after.p50_ms``, ``latency.speedup``,
+``diff.params.{before,after}``, ``diff.bytes.{before,after}``, ``goals[].passed``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_NUM = {"type": "number"}
+_NUM_OR_NULL = {"type": ["number", "null"]}
+_INT = {"type": "integer", "minimum": 0}
+_STR = {"type": "string"}
+_BEFORE_AFTER_INT = {"type": "object", "required": ["before", "after"],
+                     "properties": {"before": _INT, "after": _INT}}
+_COUNTS = {"type": "object", "additionalProperties": _INT}
+_SHAPE = {"type": ["array", "null"], "items": {"type": ["integer", "string", "null"]}}
+
+_SITE = {"type": "object", "required": ["site", "accepted"],
+         "properties": {"site": _STR, "accepted": {"type": "boolean"}, "reason": _STR}}
+
+_OUTPUT_ERR = {
+    "type": "object", "required": ["name"],
+    "properties": {"name": _STR, "max_abs_error": _NUM, "max_rel_error": _NUM, "tolerance": _NUM,
+                   "passed": {"type": "boolean"}, "error": _STR},
+}
+
+_VERIFICATION = {
+    "type": "object", "required": ["passed"],
+    "properties": {
+        "passed": {"type": "boolean"},
+        "performed": {"type": "boolean"},
+        "max_abs_error": _NUM,
+        "max_rel_error": _NUM,
+        "outputs": {"type": "array", "items": _OUTPUT_ERR},
+        "failed_pass": _STR,
+        "failing_site": {"type": ["string", "null"]},
+        "inputs": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "integer"}}},
+        "notes": {"type": "array", "items": _STR},
+    },
+}
+
+_PASS = {
+    "type": "object", "required": ["name", "kind", "applied", "sites", "declined", "seconds"],
+    "properties": {
+        "name": _STR,
+        "kind": {"enum": ["exact", "approximate", "architectural"]},
+        "applied": _INT,
+        "sites": {"type": "array", "items": _SITE},
+        "declined": {"type": "array", "items": {"type": "object", "required": ["site", "reason"],
+                                                 "properties": {"site": _STR, "reason": _STR}}},
+        "seconds": _NUM,
+        "verification": {"anyOf": [{"type": "null"}, _VERIFICATION]},
+    },
+}
+
+_NODE_ENTRY = {
+    "type": "object", "required": ["name", "op"],
+    "properties": {
+        "name": _STR, "op": _STR,
+        "pass": _STR,  # the pass that made / removed / changed it (provenance)
+        "replaced": {"type": "array", "items": _STR},
+        "dead": {"type": "boolean"},  # removed because only removed/rewritten nodes read it
+        "what": {"type": "array", "items": {"enum": ["attributes", "parameters", "inputs", "shape", "tagged"]}},
+        "matched_by": {"enum": ["provenance", "name", "topology"]},
+        "before_name": _STR,
+    },
+}
+_IO_ENTRY = {"type": "object", "required": ["name"],
+             "properties": {"name": _STR, "dtype": {"type": ["string", "null"]}, "shape": _SHAPE}}
+_IO_CHANGES = {
+    "type": "object", "required": ["added", "removed", "changed"],
+    "properties": {"added": {"type": "array", "items": _IO_ENTRY},
+                   "removed": {"type": "array", "items": _IO_ENTRY},
+                   "changed": {"type": "array", "items": {"type": "object", "required": ["name", "before", "after"]}}},
+}
+
+#: The ``diff`` section. ``op_counts``, ``params`` and ``bytes`` are always there; the
+#: node-level keys come with the graph diff (``rewrite diff``, and runs from the CLI).
+DIFF_SECTION: dict[str, Any] = {
+    "type": "object", "required": ["op_counts", "params", "bytes"],
+    "properties": {
+        "op_counts": {"type": "object", "required": ["before", "after"],
+                      "properties": {"before": _COUNTS, "after": _COUNTS}},
+        "params": _BEFORE_AFTER_INT,
+        "bytes": _BEFORE_AFTER_INT,
+        "nodes": {
+            "type": "object",
+            "required": ["before", "after", "added", "removed", "changed", "unchanged", "matched_by"],
+            "properties": {
+                "before": _INT, "after": _INT, "unchanged": _INT,
+                "added": {"type": "array", "items": _NODE_ENTRY},
+                "removed": {"type": "array", "items": _NODE_ENTRY},
+                "changed": {"type": "array", "items": _NODE_ENTRY},
+                "matched_by": {"type": "object", "properties": {"provenance": _INT, "name": _INT, "topology": _INT}},
+            },
+        },
+        "io": {"type": "object", "required": ["inputs", "outputs"],
+               "properties": {"inputs": _IO_CHANGES, "outputs": _IO_CHANGES}},
+        "widths": {"type": "array", "items": {
+            "type": "object", "required": ["tensor", "kind", "before", "after"],
+            "properties": {"tensor": _STR, "kind": {"enum": ["param", "activation", "io"]},
+                           "before": _SHAPE, "after": _SHAPE,
+                           "axes": {"type": ["array", "null"], "items": {"type": "integer"}}, "node": _STR}}},
+    },
+}
+
+_TIMING = {
+    "type": "object", "required": ["label", "p50_ms", "p90_ms", "samples"],
+    "properties": {"label": _STR, "p50_ms": _NUM, "p90_ms": _NUM, "mean_ms": _NUM, "min_ms": _NUM,
+                   "samples": _INT},
+}
+
+#: The ``latency`` section: ms per call; ``speedup`` = before/after (> 1: faster).
+LATENCY_SECTION: dict[str, Any] = {
+    "type": "object", "required": ["engine", "device", "runs", "before", "after", "speedup"],
+    "properties": {
+        "engine": {"enum": ["onnxruntime", "torch"]},
+        "device": {"enum": ["cpu", "cuda"]},
+        "providers": {"type": "array", "items": _STR},
+        "graph_optimization": {"type": ["string", "null"]},
+        "threads": {"type": ["integer", "null"]},
+        "runs": _INT, "warmup": _INT, "inner": _INT,
+        "order": _STR,
+        "inputs": {"type": "object"},
+        "before": _TIMING,
+        "after": {"anyOf": [{"type": "null"}, _TIMING]},
+        "speedup": _NUM_OR_NULL,  # median of paired before/after sample ratios
+        "p50_ratio": _NUM_OR_NULL,  # before.p50_ms / after.p50_ms
+        "op_types": {"type": ["array", "null"], "items": {
+            "type": "object", "required": ["op", "before_ms", "after_ms"],
+            "properties": {"op": _STR, "before_ms": _NUM, "after_ms": _NUM}}},
+        "per_pass": {"type": "array", "items": {
+            "type": "object", "required": ["pass", "p50_ms", "speedup", "cumulative_speedup"],
+            "properties": {"pass": _STR, "p50_ms": _NUM, "p90_ms": _NUM, "speedup": _NUM_OR_NULL,
+                           "cumulative_speedup": _NUM_OR_NULL}}},
+    },
+}
+
+_GOAL = {
+    "type": "object", "required": ["goal", "target", "measured", "passed"],
+    "properties": {"goal": _STR, "target": {}, "measured": {}, "passed": {"type": "boolean"}, "why": _STR},
+}
+
+REPORT_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": "rewriter.report/1",
+    "title": "rewrite run report",
+    "type": "object",
+    "required": ["schema", "model", "passes", "verification", "diff", "output"],
+    "properties": {
+        "schema": {"const": "rewriter.report/1"},
+        "model": {"type": "object", "required": ["source", "ir"],
+                  "properties": {"source": _STR, "ir": {"enum": ["onnx", "torch"]}}},
+        "passes": {"type": "array", "items": _PASS},
+        "verification": _VERIFICATION,
+        "diff": DIFF_SECTION,
+        "latency": LATENCY_SECTION,
+        "goals": {"type": "array", "items": _GOAL},
+        "passed": {"type": "boolean"},  # check: every goal met
+        "output": {"type": ["string", "null"]},
+    },
+}
+
+DIFF_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": "rewriter.diff/1",
+    "title": "rewrite diff",
+    "type": "object",
+    "required": ["schema", "before", "after", "diff"],
+    "properties": {"schema": {"const": "rewriter.diff/1"}, "before": _STR, "after": _STR,
+                   "diff": {**DIFF_SECTION, "required": ["op_counts", "params", "bytes", "nodes", "io", "widths"]}},
+}
+
+BENCH_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": "rewriter.bench/1",
+    "title": "rewrite bench",
+    "type": "object",
+    "required": ["schema", "model", "latency"],
+    "properties": {"schema": {"const": "rewriter.bench/1"}, "model": _STR,
+                   "against": {"type": ["string", "null"]}, "latency": LATENCY_SECTION},
+}
+
+SCHEMAS = {"rewriter.report/1": REPORT_SCHEMA, "rewriter.diff/1": DIFF_SCHEMA, "rewriter.bench/1": BENCH_SCHEMA}
+
+
+def validate(doc: dict[str, Any]) -> None:
+    """Validate ``doc`` against the schema its ``"schema"`` key names (needs jsonschema,
+    a dev dependency). Raises ``jsonschema.ValidationError``."""
+    import jsonschema
+
+    jsonschema.validate(doc, SCHEMAS[doc["schema"]])
