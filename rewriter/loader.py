@@ -168,8 +168,7 @@ def save(view: GraphView, target: str | os.PathLike) -> Path:
                 raise BadInput(f"{target}: an ONNX model is written as .onnx")
             tmp = tmpdir / target.name
             total = sum(v.const_value.nbytes for v in view.graph.initializers.values() if v.const_value is not None)
-            external = total > _EXTERNAL_THRESHOLD or any(
-                isinstance(v.const_value, ir.ExternalTensor) for v in view.graph.initializers.values())
+            external = total > _EXTERNAL_THRESHOLD or view.external_data
             if external:
                 data_name = target.name + ".data"
                 ir.save(view.model, tmp, external_data=data_name)

@@ -139,12 +139,34 @@ class Runner:
     def __init__(self, view: GraphView):
         self.view = view
 
+    def _onnx_session(self):
+        """ORT session, optimizations off. Models with external data (or > 2 GB) are written
+        to a temporary directory first: ORT cannot resolve external files from bytes."""
+        import shutil
+        import tempfile
+
+        import onnx_ir as ir
+
+        from backends.ort import make_session
+
+        inits = self.view.graph.initializers.values()
+        external = any(isinstance(v.const_value, ir.ExternalTensor) for v in inits)
+        big = sum(v.const_value.nbytes for v in inits if v.const_value is not None) > (1 << 31) - (1 << 24)
+        if not (external or big):
+            return make_session(self.view.to_proto(), optimize=False)
+        tmp = tempfile.mkdtemp(prefix="rewriter-verify-")
+        try:
+            path = f"{tmp}/model.onnx"
+            ir.save(self.view.model.clone(), path, external_data="model.onnx.data")
+            return make_session(path, optimize=False)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if isinstance(self.view, OnnxView):
-            from backends.ort import make_session, run_onnx
+            from backends.ort import run_onnx
 
-            sess = make_session(self.view.to_proto(), optimize=False)
-            return run_onnx(sess, feeds)
+            return run_onnx(self._onnx_session(), feeds)
         names = [n.name for n in self.view.graph.nodes if n.op == "placeholder"]
         args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names]
         with torch.no_grad():

@@ -67,6 +67,9 @@ class OnnxView(GraphView):
         super().__init__()
         self.model = model
         self.path = path
+        # whether the source kept its weights as external data: the output does too
+        self.external_data = any(isinstance(v.const_value, ir.ExternalTensor)
+                                 for v in model.graph.initializers.values())
         # keyed by the value itself (not id(): ids of removed values get reused); edits
         # never change what an existing value computes, so the cache survives them
         self._const_cache: dict[ir.Value, np.ndarray | None] = {}
@@ -242,7 +245,10 @@ class OnnxView(GraphView):
         return v
 
     def _dtype_of(self, value: ir.Value) -> np.dtype:
-        return _np_dtype(value.dtype) if value.dtype is not None else np.dtype(np.float32)
+        if value.dtype is not None:
+            return _np_dtype(value.dtype)
+        c = self.const_value(value)  # e.g. a Transpose of an initializer without value_info
+        return c.dtype if c is not None else np.dtype(np.float32)
 
     # -- semantics ---------------------------------------------------------------------
     def linear(self, node: Node) -> LinearParams:
@@ -758,7 +764,9 @@ class OnnxView(GraphView):
 
     # -- whole model -------------------------------------------------------------------
     def copy(self) -> OnnxView:
-        return OnnxView(self.model.clone(), self.path)
+        view = OnnxView(self.model.clone(), self.path)
+        view.external_data = self.external_data
+        return view
 
     def raw_op_types(self) -> list[str]:
         return [

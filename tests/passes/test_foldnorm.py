@@ -308,3 +308,36 @@ def test_torch_training_mode_declined():
 
     sites = FoldNorm().match(view)
     assert sites and not sites[0].accepted and "training mode" in sites[0].reason
+
+
+def test_decline_non_linear_reader(rng):
+    """A norm on a graph input read by a non-linear op (Relu) is declined, naming it."""
+    m = make_model(
+        [bn_node("bn", "x", "h"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("MatMul", ["r", "W"], ["y"], name="mm")],
+        [("x", [2, 4])], [("y", [2, 4])], [init("W", rng.standard_normal((4, 4)))] + bn_inits("bn", 4, rng))
+    _, reasons = _declined(m)
+    assert any("not into the producer: the norm reads a graph input" in r for r in reasons), reasons
+    assert any("is also read by other:Relu (relu)" in r for r in reasons), reasons
+
+
+def test_external_data_kept(rng, tmp_path):
+    """A model with external data is rewritten and saved with external data beside it."""
+    import onnx
+
+    m = make_model([helper.make_node("Gemm", ["x", "W"], ["h"], transB=1, name="g"), bn_node("bn", "h", "y")],
+                   [("x", [2, 64])], [("y", [2, 64])], [init("W", rng.standard_normal((64, 64)))] + bn_inits("bn", 64, rng))
+    src = tmp_path / "ext.onnx"
+    orig = onnx.ModelProto()
+    orig.CopyFrom(m)  # onnx.save with external data rewrites m in place
+    onnx.save(m, src, save_as_external_data=True, all_tensors_to_one_file=True, location="ext.onnx.data",
+              size_threshold=0)
+    res = rewriter.rewrite(str(src), ["foldnorm"])
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = res.save(out_dir / "folded.onnx")
+    assert (out_dir / "folded.onnx.data").exists()
+    saved = onnx.load(out, load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in saved.graph.initializer)
+    feeds = {"x": rng.standard_normal((2, 64)).astype(np.float32)}
+    check_onnx_equal(orig, onnx.load(out), feeds)
