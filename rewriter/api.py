@@ -108,10 +108,13 @@ def as_view(model: Any, *, example_inputs: Sequence[Any] | None = None, ir_kind:
     """Accept a path, ``zoo:NAME``, ``module:factory``, ModelProto, onnx_ir Model or nn.Module."""
     if isinstance(model, GraphView):
         return model.copy()
-    if isinstance(model, onnx.ModelProto):
-        return OnnxView(ir.from_proto(model))
-    if isinstance(model, ir.Model):
-        return OnnxView(model.clone())
+    if isinstance(model, (onnx.ModelProto, ir.Model)):
+        from rewriter.loader import infer_shapes, check_model
+
+        view = OnnxView(ir.from_proto(model) if isinstance(model, onnx.ModelProto) else model.clone())
+        check_model(view, "model")
+        infer_shapes(view)
+        return view
     if isinstance(model, torch.nn.Module):
         if example_inputs is None:
             raise BadInput("a torch module needs example_inputs")
@@ -164,6 +167,10 @@ def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, A
             raise BadInput(f"pass {p.name!r} does not support {view.ir} models")
     before_ops = view.op_counts()
     before_params = param_stats(view)
+    if verify and isinstance(view, OnnxView):
+        from rewriter.loader import check_runnable
+
+        check_runnable(view, source or "model")
     feeds, notes = (verification_feeds(view, inputs, shapes) if verify else (None, []))
     records, reference = run_passes(view, pass_objs, feeds=feeds, progress=progress)
     if feeds is not None and records and all(r.verification is None or r.verification["passed"] for r in records):

@@ -95,7 +95,53 @@ def load_onnx(path: str | os.PathLike) -> OnnxView:
         raise BadInput(f"{path}: the file holds no ONNX graph (a protobuf, but not a model)")
     view = OnnxView(model, path)
     _check_external_data(view, path)
+    check_model(view, str(path))
+    infer_shapes(view)
     return view
+
+
+MIN_OPSET = 9  # BatchNormalization and friends have their current semantics from 9 on
+KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "rewriter"}
+
+
+def check_model(view: OnnxView, where: str) -> None:
+    """Refuse what cannot be rewritten safely, with one line naming the problem."""
+    opset = view.model.opset_imports.get("", view.model.opset_imports.get("ai.onnx"))
+    if opset is not None and opset < MIN_OPSET:
+        raise BadInput(f"{where}: opset {opset} is older than the oldest supported ({MIN_OPSET}); "
+                       "convert it first (onnx.version_converter)")
+    names: dict[str, int] = {}
+    for node in view.graph.all_nodes():
+        if node.name:
+            names[node.name] = names.get(node.name, 0) + 1
+    dups = sorted(n for n, c in names.items() if c > 1)
+    if dups:
+        raise BadInput(f"{where}: duplicate node name(s) {', '.join(repr(d) for d in dups[:3])}"
+                       f"{' ...' if len(dups) > 3 else ''}: node names must be unique")
+
+
+def check_runnable(view: OnnxView, where: str) -> None:
+    """Verification runs the model in ONNX Runtime: refuse unknown operator domains early."""
+    local = {(f.domain, f.name) for f in view.model.functions.values()}
+    for node in view.graph.all_nodes():
+        if node.domain not in KNOWN_DOMAINS and (node.domain, node.op_type) not in local:
+            raise BadInput(f"{where}: unknown operator domain {node.domain!r} (node {node.name!r}, op "
+                           f"{node.op_type}): ONNX Runtime cannot run it to verify the rewrite "
+                           "(--no-verify rewrites without verification)")
+
+
+def infer_shapes(view: OnnxView) -> None:
+    """Fill in missing shapes (passes need ranks); best effort, never fatal."""
+    if all(v.shape is not None for n in view.graph for v in n.outputs):
+        return
+    try:
+        from onnx_ir.passes.common import ShapeInferencePass
+
+        ShapeInferencePass(strict_mode=False)(view.model)
+    except Exception as err:  # noqa: BLE001
+        import logging
+
+        logging.getLogger(__name__).info("shape inference failed: %s", err)
 
 
 def _check_external_data(view: OnnxView, path: Path) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from rewriter.errors import BadInput, RewriterError
 from rewriter.ir.view import GraphView
 from rewriter.pass_api import Kind, Pass, Site
 from rewriter.verify import Runner, compare
@@ -61,12 +62,31 @@ def explain(view: GraphView, passes: list[Pass]) -> list[PassRecord]:
     work = view.copy()
     for p in passes:
         t0 = time.perf_counter()
-        sites = p.match(work)
+        sites = p.match(work) + control_flow_sites(work)
         p.apply(work, [s for s in sites if s.accepted])
         p.finish(work)
         work.finalize()
         records.append(PassRecord(p.name, p.kind, sites, time.perf_counter() - t0))
     return records
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def _run_or_none(view: GraphView, feeds) -> dict | None:
+    try:
+        return Runner(view)(feeds)
+    except Exception as err:  # noqa: BLE001 - a rewritten model that does not run fails verification
+        log.warning("the rewritten model does not run: %s", _first_line(err))
+        return None
+
+
+def control_flow_sites(view: GraphView) -> list[Site]:
+    """Control-flow nodes (If/Loop/Scan): their subgraphs are not rewritten; say so."""
+    return [Site(n.name, False, f"control flow ({n.op.split(':')[-1]}): its subgraphs are not rewritten")
+            for n in view.nodes() if n.op in ("other:If", "other:Loop", "other:Scan")]
 
 
 def _apply(p: Pass, view: GraphView, sites: list[Site]) -> None:
@@ -85,12 +105,18 @@ def run_passes(view: GraphView, passes: list[Pass], *, feeds: Mapping[str, np.nd
     reference = None
     if feeds is not None:
         say("running the original model")
-        reference = Runner(view)(feeds)
+        try:
+            reference = Runner(view)(feeds)
+        except RewriterError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the user's model does not run
+            raise BadInput(f"the original model does not run, so no rewrite can be verified: "
+                           f"{_first_line(err)} (--no-verify rewrites without verification)") from None
     current_ref = reference
     for p in passes:
         say(f"{p.name}: matching")
         t0 = time.perf_counter()
-        sites = p.match(view)
+        sites = p.match(view) + control_flow_sites(view)
         accepted = [s for s in sites if s.accepted]
         before = view.copy() if (feeds is not None and accepted) else None
         say(f"{p.name}: applying {len(accepted)} site(s)")
@@ -105,8 +131,10 @@ def run_passes(view: GraphView, passes: list[Pass], *, feeds: Mapping[str, np.nd
             rec.verification = p.check(before, view, feeds)  # type: ignore[attr-defined]
             outs = Runner(view)(feeds)
         else:
-            outs = Runner(view)(feeds)
-            rec.verification = compare(current_ref, outs, p.error_budget())
+            outs = _run_or_none(view, feeds)
+            rec.verification = (compare(current_ref, outs, p.error_budget()) if outs is not None else
+                                {"passed": False, "max_abs_error": float("inf"), "max_rel_error": float("inf"),
+                                 "outputs": [], "error": "the rewritten model does not run"})
         if not rec.verification["passed"]:
             if p.kind is not Kind.ARCHITECTURAL:
                 rec.verification["failing_site"] = _bisect(p, before, accepted, feeds, current_ref, say)
@@ -127,7 +155,8 @@ def _bisect(p: Pass, before: GraphView, accepted: list[Site], feeds, ref, say: P
         chosen = set(names[:k])
         sites = [s for s in p.match(work) if s.accepted and s.site in chosen]
         _apply(p, work, sites)
-        return not compare(ref, Runner(work)(feeds), p.error_budget())["passed"]
+        outs = _run_or_none(work, feeds)
+        return outs is None or not compare(ref, outs, p.error_budget())["passed"]
 
     lo, hi = 1, len(names)
     if not fails(hi):

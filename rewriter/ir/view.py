@@ -219,6 +219,8 @@ class GraphView(abc.ABC):
         out: list[Node] = []
         for r in self._raw_users(value):
             n = self.node_of(r)
+            if n is None:  # e.g. a node inside a subgraph reading an outer value: opaque
+                n = Node(f"other:subgraph:{getattr(r, 'op_type', r)}", getattr(r, "name", "?") or "?", [value], None, [r])
             internal = src is not None and any(x is src for x in n.raw) if n else False
             if n is not None and n not in out and not internal:
                 out.append(n)
