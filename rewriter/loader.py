@@ -131,17 +131,32 @@ def check_runnable(view: OnnxView, where: str) -> None:
 
 
 def infer_shapes(view: OnnxView) -> None:
-    """Fill in missing shapes (passes need ranks); best effort, never fatal."""
-    if all(v.shape is not None for n in view.graph for v in n.outputs):
+    """Fill in missing shapes (passes need ranks): best effort, never fatal, and only where
+    a value has no shape yet — existing types and shapes are never overwritten."""
+    missing = [v for n in view.graph for v in n.outputs if v.shape is None]
+    if not missing:
         return
     try:
-        from onnx_ir.passes.common import ShapeInferencePass
+        total = sum(v.const_value.nbytes for v in view.graph.initializers.values() if v.const_value is not None)
+        if total > _EXTERNAL_THRESHOLD:
+            return
+        import onnx
 
-        ShapeInferencePass(strict_mode=False)(view.model)
+        inferred = onnx.shape_inference.infer_shapes(ir.serde.serialize_model(view.model), strict_mode=False)
+        infos = {vi.name: vi.type for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+        for v in missing:
+            t = infos.get(v.name)
+            if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+                continue
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.tensor_type.shape.dim]
+            v.shape = ir.Shape(dims)
+            if v.dtype is None and t.tensor_type.elem_type:
+                v.dtype = ir.DataType(t.tensor_type.elem_type)
     except Exception as err:  # noqa: BLE001
         import logging
 
         logging.getLogger(__name__).info("shape inference failed: %s", err)
+
 
 
 def _check_external_data(view: OnnxView, path: Path) -> None:

@@ -1,0 +1,127 @@
+"""ONNX emission helpers: RMSNorm, the ``rewriter::CRMSNormalization`` model-local function,
+and the small standard-op chains the residual-stream passes insert.
+
+``CRMSNormalization(X)`` (attributes ``epsilon``, ``rms_epsilon``) normalizes a compressed
+zero-mean vector ``x~ = x[:d-1]`` whose dropped coordinate is ``x_d = -sum(x~)``::
+
+    CRMSNorm(x~) = x~ / sqrt((||x~||^2 + (sum x~)^2) / d + eps),    d = width(x~) + 1
+
+Two bodies, both standard ops:
+
+* ``rms`` (opset >= 23): with ``y = RMSNormalization(x~, eps1)`` over the ``d - 1``
+  channels and ``eps1 = eps * d / (d - 1)``, ``1/r1^2 = ||x~||^2/(d-1) + eps1`` so
+  ``||x~||^2 + (sum x~)^2 = r1^-2 ((d - 1) + (sum y)^2) - d eps`` and::
+
+      CRMSNorm(x~) = y * sqrt(d / ((d - 1) + (sum y)^2))
+
+  one fused RMSNormalization, one ReduceSum, a row-wise factor and one Mul. ``rms_epsilon``
+  carries ``eps1`` (it depends on ``d``, known when the pass writes the call).
+* ``chain`` (any opset >= 18): ReduceSumSquare and ReduceSum of ``x~``, then the formula.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+DOMAIN = "rewriter"
+CRMS_NAME = "CRMSNormalization"
+FUNCTION_OPSET = 1
+
+
+def _const(name: str, array: np.ndarray) -> ir.Node:
+    return ir.Node("", "Constant", [], [ir.AttrTensor("value", ir.tensor(array, name=name))], name=name)
+
+
+def _axes_last() -> ir.Node:
+    return _const("axes_last", np.array([-1], dtype=np.int64))
+
+
+def crms_function(variant: str = "rms") -> ir.Function:
+    """The ``rewriter::CRMSNormalization`` function (body of standard ops)."""
+    x = ir.Value(name="X")
+    nodes: list[ir.Node] = []
+
+    def add(op, inputs, attrs=(), name=None):
+        n = ir.Node("", op, inputs, list(attrs), name=name or f"{op}_{len(nodes)}")
+        nodes.append(n)
+        return n.outputs[0]
+
+    axes_n = _axes_last()
+    nodes.append(axes_n)
+    axes = axes_n.outputs[0]
+    # d - 1 and d as X's dtype
+    width = add("Shape", [x], [ir.AttrInt64("start", -1)])
+    width_f = add("CastLike", [width, x])
+    one_n = _const("one", np.array([1.0], dtype=np.float32))
+    nodes.append(one_n)
+    one = add("CastLike", [one_n.outputs[0], x])
+    d = add("Add", [width_f, one])
+    if variant == "rms":
+        ones = add("ConstantOfShape", [width], [ir.AttrTensor("value", ir.tensor(np.array([1.0], dtype=np.float32)))])
+        scale = add("CastLike", [ones, x])
+        y = add("RMSNormalization", [x, scale], [ir.RefAttr("epsilon", "rms_epsilon", ir.AttributeType.FLOAT),
+                                                  ir.AttrInt64("axis", -1)])
+        s = add("ReduceSum", [y, axes], [ir.AttrInt64("keepdims", 1)])
+        s2 = add("Mul", [s, s])
+        den = add("Add", [width_f, s2])
+        f = add("Div", [d, den])
+        factor = add("Sqrt", [f])
+        out = add("Mul", [y, factor])
+    elif variant == "chain":
+        ss = add("ReduceSumSquare", [x, axes], [ir.AttrInt64("keepdims", 1)])
+        s = add("ReduceSum", [x, axes], [ir.AttrInt64("keepdims", 1)])
+        s2 = add("Mul", [s, s])
+        tot = add("Add", [ss, s2])
+        ms = add("Div", [tot, d])
+        eps_c = ir.Node("", "Constant", [], [ir.RefAttr("value_float", "epsilon", ir.AttributeType.FLOAT)], name="eps")
+        nodes.append(eps_c)
+        eps = add("CastLike", [eps_c.outputs[0], x])
+        r = add("Sqrt", [add("Add", [ms, eps])])
+        out = add("Div", [x, r])
+    else:
+        raise ValueError(f"unknown CRMSNormalization body {variant!r}")
+    out.name = "Y"
+    graph = ir.Graph([x], [out], nodes=nodes, opset_imports={"": 23 if variant == "rms" else 18},
+                     name=CRMS_NAME)
+    return ir.Function(DOMAIN, CRMS_NAME, graph=graph, attributes=[
+        ir.AttrFloat32("epsilon", 1e-5), ir.AttrFloat32("rms_epsilon", 1e-5)])
+
+
+def ensure_crms_function(model: ir.Model, variant: str) -> None:
+    """Add the function (and the ``rewriter`` opset import) to ``model`` once."""
+    key = (DOMAIN, CRMS_NAME, "")
+    if key not in model.functions:
+        model.functions[key] = crms_function(variant)
+    model.opset_imports.setdefault(DOMAIN, FUNCTION_OPSET)
+
+
+def crms_call(x: ir.Value, eps: float, width: int, name: str) -> ir.Node:
+    """A call ``rewriter::CRMSNormalization(x)`` for a compressed width ``width`` (= d - 1)."""
+    d = width + 1
+    return ir.Node(DOMAIN, CRMS_NAME, [x], [ir.AttrFloat32("epsilon", eps),
+                                           ir.AttrFloat32("rms_epsilon", eps * d / (d - 1))], name=name)
+
+
+def rms_nodes(x: ir.Value, scale: ir.Value, eps: float, opset: int, name: str,
+              consts: dict[str, ir.Value]) -> list[ir.Node]:
+    """``x / sqrt(mean(x^2, -1) + eps) * scale``: RMSNormalization at opset >= 23, else the
+    standard-op chain. ``consts`` maps ``axes`` and ``eps`` to initializers (chain only)."""
+    if opset >= 23:
+        return [ir.Node("", "RMSNormalization", [x, scale],
+                        [ir.AttrFloat32("epsilon", eps), ir.AttrInt64("axis", -1)], name=name)]
+    sq = ir.Node("", "Mul", [x, x], name=f"{name}_sq")
+    ms = ir.Node("", "ReduceMean", [sq.outputs[0], consts["axes"]], [ir.AttrInt64("keepdims", 1)], name=f"{name}_mean")
+    ae = ir.Node("", "Add", [ms.outputs[0], consts["eps"]], name=f"{name}_eps")
+    rt = ir.Node("", "Sqrt", [ae.outputs[0]], name=f"{name}_sqrt")
+    dv = ir.Node("", "Div", [x, rt.outputs[0]], name=f"{name}_div")
+    out = [sq, ms, ae, rt, dv]
+    if scale is not None:
+        out.append(ir.Node("", "Mul", [dv.outputs[0], scale], name=f"{name}_scale"))
+    return out
+
+
+# Ops whose semantics did not change between opset 18 and 23 in a way an exported
+# transformer could notice; a model using anything outside the default domain's
+# known-changed list may be upgraded to opset 23 by bumping its import.
+OPSET_UPGRADE_BLOCKERS = frozenset({"GroupNormalization", "DFT", "If", "Loop", "Scan"})
