@@ -63,6 +63,8 @@ def _center_rows(a: np.ndarray) -> np.ndarray:
 class _StreamPass(Pass):
     """The shared engine of ``rms`` and ``crms`` (``compress`` drops one coordinate)."""
 
+    bisectable = False  # the stream is rewritten as a whole (widths change together)
+
     compress = False
 
     @dataclasses.dataclass

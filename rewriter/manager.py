@@ -136,7 +136,7 @@ def run_passes(view: GraphView, passes: list[Pass], *, feeds: Mapping[str, np.nd
                                 {"passed": False, "max_abs_error": float("inf"), "max_rel_error": float("inf"),
                                  "outputs": [], "error": "the rewritten model does not run"})
         if not rec.verification["passed"]:
-            if p.kind is not Kind.ARCHITECTURAL:
+            if p.kind is not Kind.ARCHITECTURAL and p.bisectable:
                 rec.verification["failing_site"] = _bisect(p, before, accepted, feeds, current_ref, say)
             break
         current_ref = outs

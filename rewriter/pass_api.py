@@ -68,6 +68,9 @@ class Pass:
     kind: ClassVar[Kind] = Kind.EXACT
     summary: ClassVar[str] = ""
     irs: ClassVar[frozenset[str]] = frozenset({"onnx", "torch"})
+    # False when sites only make sense together (e.g. a whole residual stream changing
+    # width): the manager then does not bisect a failure to one site.
+    bisectable: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = False
 
     @dataclasses.dataclass
