@@ -45,8 +45,9 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, optimize: bool =
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
-    if profile:
+    if profile:  # profiles go to a temporary directory, never the working directory
         opts.enable_profiling = True
+        opts.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="rewriter-prof-"), "ort")
     if isinstance(model, onnx.ModelProto):
         if model.ByteSize() > _TWO_GB:
             tmp = tempfile.mkdtemp(prefix="rewriter-ort-")
