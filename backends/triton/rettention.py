@@ -1,0 +1,316 @@
+"""Re-ttention attention kernels: Triton (block-sparse flash attention with fused
+epilogues) and plain torch (CPU), registered as torch custom ops.
+
+With ``S = scale * Q K^T`` per (batch, head), ``LSE(x) = log sum exp x`` over keys and the
+static mask ``M`` (``backends/rettention_spec.py``)::
+
+    refresh:  O_full = softmax(S) V,   O_M = softmax_M(S) V
+              rho    = exp(LSE_M(S) - LSE(S))         (= Z_M / Z_full, fp32, never from N x N)
+              R      = O_full - rho * O_M             (the out-of-mask part, before to_out)
+              returns (O_full, rho, R)
+    sparse:   O = (rho + lam * k) * softmax_M(S) V + R   (``coef = lam * k`` is a scalar)
+
+The sparse kernels do sparse work: query block ``b`` reads only the key blocks
+``b - c .. b + c`` of its window (torch: gathered with ``index_select``; Triton: the loop
+bounds of the key loop) and applies the mask inside the window, so a step costs
+``O(N * W * Dh)``; ``W = (2c + 1) * Bq``.
+
+Ops (``torch.ops.rewriter``):
+
+* ``rettention_refresh(q, k, v, scale, kind, n, half, grid_w, radius, block) -> (o, rho, R)``
+* ``rettention_sparse(q, k, v, rho, R, coef, scale, kind, n, half, grid_w, radius, block) -> o``
+
+``q, k, v``: ``[B, H, N, Dh]``; ``rho``: ``[B, H, N]`` fp32; ``R``: ``[B, H, N, Dh]`` fp32;
+``kind`` 0 = band, 1 = window2d. On CUDA tensors the Triton kernels run (``triton_op``, so
+``torch.compile`` sees through them); elsewhere the CPU kernels. ``triton_refresh`` /
+``triton_sparse`` launch the kernels directly (tests run them under ``TRITON_INTERPRET=1``).
+``reference_*`` are the formulas computed densely under the mask (tests only).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from backends.rettention_spec import BlockLayout, MaskSpec
+
+log = logging.getLogger(__name__)
+
+try:  # triton is optional at import time (the CPU kernels do not need it)
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the platform
+    triton = None
+
+KINDS = ("band", "window2d")
+
+
+def spec_of(kind: int, n: int, half: int, grid_w: int, radius: int) -> MaskSpec:
+    if kind == 0:
+        return MaskSpec("band", n, half=half)
+    return MaskSpec("window2d", n, grid_h=n // grid_w, grid_w=grid_w, radius=radius)
+
+
+def spec_args(spec: MaskSpec) -> tuple[int, int, int, int, int]:
+    """``(kind, n, half, grid_w, radius)``: the mask as op arguments."""
+    return KINDS.index(spec.kind), spec.n, spec.half, spec.grid_w, spec.radius
+
+
+# -- references (dense under the mask; tests) ----------------------------------------------
+def reference_refresh(q, k, v, scale: float, spec: MaskSpec):
+    """``(O_full, rho, R)`` computed densely in float64 from the formulas."""
+    q, k, v = q.double(), k.double(), v.double()
+    s = scale * q @ k.transpose(-1, -2)
+    m = torch.as_tensor(spec.dense(), device=s.device)
+    lse = torch.logsumexp(s, -1)
+    sm = s.masked_fill(~m, float("-inf"))
+    lse_m = torch.logsumexp(sm, -1)
+    o_full = torch.softmax(s, -1) @ v
+    o_m = torch.softmax(sm, -1) @ v
+    rho = torch.exp(lse_m - lse)
+    return o_full, rho, o_full - rho[..., None] * o_m
+
+
+def reference_sparse(q, k, v, rho, res, coef: float, scale: float, spec: MaskSpec):
+    """``(rho + coef) * softmax_M(S) V + R`` computed densely in float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    s = scale * q @ k.transpose(-1, -2)
+    m = torch.as_tensor(spec.dense(), device=s.device)
+    o_m = torch.softmax(s.masked_fill(~m, float("-inf")), -1) @ v
+    return (rho.double() + coef)[..., None] * o_m + res.double()
+
+
+# -- CPU kernels (block-sparse, plain torch) -------------------------------------------------
+_LAYOUT_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _layout_tensors(layout: BlockLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (layout, str(device))
+    if key not in _LAYOUT_CACHE:
+        _LAYOUT_CACHE[key] = (torch.as_tensor(layout.block_index().reshape(-1), device=device),
+                              torch.as_tensor(layout.block_bias(), device=device))
+    return _LAYOUT_CACHE[key]
+
+
+def masked_blocks(q, k, v, scale: float, layout: BlockLayout, *, with_lse: bool):
+    """``(softmax_M(S) V, LSE_M(S) or None)`` in fp32, reading only each query block's
+    window of key blocks: ``[B, H, nb, Bq, D] @ [B, H, nb, D, W]``."""
+    b_, h_, n, d = q.shape
+    bq, nb, npad = layout.block, layout.nb, layout.padded
+    idx, bias = _layout_tensors(layout, q.device)
+    qf, kf, vf = q.float(), k.float(), v.float()
+    if npad != n:
+        pad = (0, 0, 0, npad - n)
+        qf, kf, vf = (torch.nn.functional.pad(t, pad) for t in (qf, kf, vf))
+    qb = qf.reshape(b_, h_, nb, bq, d)
+    kw = kf.reshape(b_, h_, nb, bq, d).index_select(2, idx).reshape(b_, h_, nb, layout.width, d)
+    vw = vf.reshape(b_, h_, nb, bq, d).index_select(2, idx).reshape(b_, h_, nb, layout.width, d)
+    s = torch.matmul(qb, kw.transpose(-1, -2)).mul_(scale).add_(bias)
+    if with_lse:
+        lse = torch.logsumexp(s, -1)
+        p = torch.exp(s - lse[..., None])
+    else:
+        lse, p = None, torch.softmax(s, -1)
+    o = torch.matmul(p, vw).reshape(b_, h_, npad, d)[:, :, :n]
+    return o, (None if lse is None else lse.reshape(b_, h_, npad)[:, :, :n])
+
+
+def cpu_refresh(q, k, v, scale: float, layout: BlockLayout):
+    """``(O_full, rho, R)``; ``O_full`` in q's dtype, ``rho`` and ``R`` in fp32."""
+    qf, kf, vf = q.float(), k.float(), v.float()
+    s = torch.matmul(qf, kf.transpose(-1, -2)).mul_(scale)
+    lse = torch.logsumexp(s, -1)
+    o_full = torch.matmul(torch.exp(s - lse[..., None]), vf)
+    del s
+    o_m, lse_m = masked_blocks(q, k, v, scale, layout, with_lse=True)
+    rho = torch.exp(lse_m - lse)
+    res = o_full - rho[..., None] * o_m
+    return o_full.to(q.dtype), rho, res
+
+
+def cpu_sparse(q, k, v, rho, res, coef: float, scale: float, layout: BlockLayout):
+    """``(rho + coef) * O_M + R`` in q's dtype."""
+    o_m, _ = masked_blocks(q, k, v, scale, layout, with_lse=False)
+    return torch.addcmul(res.float(), (rho.float() + coef)[..., None], o_m).to(q.dtype)
+
+
+# -- Triton kernels ----------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _attn_fwd(Q, K, V, O, LSE, RHO, RES, OFULL, LSEFULL,
+                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                  H, N, D, scale, coef, half, grid_w, radius, c_blocks,
+                  MASKED: tl.constexpr, KIND: tl.constexpr, EPILOGUE: tl.constexpr,
+                  BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One query block of one (batch, head): online softmax over the key blocks of its
+        window (MASKED) or of the whole sequence; the dots run in the input dtype (fp32
+        inputs: TF32 on NVIDIA GPUs) with fp32 accumulation. EPILOGUE 0: write O and LSE; 1 (sparse):
+        O = (rho + coef) * O_M + R; 2 (refresh): rho = exp(LSE_M - LSE_full),
+        R = O_full - rho * O_M (written to RHO, RES)."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < N
+        d_ok = offs_d < D
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        m_i = tl.full([BLOCK], -1.0e30, tl.float32)
+        l_i = tl.zeros([BLOCK], tl.float32)
+        acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+        if MASKED:
+            lo = tl.maximum(pid_m - c_blocks, 0)
+            hi = tl.minimum(pid_m + c_blocks + 1, tl.cdiv(N, BLOCK))
+        else:
+            lo = 0
+            hi = tl.cdiv(N, BLOCK)
+        for kb in range(lo, hi):
+            offs_n = kb * BLOCK + tl.arange(0, BLOCK)
+            n_ok = offs_n < N
+            kt = tl.load(K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None],
+                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            s = tl.dot(q, kt) * scale
+            ok = n_ok[None, :]
+            if MASKED:
+                if KIND == 0:
+                    dist = offs_m[:, None] - offs_n[None, :]
+                    ok = ok & (dist <= half) & (dist >= -half)
+                else:
+                    dr = offs_m[:, None] // grid_w - offs_n[None, :] // grid_w
+                    dc = offs_m[:, None] % grid_w - offs_n[None, :] % grid_w
+                    ok = ok & (dr <= radius) & (dr >= -radius) & (dc <= radius) & (dc >= -radius)
+            s = tl.where(ok, s, -1.0e30)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            p = tl.where(ok, p, 0.0)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :],
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        o = acc / l_safe[:, None]
+        lse = m_i + tl.log(l_safe)
+        row = pid_bh * N + offs_m  # rho / LSE: [B, H, N] contiguous
+        od = b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :]
+        rd = pid_bh * N * D + offs_m[:, None] * D + offs_d[None, :]  # R, O_full: contiguous
+        omask = m_ok[:, None] & d_ok[None, :]
+        if EPILOGUE == 0:
+            tl.store(O + od, o.to(O.dtype.element_ty), mask=omask)
+            tl.store(LSE + row, lse, mask=m_ok)
+        elif EPILOGUE == 1:
+            rho = tl.load(RHO + row, mask=m_ok, other=0.0)
+            r = tl.load(RES + rd, mask=omask, other=0.0)
+            out = (rho + coef)[:, None] * o + r
+            tl.store(O + od, out.to(O.dtype.element_ty), mask=omask)
+        else:
+            lse_full = tl.load(LSEFULL + row, mask=m_ok, other=0.0)
+            o_full = tl.load(OFULL + rd, mask=omask, other=0.0)
+            rho = tl.exp(lse - lse_full)
+            tl.store(RHO + row, rho, mask=m_ok)
+            tl.store(RES + rd, o_full - rho[:, None] * o, mask=omask)
+
+
+def _grid_and_block(q, layout: BlockLayout):
+    b_, h_, n, d = q.shape
+    block = max(16, layout.block)
+    return (triton.cdiv(n, block), b_ * h_), block, max(16, triton.next_power_of_2(d))
+
+
+def _launch(q, k, v, scale, layout: BlockLayout, *, masked: bool, epilogue: int, rho=None, res=None,
+            o_full=None, lse_full=None, coef: float = 0.0, o=None, wrap=lambda f: f):
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    b_, h_, n, d = q.shape
+    grid, block, block_d = _grid_and_block(q, layout)
+    if block != layout.block:
+        layout = BlockLayout(layout.spec, block)
+    spec = layout.spec
+    lse = torch.empty((b_, h_, n), device=q.device, dtype=torch.float32)
+    if o is None:
+        o = torch.empty_like(q)
+    dummy = lse
+    wrap(_attn_fwd)[grid](
+        q, k, v, o, lse,
+        rho if rho is not None else dummy, res if res is not None else dummy,
+        o_full if o_full is not None else dummy, lse_full if lse_full is not None else dummy,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        h_, n, d, float(scale), float(coef), spec.half, max(spec.grid_w, 1), spec.radius, layout.c,
+        MASKED=masked, KIND=KINDS.index(spec.kind), EPILOGUE=epilogue, BLOCK=block, BLOCK_D=block_d)
+    return o, lse
+
+
+def triton_refresh(q, k, v, scale: float, layout: BlockLayout, wrap=lambda f: f):
+    """Launch the Triton kernels directly: ``(O_full, rho, R)``."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    o_full, lse_full = _launch(q, k, v, scale, layout, masked=False, epilogue=0, wrap=wrap)
+    o32 = o_full.float().contiguous()
+    rho = torch.empty_like(lse_full)
+    res = torch.empty_like(o32)
+    _launch(q, k, v, scale, layout, masked=True, epilogue=2, rho=rho, res=res, o_full=o32,
+            lse_full=lse_full, o=torch.empty_like(q), wrap=wrap)
+    return o_full, rho, res
+
+
+def triton_sparse(q, k, v, rho, res, coef: float, scale: float, layout: BlockLayout, wrap=lambda f: f):
+    """Launch the Triton kernel directly: ``(rho + coef) * O_M + R``."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    o, _ = _launch(q, k, v, scale, layout, masked=True, epilogue=1, rho=rho.float().contiguous(),
+                   res=res.float().contiguous(), coef=coef, wrap=wrap)
+    return o
+
+
+# -- torch custom ops -------------------------------------------------------------------------
+_DEFINED = False
+
+
+def _define() -> None:
+    global _DEFINED
+    if _DEFINED:
+        return
+    from torch.library import triton_op, wrap_triton
+
+    def layout_of(kind, n, half, grid_w, radius, block):
+        return BlockLayout(spec_of(kind, n, half, grid_w, radius), block)
+
+    @triton_op("rewriter::rettention_refresh", mutates_args=())
+    def refresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kind: int, n: int,
+                half: int, grid_w: int, radius: int, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return triton_refresh(q, k, v, scale, layout_of(kind, n, half, grid_w, radius, block), wrap=wrap_triton)
+
+    @refresh.register_kernel("cpu")
+    def _refresh_cpu(q, k, v, scale, kind, n, half, grid_w, radius, block):
+        return cpu_refresh(q, k, v, scale, layout_of(kind, n, half, grid_w, radius, block))
+
+    @triton_op("rewriter::rettention_sparse", mutates_args=())
+    def sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rho: torch.Tensor, res: torch.Tensor,
+               coef: float, scale: float, kind: int, n: int, half: int, grid_w: int, radius: int,
+               block: int) -> torch.Tensor:
+        return triton_sparse(q, k, v, rho, res, coef, scale, layout_of(kind, n, half, grid_w, radius, block),
+                             wrap=wrap_triton)
+
+    @sparse.register_kernel("cpu")
+    def _sparse_cpu(q, k, v, rho, res, coef, scale, kind, n, half, grid_w, radius, block):
+        return cpu_sparse(q, k, v, rho, res, coef, scale, layout_of(kind, n, half, grid_w, radius, block))
+
+    _DEFINED = True
+
+
+_define()
+
+
+def refresh(q, k, v, scale: float, layout: BlockLayout):
+    """``torch.ops.rewriter.rettention_refresh`` for ``layout``: ``(O_full, rho, R)``."""
+    return torch.ops.rewriter.rettention_refresh(q, k, v, float(scale), *spec_args(layout.spec), layout.block)
+
+
+def sparse(q, k, v, rho, res, coef: float, scale: float, layout: BlockLayout):
+    """``torch.ops.rewriter.rettention_sparse`` for ``layout``."""
+    return torch.ops.rewriter.rettention_sparse(q, k, v, rho, res, float(coef), float(scale),
+                                                *spec_args(layout.spec), layout.block)

@@ -1,0 +1,368 @@
+"""Finding attention in both IRs: where ``softmax(scale * Q K^T) V`` is computed, with
+``Q, K, V: [B, H, N, Dh]`` and what may stop a rewrite of it.
+
+Recognised forms:
+
+* ``sdpa``: FX ``aten.scaled_dot_product_attention`` (``scale=None`` means ``Dh^-1/2``);
+* ``attention``: ONNX opset-23 ``Attention`` with 4-D inputs (default scale ``Dh^-1/2``);
+* ``chain``: ``MatMul(a, b) -> [Mul|Div by a scalar] -> Softmax(-1) -> MatMul(., V)``, the
+  decomposition the opset-18 exporter writes (``a = Q * sqrt(s)``, ``b = K^T * sqrt(s)``)
+  and the one ``torch.export`` keeps for hand-written attention. The site then computes
+  ``softmax(c * a b) V``: ``Q := a``, ``K := b^T``, ``scale := c`` (1 without the scalar op).
+
+Self- or cross-attention: ``Q`` and ``K`` are traced back through head reshapes,
+transposes, casts and scalar multiplications to the linear projection that made them;
+the site is self-attention when both projections read the same tensor. Keys of another
+length, or projections of another tensor, make it cross-attention.
+
+Declined (the reason names the site): an attention mask, causal attention, dropout, soft
+capping, a KV cache, GQA (fewer key heads), 3-D inputs, unknown static H / N / Dh, extra
+outputs of ONNX ``Attention`` in use, an additive term between the MatMul and the Softmax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import operator
+from typing import Any
+
+import numpy as np
+
+from rewriter.ir.fx_view import FxView
+from rewriter.ir.onnx_view import OnnxView
+from rewriter.ir.view import GraphView, Node, Value
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class AttentionSite:
+    """One attention computation; ``reason`` set when it cannot be rewritten."""
+
+    name: str
+    form: str  # "sdpa" | "attention" | "chain"
+    q: Value | None = None
+    k: Value | None = None  # [B, H, N, Dh]; for "chain" the value holding K^T
+    v: Value | None = None
+    k_transposed: bool = False
+    scale: float = 1.0
+    out: Value | None = None  # the value the rewrite replaces
+    raw: list[Any] = dataclasses.field(default_factory=list)  # IR nodes the rewrite removes
+    batch: int | None = None
+    heads: int = 0
+    tokens: int = 0
+    head_dim: int = 0
+    dtype: Any = None
+    self_attention: bool = True
+    note: str = ""
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.reason
+
+
+def find_attention(view: GraphView) -> list[AttentionSite]:
+    """Every attention site of ``view`` in graph order, each with its shapes and scale, or
+    with the reason it cannot be rewritten."""
+    if isinstance(view, OnnxView):
+        sites = _onnx_sites(view)
+    elif isinstance(view, FxView):
+        sites = _fx_sites(view)
+    else:  # pragma: no cover - only two IRs
+        return []
+    for s in sites:
+        if s.ok:
+            _check_shapes(view, s)
+        if s.ok:
+            _classify_self(view, s)
+    return sites
+
+
+# -- shared ------------------------------------------------------------------------------------
+def _check_shapes(view: GraphView, s: AttentionSite) -> None:
+    qs, ks, vs = view.shape(s.q), view.shape(s.k), view.shape(s.v)
+    if (ks is None or None in ks[1:]) and s.k_transposed and qs is not None and vs is not None and len(qs) == len(vs) == 4:
+        ks = (qs[0], qs[1], qs[3], vs[2])  # K^T of the decomposition often has no shape: Q @ K^T says it
+    if qs is None or ks is None or vs is None:
+        s.reason = f"{s.name}: the shapes of Q, K, V are unknown"
+        return
+    if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
+        s.reason = f"{s.name}: Q, K, V are not [B, H, N, Dh] (ranks {len(qs)}, {len(ks)}, {len(vs)})"
+        return
+    if s.k_transposed:
+        ks = (ks[0], ks[1], ks[3], ks[2])
+    b, h, n, d = qs
+    if None in (h, n, d) or None in ks[1:] or None in vs[1:]:
+        s.reason = f"{s.name}: heads, tokens and head width must be static (Q is {list(qs)})"
+        return
+    if ks[1] != h or vs[1] != h:
+        s.reason = f"{s.name}: {ks[1]} key heads for {h} query heads (GQA/MQA is not supported)"
+        return
+    if ks[3] != d or vs[3] != d:
+        s.reason = f"{s.name}: value or key width differs from the query width {d}"
+        return
+    s.batch, s.heads, s.tokens, s.head_dim = b, h, n, d
+    if ks[2] != n:
+        s.self_attention = False
+        s.reason = (f"{s.name}: cross-attention ({ks[2]} keys for {n} queries); Re-ttention's "
+                    "static mask is defined over one token sequence")
+
+
+def _classify_self(view: GraphView, s: AttentionSite) -> None:
+    sq, sk = _source(view, s.q), _source(view, s.k)
+    if sq is None or sk is None:
+        s.note = "self-attention assumed (queries and keys have the same length)"
+        return
+    if sq is not sk:
+        s.self_attention = False
+        s.reason = (f"{s.name}: cross-attention (keys are projected from {view.value_name(sk)}, "
+                    f"queries from {view.value_name(sq)})")
+
+
+_FOLLOW = ("transpose", "mul", "div")
+
+
+def _source(view: GraphView, value: Value, depth: int = 12) -> Value | None:
+    """The input of the linear projection ``value`` is a reshaped / scaled view of, or None."""
+    for _ in range(depth):
+        node = view.producer(value)
+        if node is None:
+            return None
+        if node.op == "linear":
+            return node.inputs[0]
+        follow = node.op in _FOLLOW or view.layout(node) is not None
+        if not follow or not node.inputs:
+            return None
+        if node.op in ("mul", "div") and len(node.inputs) != 1:
+            return None  # a product of two data tensors is not a projection
+        value = node.inputs[0]
+    return None
+
+
+def _scalar(arr: np.ndarray | None) -> float | None:
+    if arr is None or arr.size != 1 or not np.issubdtype(arr.dtype, np.floating):
+        return None
+    return float(arr.reshape(()))
+
+
+# -- ONNX --------------------------------------------------------------------------------------
+def _onnx_sites(view: OnnxView) -> list[AttentionSite]:
+    sites = []
+    for raw in view.graph:
+        if raw.domain not in ("", "ai.onnx"):
+            continue
+        if raw.op_type == "Attention":
+            sites.append(_onnx_attention(view, raw))
+        elif raw.op_type == "Softmax":
+            s = _onnx_chain(view, raw)
+            if s is not None:
+                sites.append(s)
+    return sites
+
+
+def _onnx_attention(view: OnnxView, raw) -> AttentionSite:
+    name = raw.name or "Attention"
+    s = AttentionSite(name, "attention", raw=[raw])
+    ins = list(raw.inputs) + [None] * 6
+    s.q, s.k, s.v = ins[0], ins[1], ins[2]
+    s.out = raw.outputs[0]
+    s.dtype = s.q.dtype if s.q is not None else None
+    a = raw.attributes
+    if ins[3] is not None:
+        s.reason = f"{name}: has an attention mask"
+    elif ins[4] is not None or ins[5] is not None:
+        s.reason = f"{name}: uses a KV cache (past_key / past_value)"
+    elif a.get_int("is_causal", 0):
+        s.reason = f"{name}: causal attention (Re-ttention is for bidirectional diffusion transformers)"
+    elif a.get_float("softcap", 0.0):
+        s.reason = f"{name}: soft-capped scores"
+    elif any(o.uses() or o.is_graph_output() for o in raw.outputs[1:]):
+        s.reason = f"{name}: its present_key / present_value / QK outputs are read"
+    if s.reason:
+        return s
+    shape = view.shape(s.q)
+    d = shape[-1] if shape else None
+    scale = a.get_float("scale", None) if "scale" in a else None
+    s.scale = scale if scale is not None else (1.0 / math.sqrt(d) if d else 1.0)
+    return s
+
+
+def _single_user(value) -> Any | None:
+    uses = list(value.uses())
+    if len(uses) != 1 or value.is_graph_output():
+        return None
+    return uses[0]
+
+
+def _onnx_chain(view: OnnxView, softmax) -> AttentionSite | None:
+    x = softmax.inputs[0]
+    rank = view.rank(x)
+    axis = softmax.attributes.get_int("axis", -1)
+    out_use = _single_user(softmax.outputs[0])
+    if out_use is None or out_use.node.op_type != "MatMul" or out_use.idx != 0:
+        return None
+    pv = out_use.node
+    chain = [softmax, pv]
+    scale = 1.0
+    node = x.producer()
+    name = softmax.name or "Softmax"
+    reason = ""
+    while node is not None and node.op_type in ("Mul", "Div", "Add", "Where") and _single_user(node.outputs[0]):
+        if node.op_type in ("Add", "Where"):
+            reason = f"{name}: an attention mask or bias is applied to the scores ({node.op_type} {node.name})"
+            break
+        c = [_scalar(view.const_value(i)) for i in node.inputs]
+        if c[1] is not None:
+            scale = scale * c[1] if node.op_type == "Mul" else scale / c[1]
+            data = node.inputs[0]
+        elif c[0] is not None and node.op_type == "Mul":
+            scale *= c[0]
+            data = node.inputs[1]
+        else:
+            return None
+        chain.insert(0, node)
+        node = data.producer()
+    if node is None or node.op_type != "MatMul" or not _single_user(node.outputs[0]):
+        return None
+    qk = node
+    if view.const_value(qk.inputs[0]) is not None or view.const_value(qk.inputs[1]) is not None:
+        return None
+    chain.insert(0, qk)
+    # the opset-18 exporter scales Q and K^T by sqrt(scale) each: fold those into the scale
+    operands = []
+    for operand in qk.inputs[:2]:
+        p = operand.producer()
+        while p is not None and p.op_type == "Mul" and _single_user(operand) is not None:
+            c = [_scalar(view.const_value(i)) for i in p.inputs]
+            if (c[0] is None) == (c[1] is None):
+                break
+            scale *= c[1] if c[1] is not None else c[0]
+            chain.insert(0, p)
+            operand = p.inputs[0] if c[1] is not None else p.inputs[1]
+            p = operand.producer()
+        operands.append(operand)
+    s = AttentionSite(name, "chain", q=operands[0], k=operands[1], v=pv.inputs[1], k_transposed=True,
+                      scale=scale, out=pv.outputs[0], raw=chain)
+    s.dtype = s.q.dtype
+    if rank is not None and axis % rank != rank - 1:
+        s.reason = f"{name}: softmax over axis {axis}, not over the keys"
+    if reason:
+        s.reason = reason
+    return s
+
+
+# -- FX ----------------------------------------------------------------------------------------
+def _fx_sites(view: FxView) -> list[AttentionSite]:
+    import torch
+
+    aten = torch.ops.aten
+    softmaxes = {aten.softmax.int, aten._softmax.default, torch.softmax, torch.nn.functional.softmax}
+    sites = []
+    for raw in view.graph.nodes:
+        if raw.op != "call_function":
+            continue
+        if raw.target is aten.scaled_dot_product_attention.default:
+            sites.append(_fx_sdpa(view, raw))
+        elif raw.target in softmaxes:
+            s = _fx_chain(view, raw)
+            if s is not None:
+                sites.append(s)
+    return sites
+
+
+def _fx_sdpa(view: FxView, raw) -> AttentionSite:
+    args = list(raw.args) + [None] * 8
+    kw = raw.kwargs
+    s = AttentionSite(raw.name, "sdpa", q=args[0], k=args[1], v=args[2], out=raw, raw=[raw])
+    mask = args[3] if args[3] is not None else kw.get("attn_mask")
+    dropout = args[4] if args[4] is not None else kw.get("dropout_p", 0.0)
+    causal = args[5] if args[5] is not None else kw.get("is_causal", False)
+    scale = args[6] if args[6] is not None else kw.get("scale")
+    gqa = kw.get("enable_gqa", False)
+    if mask is not None:
+        s.reason = f"{raw.name}: has an attention mask"
+    elif dropout:
+        s.reason = f"{raw.name}: attention dropout p={dropout} (training)"
+    elif causal:
+        s.reason = f"{raw.name}: causal attention (Re-ttention is for bidirectional diffusion transformers)"
+    elif gqa:
+        s.reason = f"{raw.name}: grouped-query attention (enable_gqa)"
+    shape = view.shape(s.q)
+    d = shape[-1] if shape else None
+    s.scale = float(scale) if scale is not None else (1.0 / math.sqrt(d) if d else 1.0)
+    val = raw.meta.get("val")
+    s.dtype = getattr(val, "dtype", None)
+    return s
+
+
+def _fx_chain(view: FxView, softmax) -> AttentionSite | None:
+    import torch
+
+    aten = torch.ops.aten
+    matmuls = {aten.matmul.default, operator.matmul, torch.matmul}
+    dim = softmax.args[1] if len(softmax.args) > 1 else softmax.kwargs.get("dim", -1)
+    users = list(softmax.users)
+    if len(users) != 1 or users[0].target not in matmuls or users[0].args[0] is not softmax:
+        return None
+    pv = users[0]
+    chain = [softmax, pv]
+    scale = 1.0
+    node = softmax.args[0]
+    reason = ""
+    while getattr(node, "op", None) == "call_function" and len(node.users) == 1:
+        name = getattr(node.target, "__name__", str(node.target))
+        if node.target in matmuls:
+            break
+        a, b = (list(node.args) + [None, None])[:2]
+        ca = a if isinstance(a, (int, float)) else _scalar(view.const_value(a)) if hasattr(a, "op") else None
+        cb = b if isinstance(b, (int, float)) else _scalar(view.const_value(b)) if hasattr(b, "op") else None
+        if "add" in name or "where" in name or "masked_fill" in name:
+            reason = f"{softmax.name}: an attention mask or bias is applied to the scores ({node.name})"
+            break
+        if "mul" in name and cb is not None:
+            scale *= float(cb)
+            data = a
+        elif "mul" in name and ca is not None:
+            scale *= float(ca)
+            data = b
+        elif "div" in name and cb is not None:
+            scale /= float(cb)
+            data = a
+        else:
+            return None
+        chain.insert(0, node)
+        node = data
+    if reason:
+        return AttentionSite(softmax.name, "chain", raw=chain, reason=reason)
+    if getattr(node, "target", None) not in matmuls or len(node.users) != 1:
+        return None
+    chain.insert(0, node)
+    qk = node
+    s = AttentionSite(softmax.name, "chain", q=qk.args[0], k=qk.args[1], v=pv.args[1], k_transposed=True,
+                      scale=scale, out=pv, raw=chain)
+    val = pv.meta.get("val")
+    s.dtype = getattr(val, "dtype", None)
+    r = view.rank(softmax)
+    if r is not None and int(dim) % r != r - 1:
+        s.reason = f"{softmax.name}: softmax over dim {dim}, not over the keys"
+    return s
+
+
+def describe(site: AttentionSite) -> str:
+    """One line for a report: what the site is."""
+    kind = "self" if site.self_attention else "cross"
+    return (f"{site.name}: {kind}-attention ({site.form}), H={site.heads}, N={site.tokens}, "
+            f"Dh={site.head_dim}, scale={site.scale:.4g}")
+
+
+def site_nodes(view: GraphView, site: AttentionSite) -> list[Node]:
+    """The semantic nodes the site covers (for provenance)."""
+    out = []
+    for r in site.raw:
+        n = view.node_of(r)
+        if n is not None and n not in out:
+            out.append(n)
+    return out

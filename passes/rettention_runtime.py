@@ -1,0 +1,153 @@
+"""Running a Re-ttention model: the stateful torch op of rewritten GraphModules and
+sampling loops driven by an explicit denoising-step index, for both IRs.
+
+FX. The pass replaces every attention site by ``call_module("rettention", (q, k, v),
+{"site": s})``: one ``RettentionState`` module per GraphModule holding, per (site,
+request), the ``rho [B, H, N]`` and ``R [B, H, N, Dh]`` (fp32) of the last refresh. The
+caller drives it::
+
+    gm.rettention.set_step(t, request=r)   # before the forward pass of denoising step t
+    gm(x, t_embed)                          # dense / refresh / sparse by the schedule
+    gm.rettention.reset(r)                  # forget a request (all with reset())
+
+The step is never inferred by counting calls, so CFG halves batched into one call,
+multi-evaluation samplers and interleaved requests stay correct. The default step 0 is a
+dense (or refresh) step, whose output is exactly dense attention.
+
+ONNX. ``backends.ort.rettention.RettentionRunner`` feeds ``rettention_step`` and the state
+tensors (the protocol of ``backends/ort/rettention.py``).
+
+``sample_euler(fn, x, steps)``: the rectified-flow Euler sampler of ``models_zoo.eval.sample``
+with the step index passed to ``fn(x, t, step)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from backends.rettention_spec import DENSE, REFRESH, BlockLayout, Schedule
+
+log = logging.getLogger(__name__)
+
+MODULE_NAME = "rettention"
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteConfig:
+    name: str
+    layout: BlockLayout
+    scale: float
+    schedule: Schedule
+    variant: str = "rettention"  # "rettention" | "naive" (no correction) | "residual" (rho not applied)
+
+
+class RettentionState(nn.Module):
+    """The stateful Re-ttention op of a rewritten GraphModule (see the module doc)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites: list[SiteConfig] = []
+        self.step = 0
+        self.request: Any = 0
+        self._state: dict[tuple[int, Any], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def add_site(self, cfg: SiteConfig) -> int:
+        self.sites.append(cfg)
+        return len(self.sites) - 1
+
+    def set_step(self, step: int, request: Any = 0) -> None:
+        """Set the 0-based denoising step (and the request) of the next forward passes."""
+        self.step = int(step)
+        self.request = request
+
+    def reset(self, request: Any = None) -> None:
+        """Forget the state of ``request`` (every request when None)."""
+        if request is None:
+            self._state.clear()
+        else:
+            self._state = {k: v for k, v in self._state.items() if k[1] != request}
+
+    def set_variant(self, variant: str) -> None:
+        """Ablations of the sparse step: ``naive`` (softmax_M V), ``residual`` (O_M + R)."""
+        self.sites = [dataclasses.replace(s, variant=variant) for s in self.sites]
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: int = 0) -> torch.Tensor:
+        from backends.triton import rettention as kern
+
+        cfg = self.sites[site]
+        phase, kk = cfg.schedule.phase(self.step)
+        if phase == DENSE:
+            return F.scaled_dot_product_attention(q, k, v, scale=cfg.scale)
+        key = (site, self.request)
+        if phase == REFRESH:
+            o, rho, res = kern.refresh(q, k, v, cfg.scale, cfg.layout)
+            if cfg.variant == "residual":  # DiTFastAttn's residual: R = O_full - O_M
+                o_m = kern.sparse(q, k, v, torch.ones_like(rho), torch.zeros_like(res), 0.0, cfg.scale, cfg.layout)
+                res = o.float() - o_m.float()
+            self._state[key] = (rho, res)
+            return o
+        state = self._state.get(key)
+        if state is None or state[0].shape != q.shape[:3]:
+            raise RuntimeError(
+                f"rettention site {site} ({cfg.name}): sparse step {self.step} without a refresh step for "
+                f"request {self.request!r} and this batch; drive every step in order from 0 (set_step) "
+                "or reset()")
+        rho, res = state
+        if cfg.variant == "naive":
+            rho, res, coef = torch.ones_like(rho), torch.zeros_like(res), 0.0
+        elif cfg.variant == "residual":
+            rho, coef = torch.ones_like(rho), 0.0
+        else:
+            coef = cfg.schedule.lam * kk
+        return kern.sparse(q, k, v, rho, res, coef, cfg.scale, cfg.layout)
+
+
+def state_module(gm: nn.Module) -> RettentionState:
+    """The ``RettentionState`` of a rewritten GraphModule."""
+    mod = getattr(gm, MODULE_NAME, None)
+    if not isinstance(mod, RettentionState):
+        raise ValueError("the module has no rettention sites (run the rettention pass first)")
+    return mod
+
+
+@torch.no_grad()
+def sample_euler(fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], x: torch.Tensor,
+                 steps: int) -> torch.Tensor:
+    """Euler steps of ``dx/dt = fn(x, t, step)`` from ``t = 1`` to ``0`` (``models_zoo.eval.sample``)."""
+    n = x.shape[0]
+    ts = torch.linspace(1.0, 0.0, steps + 1)
+    for i in range(steps):
+        t = ts[i].expand(n).contiguous()
+        x = x + (ts[i + 1] - ts[i]) * fn(x, t, i)
+    return x
+
+
+def torch_stepper(gm: nn.Module, request: Any = 0) -> Callable:
+    """``fn(x, t, step)`` for ``sample_euler`` over a rewritten GraphModule."""
+    st = state_module(gm)
+    st.reset(request)
+
+    def fn(x, t, step):
+        st.set_step(step, request)
+        return gm(x, t)
+
+    return fn
+
+
+def onnx_stepper(runner, input_names: tuple[str, str] = ("x", "t"), request: Any = 0) -> Callable:
+    """``fn(x, t, step)`` for ``sample_euler`` over ``RettentionRunner`` (a DiT-like model
+    with inputs ``(x, t)`` and one output)."""
+    runner.reset(request)
+
+    def fn(x, t, step):
+        out = runner({input_names[0]: x.numpy(), input_names[1]: t.numpy()}, step, request=request)
+        return torch.from_numpy(next(iter(out.values())))
+
+    return fn
