@@ -30,7 +30,7 @@ class ZooEntry:
 _REGISTRY: dict[str, ZooEntry] = {}
 
 # Modules that register entries when imported. Later issues add a line here.
-_MODULES = ("models_zoo.vision", "models_zoo.norm_transformers", "models_zoo.prenorm")
+_MODULES = ("models_zoo.vision", "models_zoo.norm_transformers", "models_zoo.prenorm", "models_zoo.gpt")
 _loaded = False
 
 

@@ -63,6 +63,18 @@ _HARMLESS = {aten._assert_tensor_metadata.default}
 _IMPURE_NAMES = ("rand", "normal", "bernoulli", "dropout", "uniform", "empty", "copy_", "_guards")
 
 
+class ConstantScale(torch.nn.Module):
+    """``y = x * scale``, ``scale`` a 0-d buffer (not trained): the explicit, inspectable
+    scaling op rewrites such as ``lns`` insert into a GraphModule (``FxView.insert_scale``)."""
+
+    def __init__(self, factor: float, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(float(factor), dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
 def _target_name(node: fx.Node) -> str:
     if node.op == "call_module":
         return node.target
@@ -674,6 +686,105 @@ class FxView(GraphView):
         g.lint()
         self.gm.recompile()
         self.invalidate()
+
+    def capture(self, values, feeds) -> list[np.ndarray]:
+        names = [n.name for n in self.graph.nodes if n.op == "placeholder"]
+        args = [torch.as_tensor(np.ascontiguousarray(feeds[n])) for n in names]
+        want: dict[fx.Node, Any] = {v: None for v in values}
+
+        class _Recorder(fx.Interpreter):
+            def run_node(self, n):
+                result = super().run_node(n)
+                if n in want:
+                    want[n] = result.detach().clone()
+                return result
+
+        # export specialises the batch dim: run in chunks of the example inputs' batch
+        ex = [torch.as_tensor(e) for e in self.example_inputs]
+        step = min((e.shape[0] for e in ex if e.dim()), default=None)
+        total = min((a.shape[0] for a in args if a.dim()), default=None)
+        starts = [0] if not step or not total or total <= step else range(0, total // step * step, step)
+        got: dict[fx.Node, list] = {v: [] for v in values}
+        for i in starts:
+            chunk = [a[i : i + step] if step and a.dim() and len(starts) > 1 else a for a in args]
+            with torch.no_grad():
+                _Recorder(self.gm).run(*chunk)
+            for v in values:
+                got[v].append(want[v].float() if want[v].dtype == torch.bfloat16 else want[v])
+        return [torch.cat(got[v]).numpy() if len(got[v]) > 1 else got[v][0].numpy() for v in values]
+
+    def set_norm(self, node: Node, *, weight: np.ndarray | None = None, bias: np.ndarray | None = None) -> None:
+        raw = node.raw[0]
+        is_ln = raw.target is aten.layer_norm.default
+        if bias is not None and not is_ln:
+            raise Declined(f"{node.name}: {_target_name(raw)} has no bias")
+        names = ["input", "normalized_shape", "weight", "bias", "eps", "cudnn_enable"] if is_ln else \
+            ["input", "normalized_shape", "weight", "eps"]
+        args, kwargs = list(raw.args), dict(raw.kwargs)
+        last = 3 if (is_ln and bias is not None) else 2
+        while len(args) <= last:  # make weight (and bias) positional
+            k = names[len(args)]
+            args.append(kwargs.pop(k, None))
+        for idx, arr in ((2, weight), (3, bias)):
+            if arr is None:
+                continue
+            old = args[idx] if isinstance(args[idx], fx.Node) else None
+            like = old if old is not None else None
+            base = old.target if old is not None and old.op == "get_attr" else f"{node.name}_{names[idx]}"
+            args[idx] = self._new_param(raw, base, np.asarray(arr).reshape(-1), like)
+        raw.args, raw.kwargs = tuple(args), kwargs
+        self.invalidate()
+
+    def insert_scale(self, value: Value, factor: float, name: str) -> Value:
+        val = value.meta.get("val") if isinstance(value, fx.Node) else None
+        dtype = val.dtype if val is not None and getattr(val, "dtype", None) is not None and val.dtype.is_floating_point \
+            else torch.float32
+        users = list(value.users)
+        base = "".join(c if c.isalnum() else "_" for c in name)
+        target = f"_rw_{base}_{next(self._names)}"
+        while hasattr(self.gm, target):
+            target = f"_rw_{base}_{next(self._names)}"
+        self.gm.add_submodule(target, ConstantScale(factor, dtype))
+        with self.graph.inserting_after(value):
+            out = self.graph.call_module(target, (value,))
+        if val is not None and hasattr(val, "shape"):
+            out.meta["val"] = torch.empty(list(val.shape), dtype=val.dtype, device="meta")
+        for u in users:
+            u.replace_input_with(value, out)
+        self.invalidate()
+        return out
+
+    def replace_linear(self, node: Node, op, bias: np.ndarray | None) -> Node:
+        raw, x = node.raw[0], node.inputs[0]
+        wsrc = raw.args[1] if raw.target is not aten.addmm.default else raw.args[2]
+        old = [a for a in raw.all_input_nodes if a.op == "get_attr"]
+        consts = []
+        for k, a in op.consts.items():
+            arr = np.ascontiguousarray(a)
+            if arr.dtype == np.uint32:  # torch has no uint32 bit ops: same bits as int32
+                arr = arr.view(np.int32)
+            name = f"_rw_{node.name}_{k}_{next(self._names)}"
+            self.gm.register_buffer(name, torch.from_numpy(arr.copy()))
+            with self.graph.inserting_before(raw):
+                g = self.graph.get_attr(name)
+            g.meta["val"] = getattr(self.gm, name)
+            consts.append(g)
+        b = None if bias is None else self._new_param(raw, f"{node.name}_bias", bias, wsrc)
+        call = self._call(raw, op.torch_op(), (x, *consts, b, *[int(v) for v in op.attrs.values()]), raw)
+        raw.replace_all_uses_with(call)
+        self.graph.erase_node(raw)
+        for a in old:  # drop the replaced weight (and bias) when nothing else reads it
+            if not a.users:
+                target = a.target
+                self.graph.erase_node(a)
+                if not any(n.op == "get_attr" and n.target == target for n in self.graph.nodes):
+                    parent, _, leaf = target.rpartition(".")
+                    mod = self.gm.get_submodule(parent) if parent else self.gm
+                    if hasattr(mod, leaf):
+                        delattr(mod, leaf)
+        self.invalidate()
+        self.nodes()
+        return self.node_of(call)
 
     # -- whole model -------------------------------------------------------------------
     def copy(self) -> FxView:

@@ -762,6 +762,89 @@ class OnnxView(GraphView):
                 del self.graph.initializers[name]
         self.invalidate()
 
+    def capture(self, values, feeds) -> list[np.ndarray]:
+        from backends.ort import make_session, run_onnx
+
+        model = self.model.clone()
+        by_name = {v.name: v for v in model.graph.inputs}
+        by_name.update({o.name: o for n in model.graph.all_nodes() for o in n.outputs})
+        names = []
+        for v in values:
+            cv = by_name[v.name]
+            names.append(cv.name)
+            if cv.is_graph_input() or cv.is_graph_output():
+                continue
+            if cv.dtype is None:
+                cv.dtype = ir.DataType.FLOAT
+            model.graph.outputs.append(cv)
+        sess = make_session(ir.serde.serialize_model(model), optimize=False)
+        specs = {i.name: i.shape for i in sess.get_inputs()}
+        feeds = {k: np.asarray(v) for k, v in feeds.items() if k in specs}
+        # a static batch dim smaller than the data's: run in chunks of it
+        static = {specs[k][0] for k in feeds if specs[k] and isinstance(specs[k][0], int)}
+        total = {len(v) for v in feeds.values() if v.ndim}
+        step = min(static) if static and total and min(static) < min(total) else None
+        if step is None:
+            chunks = [run_onnx(sess, feeds)]
+        else:
+            n = min(total) // step * step
+            chunks = [run_onnx(sess, {k: v[i : i + step] for k, v in feeds.items()}) for i in range(0, n, step)]
+        return [np.asarray(feeds[n]) if n in specs else np.concatenate([c[n] for c in chunks]) for n in names]
+
+    def set_norm(self, node: Node, *, weight: np.ndarray | None = None, bias: np.ndarray | None = None) -> None:
+        raw = node.raw[0]
+        x = raw.inputs[0]
+        for idx, arr, suffix in ((1, weight, "scale"), (2, bias, "bias")):
+            if arr is None:
+                continue
+            if idx == 2 and raw.op_type != "LayerNormalization":
+                raise Declined(f"{node.name}: {raw.op_type} has no bias input")
+            old = raw.inputs[idx] if len(raw.inputs) > idx else None
+            dt = self._dtype_of(old) if old is not None else self._dtype_of(x)
+            base = old.name if old is not None and old.name else f"{node.name}.{suffix}"
+            if len(raw.inputs) <= idx:
+                raw.resize_inputs(idx + 1)
+            raw.replace_input_with(idx, self._new_initializer(base, np.asarray(arr).reshape(-1).astype(dt)))
+        self.invalidate()
+
+    def insert_scale(self, value: Value, factor: float, name: str) -> Value:
+        anchor = value.producer()
+        if anchor is None:
+            raise Declined(f"cannot insert after graph input {self.value_name(value)}")
+        const = self._new_initializer(f"{name}.factor", np.asarray(factor, dtype=self._dtype_of(value)))
+        mul = self._new_node("Mul", [value, const], (), name)
+        mul.outputs[0].name = f"{mul.name}_out"
+        old_shape = value.shape
+        self._splice(anchor, value, [mul], mul.outputs[0])
+        mul.outputs[0].shape = old_shape
+        self.invalidate()
+        return mul.outputs[0]
+
+    def replace_linear(self, node: Node, op, bias: np.ndarray | None) -> Node:
+        fn = op.onnx_function(self.opset)
+        key = fn.identifier()
+        if key not in self.model.functions:
+            self.model.functions[key] = fn
+        self.model.opset_imports.setdefault(fn.domain, 1)
+        raw, x, out = node.raw[0], node.inputs[0], node.output
+        inits = [self._new_initializer(f"{node.name}.{k}", np.ascontiguousarray(a)) for k, a in op.consts.items()]
+        call = ir.Node(fn.domain, fn.name, [x, *inits], [ir.AttrInt64(k, int(v)) for k, v in op.attrs.items()],
+                       name=f"{node.name}_{fn.name}__rw{next(self._names)}")
+        nodes, last = [call], call.outputs[0]
+        if bias is not None:
+            b = self._new_initializer(f"{node.name}.bias", bias.astype(self._dtype_of(x)))
+            nodes.append(ir.Node("", "Add", [last, b], name=f"{node.name}_bias__rw{next(self._names)}"))
+            last = nodes[-1].outputs[0]
+        for n in nodes:
+            n.outputs[0].dtype, n.outputs[0].shape = out.dtype, out.shape
+        self.graph.insert_before(raw, nodes)
+        self._replace_uses(out, last)
+        for r in reversed(node.raw):
+            self.graph.remove(r, safe=True)
+        self.invalidate()
+        self.nodes()
+        return self.node_of(call)
+
     # -- whole model -------------------------------------------------------------------
     def copy(self) -> OnnxView:
         view = OnnxView(self.model.clone(), self.path)

@@ -142,6 +142,22 @@ class Layout:
     target: list[int] | None = None
 
 
+@dataclasses.dataclass
+class LinearOp:
+    """A new op replacing a ``linear``: ``y = op(x, *consts) (+ bias)`` (``replace_linear``).
+
+    ``consts``: named constant tensors, in call order (uint32 arrays reach torch as int32
+    with the same bits). ``attrs``: integer attributes. ``onnx_function(opset)`` returns
+    the model-local ``onnx_ir.Function`` (standard ops) the ONNX call names (its domain and
+    name); ``torch_op()`` returns the custom op, called as
+    ``op(x, *consts, bias_or_None, *attrs.values())``."""
+
+    consts: dict[str, np.ndarray]
+    attrs: dict[str, int]
+    onnx_function: Any
+    torch_op: Any
+
+
 class Declined(Exception):
     """Raised by view queries when a node cannot be used; the message is the reason."""
 
@@ -312,6 +328,28 @@ class GraphView(abc.ABC):
     def is_harmless_reader(self, node: Node) -> bool:
         """Whether ``node`` reads a value without computing from it (a metadata check)."""
         return False
+
+    def capture(self, values: Sequence[Value], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run the model on ``feeds`` and return the arrays ``values`` (intermediate tensors
+        or graph inputs) take, in order: the activations calibration reads."""
+        raise NotImplementedError
+
+    def replace_linear(self, node: Node, op: LinearOp, bias: np.ndarray | None) -> Node:
+        """Replace the linear ``node`` by a call of ``op`` on its input (plus ``bias``);
+        the old weight is dropped. Returns the new semantic node (tag it)."""
+        raise NotImplementedError
+
+    def set_norm(self, node: Node, *, weight: np.ndarray | None = None, bias: np.ndarray | None = None) -> None:
+        """Give a ``layer_norm`` / ``rms_norm`` a new affine ``weight`` and/or ``bias``
+        (float64 ``[width]``, cast back to the norm's dtype); a parameter the norm lacks is
+        added, one given as None is left as it is. Copy-on-write (used by ``lns``, ``osplus``)."""
+        raise NotImplementedError
+
+    def insert_scale(self, value: Value, factor: float, name: str) -> Value:
+        """Multiply ``value`` by the constant scalar ``factor`` and make every reader read
+        the product: ONNX a ``Mul`` by a constant; FX a call of a small module holding the
+        factor as a buffer (not a parameter: it is not trained). Returns the new value."""
+        raise NotImplementedError
 
     # -- edits -------------------------------------------------------------------------
     @abc.abstractmethod

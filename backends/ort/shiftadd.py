@@ -1,0 +1,137 @@
+"""ONNX lowering of the shift-add linear: model-local functions of standard ops in the
+``rewriter`` domain, so Netron shows one node and any ONNX Runtime runs the body.
+
+``rewriter::ShiftAddMatMul(X, Planes, Exps, Signs)`` (attribute ``group_rows`` G) and
+``rewriter::DenseShiftMatMul(X, Planes, Exps, Signs)`` (both also carry ``mode``, the
+torch op's format code, for the reader) compute ``X @ W^T`` for the packed
+format of ``passes/shiftadd_quant.py`` (planes uint32 ``[q, ceil(K/32), N]``, scale
+terms int8 ``[T, qa, Kb, Ng]``; ``K`` is read from ``X``'s last dim, ``N`` from the planes)::
+
+    bits[k, c, n]  = (Planes[k, c // 32, n] >> (c % 32)) & 1         BitShift, BitwiseAnd
+    alpha          = sum_t Signs_t * 2^Exps_t                         Gather from a table of
+                                                                      2^-126 .. 2^127 (exact)
+    BCQ:        W^T[c, n] = sum_k alpha[k, c // 8, n // G] * (2 bits[k, c, n] - 1)
+    DenseShift: W^T[c, n] = alpha[0, 0, n] * (2 bits[0] - 1) * 2^(sum_j 2^j bits[j + 1])
+    Y = X @ W^T                                                       MatMul
+
+The weight is decoded in float32 (then CastLike X), as the torch kernel does; a bias stays
+an ``Add`` after the call. The bodies need opset 18 (BitwiseAnd) and are declared at the
+model's own opset.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+DOMAIN = "rewriter"
+SHIFTADD_NAME = "ShiftAddMatMul"
+DENSESHIFT_NAME = "DenseShiftMatMul"
+MIN_OPSET = 18
+_POW2_LO = -126  # table index 0 holds 2^-126
+
+
+class _Body:
+    """A small builder of a function body."""
+
+    def __init__(self) -> None:
+        self.nodes: list[ir.Node] = []
+
+    def const(self, name: str, array: np.ndarray) -> ir.Value:
+        n = ir.Node("", "Constant", [], [ir.AttrTensor("value", ir.tensor(array, name=name))], name=name)
+        self.nodes.append(n)
+        return n.outputs[0]
+
+    def __call__(self, op: str, inputs, attrs=(), name: str | None = None) -> ir.Value:
+        n = ir.Node("", op, list(inputs), list(attrs), name=name or f"{op}_{len(self.nodes)}")
+        self.nodes.append(n)
+        return n.outputs[0]
+
+    def i64(self, name: str, values) -> ir.Value:
+        return self.const(name, np.asarray(values, dtype=np.int64))
+
+
+def _bits(f: _Body, planes: ir.Value, k: ir.Value) -> ir.Value:
+    """0/1 float32 ``[q, K, N]`` of the uint32 planes ``[q, Kw, N]``."""
+    shifts = f.const("shifts", np.arange(32, dtype=np.uint32).reshape(1, 1, 32, 1))
+    one = f.const("one_u32", np.array([1], dtype=np.uint32))
+    p4 = f("Unsqueeze", [planes, f.i64("axis2", [2])])  # [q, Kw, 1, N]
+    sh = f("BitShift", [p4, shifts], [ir.AttrString("direction", "RIGHT")])  # [q, Kw, 32, N]
+    bit = f("BitwiseAnd", [sh, one])
+    n = f("Shape", [planes], [ir.AttrInt64("start", -1)])
+    flat = f("Reshape", [bit, f("Concat", [f.i64("shape_q_k", [0, -1]), n], [ir.AttrInt64("axis", 0)])])  # [q, Kw*32, N]
+    zero, axis1 = f.i64("zero", [0]), f.i64("axis1", [1])
+    cut = f("Slice", [flat, zero, k, axis1])  # [q, K, N]
+    return f("Cast", [cut], [ir.AttrInt64("to", ir.DataType.FLOAT)])
+
+
+def _alpha(f: _Body, exps: ir.Value, signs: ir.Value) -> ir.Value:
+    """``sum_t signs_t 2^exps_t`` (float32 ``[qa, Kb, Ng]``), powers of two by table lookup."""
+    table = f.const("pow2_table", np.ldexp(np.float32(1.0), np.arange(_POW2_LO, 128)).astype(np.float32))
+    idx = f("Add", [f("Cast", [exps], [ir.AttrInt64("to", ir.DataType.INT32)]),
+                    f.const("pow2_offset", np.array([-_POW2_LO], dtype=np.int32))])
+    p2 = f("Gather", [table, idx], [ir.AttrInt64("axis", 0)])
+    terms = f("Mul", [p2, f("Cast", [signs], [ir.AttrInt64("to", ir.DataType.FLOAT)])])
+    return f("ReduceSum", [terms, f.i64("axis0", [0])], [ir.AttrInt64("keepdims", 0)])
+
+
+def _pm1(f: _Body, bits: ir.Value) -> ir.Value:
+    two, one = f.const("two_f", np.array([2.0], dtype=np.float32)), f.const("one_f", np.array([1.0], dtype=np.float32))
+    return f("Sub", [f("Mul", [bits, two]), one])
+
+
+def shiftadd_function(opset: int = MIN_OPSET) -> ir.Function:
+    """``rewriter::ShiftAddMatMul`` (BCQ, 8-column x ``group_rows`` blocks)."""
+    x, planes, exps, signs = (ir.Value(name=n) for n in ("X", "Planes", "Exps", "Signs"))
+    f = _Body()
+    k = f("Shape", [x], [ir.AttrInt64("start", -1)])
+    n = f("Shape", [planes], [ir.AttrInt64("start", -1)])
+    b = _pm1(f, _bits(f, planes, k))  # [q, K, N] in {-1, +1}
+    a = _alpha(f, exps, signs)  # [q, Kb, Ng]
+    a5 = f("Unsqueeze", [a, f.i64("axes24", [2, 4])])  # [q, Kb, 1, Ng, 1]
+    g_scalar = ir.Node("", "Constant", [], [ir.RefAttr("value_int", "group_rows", ir.AttributeType.INT)],
+                       name="group_rows")
+    f.nodes.append(g_scalar)
+    g = f("Reshape", [g_scalar.outputs[0], f.i64("shape1", [1])])
+    shape = f("Concat", [f.i64("expand_head", [1, 1, 8, 1]), g], [ir.AttrInt64("axis", 0)])
+    ae = f("Expand", [a5, shape])  # [q, Kb, 8, Ng, G]
+    ar = f("Reshape", [ae, f.i64("shape_rows", [0, 0, 0, -1])])  # [q, Kb, 8, Ng*G]
+    an = f("Slice", [ar, f.i64("zero_n", [0]), n, f.i64("axis3", [3])])  # [q, Kb, 8, N]
+    ac = f("Reshape", [an, f("Concat", [f.i64("shape_cols", [0, -1]), n], [ir.AttrInt64("axis", 0)])])  # [q, Kb*8, N]
+    ak = f("Slice", [ac, f.i64("zero_k", [0]), k, f.i64("axis1_k", [1])])  # [q, K, N]
+    wt = f("ReduceSum", [f("Mul", [b, ak]), f.i64("axis0_w", [0])], [ir.AttrInt64("keepdims", 0)])  # [K, N]
+    y = f("MatMul", [x, f("CastLike", [wt, x])])
+    y.name = "Y"
+    graph = ir.Graph([x, planes, exps, signs], [y], nodes=f.nodes, opset_imports={"": max(opset, MIN_OPSET)},
+                     name=SHIFTADD_NAME)
+    return ir.Function(DOMAIN, SHIFTADD_NAME, graph=graph, attributes=[ir.AttrInt64("group_rows", 1), ir.AttrInt64("mode", 0)])
+
+
+def denseshift_function(opset: int = MIN_OPSET) -> ir.Function:
+    """``rewriter::DenseShiftMatMul`` (sign plane + exponent planes, per-row scale)."""
+    x, planes, exps, signs = (ir.Value(name=n) for n in ("X", "Planes", "Exps", "Signs"))
+    f = _Body()
+    k = f("Shape", [x], [ir.AttrInt64("start", -1)])
+    bits = _bits(f, planes, k)  # [b, K, N]
+    sign = _pm1(f, f("Gather", [bits, f.i64("zero_s", 0)], [ir.AttrInt64("axis", 0)]))  # [K, N]
+    ebits = f("Slice", [bits, f.i64("one_e", [1]), f.i64("big_e", [1 << 30]), f.i64("axis0_e", [0])])
+    q1 = f("Shape", [ebits], [ir.AttrInt64("start", 0), ir.AttrInt64("end", 1)])
+    rng = f("Range", [f.i64("r0", 0), f("Squeeze", [q1, f.i64("axis0_q", [0])]), f.i64("r1", 1)])
+    table = f.const("pow2_small", np.ldexp(np.float32(1.0), np.arange(0, 31)).astype(np.float32))
+    weights = f("Gather", [table, rng], [ir.AttrInt64("axis", 0)])  # 2^j, j < b - 1
+    w3 = f("Unsqueeze", [weights, f.i64("axes12", [1, 2])])
+    e = f("ReduceSum", [f("Mul", [ebits, w3]), f.i64("axis0_r", [0])], [ir.AttrInt64("keepdims", 0)])  # [K, N]
+    p2 = f("Gather", [table, f("Cast", [e], [ir.AttrInt64("to", ir.DataType.INT64)])], [ir.AttrInt64("axis", 0)])
+    sigma = f("Reshape", [_alpha(f, exps, signs), f.i64("shape_row", [1, -1])])  # [1, N]
+    wt = f("Mul", [f("Mul", [sign, p2]), sigma])
+    y = f("MatMul", [x, f("CastLike", [wt, x])])
+    y.name = "Y"
+    graph = ir.Graph([x, planes, exps, signs], [y], nodes=f.nodes, opset_imports={"": max(opset, MIN_OPSET)},
+                     name=DENSESHIFT_NAME)
+    return ir.Function(DOMAIN, DENSESHIFT_NAME, graph=graph,
+                       attributes=[ir.AttrInt64("group_rows", 1), ir.AttrInt64("mode", 1)])
+
+
+def function_for(mode: str):
+    """The function builder (``opset -> ir.Function``) of a quantizer mode."""
+    return {"bcq": shiftadd_function, "denseshift": denseshift_function}[mode]

@@ -1,0 +1,195 @@
+"""``shiftadd``: post-training shift-and-add reparameterization of linear layers
+(ShiftAddLLM, You et al. 2024, the deployable "Lat" format; DenseShift as an option).
+Approximate: the output changes by design and is verified against ``budget``.
+
+Every linear ``y = x W^T + b`` (``W`` ``[N, K]``) inside the network becomes::
+
+    W ~ sum_{k<q} alpha_k (.) B_k,    B_k in {-1, +1},    alpha = sum_{t<T} s_t 2^{p_t}
+
+with one alpha per 8 input columns x ``group_rows`` output rows, so ``y_n = sum_k sum_j
+alpha_{k,j,g(n)} (sum_{c in block j} +-x_c)``: adds of activations, then shifts. The
+codes and scales come from ``passes/shiftadd_quant.py`` (alternating BCQ fit, exact
+code search, GPTQ compensation with the calibration Hessian ``H = X^T X / n`` of the
+layer's input, in activation order). ``mode=denseshift`` uses zero-free
+``sigma_n * sign * 2^e`` weights instead.
+
+Bits: an integer ``bits`` gives every layer that width; a fractional one (``2.5``)
+quantizes each layer at every ``candidates`` width, scores ``tr(dW H dW^T)`` and picks the
+widths by an exact DP under the average-bit budget. Each site's reason lists its width.
+
+Lowering: ONNX, a ``rewriter::ShiftAddMatMul`` / ``DenseShiftMatMul`` model-local
+function of standard ops (``backends/ort/shiftadd.py``) reading packed uint32 bit planes
+and int8 (sign, exponent) scale terms, then the bias ``Add``; torch, the custom op
+``torch.ops.rewriter.shiftadd_linear`` (``backends/triton/shiftadd.py``). Both decode the
+same tensors to the same dense ``sum_k alpha_k B_k``.
+
+Calibration (``--calib F.npz``: model inputs by name): the activations at every selected
+linear's input, from one run of the model before the pass. Without it ``H = I``
+(data-free; no output-aware compensation), and the sites say so.
+
+Declined: the output head (a linear writing a graph output) and embedding tables unless
+``include`` names them (``--set shiftadd.include=head``; embeddings are never quantized,
+only linears); every linear of an ONNX model below opset 18 (the unpacking needs
+BitwiseAnd).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Literal
+
+import numpy as np
+
+from passes import shiftadd_quant as sq
+from rewriter.errors import BadInput
+from rewriter.ir.view import Declined, GraphView, LinearOp, Node
+from rewriter.pass_api import Kind, Pass, Site, register
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Plan:
+    node: Node
+    shape: tuple[int, int]
+
+
+@register
+class ShiftAdd(Pass):
+    name = "shiftadd"
+    kind = Kind.APPROXIMATE
+    summary = "post-training shift-and-add (BCQ, power-of-two scales) quantization of linear layers"
+
+    @dataclasses.dataclass
+    class Options:
+        bits: float = 3.0  # average bits per weight; fractional: DP over `candidates`
+        mode: Literal["bcq", "denseshift"] = "bcq"
+        terms: int = 3  # powers of two per scale
+        group_rows: int = 0  # output rows per scale block (0: all rows)
+        rounds: int = 20  # alternating refinement rounds
+        act_order: bool = True
+        compensate: bool = True  # GPTQ-style output error compensation
+        candidates: list[int] = dataclasses.field(default_factory=lambda: [2, 3, 4])
+        include: list[str] = dataclasses.field(default_factory=list)  # "head"
+        budget: float = 0.5  # max relative output error accepted by verification
+
+    def __init__(self, options=None, context=None):
+        super().__init__(options, context)
+        self.layers: list[dict] = []  # per applied site: name, shape, bits, bytes, error
+
+    def error_budget(self) -> float | None:
+        return float(self.options.budget)
+
+    # -- match -------------------------------------------------------------------------
+    def match(self, view: GraphView) -> list[Site]:
+        opt = self.options
+        if opt.bits <= 0 or (opt.bits != int(opt.bits) and not opt.candidates):
+            raise BadInput(f"--set shiftadd.bits={opt.bits}: expected a positive width")
+        sites: list[Site] = []
+        low_opset = view.ir == "onnx" and getattr(view, "opset", 18) < 18
+        for node in view.nodes():
+            if node.op == "embedding":
+                try:
+                    table = view.embedding(node)
+                except (Declined, NotImplementedError):
+                    continue
+                if table.ndim == 2 and min(table.shape) > 1:  # a real table, not a shape lookup
+                    sites.append(Site(node.name, False, "embedding table: shiftadd quantizes linear layers only"))
+                continue
+            if node.op != "linear":
+                continue
+            try:
+                w = view.linear(node).weight
+            except Declined as why:
+                sites.append(Site(node.name, False, str(why)))
+                continue
+            if low_opset:
+                sites.append(Site(node.name, False, f"ONNX opset {view.opset} < 18: the bit unpacking needs "
+                                                    "BitwiseAnd (re-export at opset 18)"))
+                continue
+            if self._is_head(view, node) and "head" not in opt.include:
+                sites.append(Site(node.name, False, "output head (writes a graph output): include it with "
+                                                    "--set shiftadd.include=head"))
+                continue
+            sites.append(Site(node.name, True, f"{w.shape[0]}x{w.shape[1]}", _Plan(node, w.shape)))
+        return sites
+
+    def _is_head(self, view: GraphView, node: Node) -> bool:
+        """Whether the linear's output reaches a graph output through layout ops only."""
+        todo, seen = [node.output], set()
+        while todo:
+            v = todo.pop()
+            if view.is_graph_output(v):
+                return True
+            for u in view.users(v):
+                if id(u) in seen:
+                    continue
+                seen.add(id(u))
+                try:
+                    lay = view.layout(u)
+                except NotImplementedError:
+                    lay = None
+                if lay is not None:
+                    todo.append(u.output)
+        return False
+
+    # -- apply -------------------------------------------------------------------------
+    def _hessians(self, view: GraphView, nodes: list[Node]) -> list[np.ndarray | None]:
+        calib = self.context.calib
+        if not calib:
+            log.warning("shiftadd: no calibration data: H = I (data-free, no output-aware compensation)")
+            return [None] * len(nodes)
+        try:
+            acts = view.capture([n.inputs[0] for n in nodes], calib)
+        except KeyError as err:
+            raise BadInput(f"--calib: missing model input {err}; calibration arrays are named after "
+                           "the model inputs") from None
+        return [sq.hessian(a) for a in acts]
+
+    def _quantize(self, w: np.ndarray, h: np.ndarray | None, bits: int) -> sq.Packed:
+        o = self.options
+        return sq.quantize(w, h, mode=o.mode, bits=bits, terms=o.terms, group_rows=o.group_rows,
+                           rounds=o.rounds, act_order=o.act_order, compensate=o.compensate)
+
+    def apply(self, view: GraphView, sites: list[Site]) -> None:
+        if not sites:
+            return
+        o = self.options
+        nodes = [s.plan.node for s in sites]
+        params = [view.linear(n) for n in nodes]
+        hs = self._hessians(view, nodes)
+        cache: list[dict[int, sq.Packed]] = [{} for _ in sites]
+        if float(o.bits) == int(o.bits):
+            widths = [int(o.bits)] * len(sites)
+        else:
+            errors = []
+            for i, (p, h) in enumerate(zip(params, hs)):
+                errs = {}
+                for b in sorted(set(int(c) for c in o.candidates)):
+                    cache[i][b] = self._quantize(p.weight, h, b)
+                    errs[b] = sq.weighted_error(p.weight, cache[i][b].dense(), h)
+                errors.append(errs)
+                log.info("shiftadd: %s errors by width %s", sites[i].site, errs)
+            widths = sq.allocate_bits(errors, [p.weight.size for p in params], float(o.bits))
+        from backends.ort.shiftadd import function_for
+        from backends.triton.shiftadd import MODES, shiftadd_linear_op
+
+        for site, node, p, h, b, cached in zip(sites, nodes, params, hs, widths, cache):
+            packed = cached.get(b) or self._quantize(p.weight, h, b)
+            err = sq.weighted_error(p.weight, packed.dense(), h)
+            rel = err / max(sq.weighted_error(p.weight, np.zeros_like(p.weight), h), 1e-300)
+            fp16 = p.weight.size * 2
+            op = LinearOp(consts={"planes": packed.planes, "exps": packed.exps, "signs": packed.signs},
+                          attrs={"group_rows": packed.group_rows, "mode": MODES[packed.mode]},
+                          onnx_function=function_for(packed.mode), torch_op=shiftadd_linear_op)
+            new = view.replace_linear(node, op, p.bias)
+            view.tag(new, self.name, [node.name])
+            for u in view.users(new.output) if p.bias is not None and view.ir == "onnx" else []:
+                view.tag(u, self.name, [node.name])
+            site.reason = (f"{packed.n_out}x{packed.n_in}, {b} bits {packed.mode}, {packed.nbytes} B packed "
+                           f"vs {fp16} B fp16 (-{100 * (1 - packed.nbytes / fp16):.1f}%), "
+                           f"rel. output error {rel:.2e}" + ("" if h is not None else ", data-free"))
+            self.layers.append({"site": site.site, "shape": [packed.n_out, packed.n_in], "bits": b,
+                                "bytes": packed.nbytes, "fp16_bytes": fp16, "rel_error": rel})
+            log.info("shiftadd: %s: %s", site.site, site.reason)
