@@ -224,23 +224,28 @@ class _StreamPass(Pass):
         params = sn.params
         gamma = params.weight
         beta = params.bias
-        if sn.foldable and (gamma is not None or beta is not None):
-            for lin, _ in sn.linears:
+        fold = sn.foldable and (gamma is not None or beta is not None)
+        if sn.foldable and (fold or self.compress):
+            # one read and one write per reader: fold gamma/beta, then (crms) the dropped column
+            for lin, chain in sn.linears:
                 p = view.linear(lin)
-                w = p.weight * (gamma[None, :] if gamma is not None else 1.0)
-                b = p.bias if p.bias is not None else np.zeros(p.weight.shape[0])
-                if beta is not None:
-                    b = b + p.weight @ beta
+                w, b = p.weight, p.bias
+                if fold:
+                    if gamma is not None:
+                        w = w * gamma[None, :]
+                    if beta is not None:
+                        b = (b if b is not None else np.zeros(w.shape[0])) + p.weight @ beta
+                if self.compress:
+                    w = w[:, : d - 1] - w[:, d - 1 : d]
                 view.set_linear(lin, LinearParams(w, b))
-                view.tag(lin, self.name, [sn.node.name])
-            gamma = beta = None
+                if fold:
+                    view.tag(lin, self.name, [sn.node.name])
+                if self.compress:
+                    for node in chain:
+                        self._narrow_layout(view, node, -1, d)
+            if fold:
+                gamma = beta = None
         if self.compress:
-            for lin, chain in sn.linears if sn.foldable else []:
-                p = view.linear(lin)
-                w = p.weight[:, : d - 1] - p.weight[:, d - 1 : d]
-                view.set_linear(lin, LinearParams(w, p.bias))
-                for node in chain:
-                    self._narrow_layout(view, node, -1, d)
             new = view.replace_norm(sn.node, "crms_norm", eps=params.eps)
             view.tag(new, self.name, [sn.node.name])
             if not sn.foldable:

@@ -711,11 +711,26 @@ class OnnxView(GraphView):
         self.graph.insert_before(raw, nodes)
         self._replace_uses(out, last)
         self.graph.remove(raw, safe=True)
-        self.invalidate()
-        self.nodes()
+        self._splice_cache(raw, nodes)
         return self.node_of(norm_node)
 
     # -- edits -------------------------------------------------------------------------
+    def _splice_cache(self, old_raw: ir.Node, new_raws: list[ir.Node]) -> None:
+        """Update the semantic-node cache for one IR node replaced by ``new_raws`` (in
+        graph order) without regrouping the whole graph."""
+        if self._nodes is None:
+            return
+        old = self._by_raw.get(id(old_raw))
+        idx = self._nodes.index(old) if old is not None else len(self._nodes)
+        if old is not None:
+            self._drop(old)
+        taken: set[int] = set()
+        fresh = [self._classify(r, taken) for r in new_raws if id(r) not in taken]
+        self._nodes[idx:idx] = fresh
+        for n in fresh:
+            for r in n.raw:
+                self._by_raw[id(r)] = n
+
     def _replace_uses(self, old: ir.Value, new: ir.Value, exclude: ir.Node | None = None) -> None:
         self._rewire(old, new)
         for use in list(old.uses()):
@@ -726,9 +741,18 @@ class OnnxView(GraphView):
             for i, v in enumerate(outs):
                 if v is old:
                     name = old.name
-                    old.name = f"{name}__pre"
+                    old.name = self._free_name(f"{name}__pre")  # a second edit here must not reuse it
                     new.name = name
                     outs[i] = new
+
+    def _free_name(self, base: str) -> str:
+        """``base``, or ``base`` with a number appended, that no value in the graph has."""
+        taken = ({v.name for v in self.graph.inputs} | set(self.graph.initializers)
+                 | {o.name for n in self.graph.all_nodes() for o in n.outputs})
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}{k}", k + 1
+        return name
 
     def bypass(self, node: Node) -> None:
         node = self.node_of(node.raw[0]) or node  # inputs may have been rewired since
