@@ -16,6 +16,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[cpu,dev]'
+	@# headless Chromium for the HTML report test; best effort (the test skips, saying why, without it)
+	@command -v chromium-headless-shell >/dev/null 2>&1 || command -v chromium >/dev/null 2>&1 || \
+	  { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	    (apt-get install -y -qq chromium-headless-shell >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium-headless-shell >/dev/null 2>&1)) ; } || \
+	  echo "note: headless Chromium not installed; the HTML rendering test will be skipped"
 	touch $(STAMP)
 
 demo: setup
