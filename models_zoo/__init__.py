@@ -30,7 +30,13 @@ class ZooEntry:
 _REGISTRY: dict[str, ZooEntry] = {}
 
 # Modules that register entries when imported. Later issues add a line here.
-_MODULES = ("models_zoo.vision", "models_zoo.norm_transformers", "models_zoo.prenorm", "models_zoo.gpt")
+_MODULES = (
+    "models_zoo.vision",
+    "models_zoo.norm_transformers",
+    "models_zoo.prenorm",
+    "models_zoo.gpt",
+    "models_zoo.dit",
+)
 _loaded = False
 
 
