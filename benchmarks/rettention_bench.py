@@ -7,7 +7,7 @@ trained zoo DiT under Re-ttention, naive sparse attention and residual-only agai
 sampling with the same seeds (PSNR / SSIM). ``e2e``: wall time of whole sampling loops,
 dense vs Re-ttention (ORT).
 
-    python benchmarks/rettention_bench.py attention --tokens 4096 --reps 5
+    python benchmarks/rettention_bench.py attention --tokens 4096 --reps 20 [--threads T] [--no-spin]
     python benchmarks/rettention_bench.py quality --seeds 8 --steps 20
     python benchmarks/rettention_bench.py e2e --steps 20
 """
@@ -43,17 +43,37 @@ class _SDPA(nn.Module):
         return F.scaled_dot_product_attention(q, k, v)
 
 
-def attention(tokens: int, heads: int = 16, head_dim: int = 64, reps: int = 5, density: float = 0.03125,
-              block: int = 0) -> dict:
-    """Dense vs sparse-step (and refresh-step) latency of one attention op in ORT CPU."""
+def _session(model, threads: int = 0, spin: bool = True):
+    """An ORT CPU session with every graph optimization on; ``threads`` intra-op threads (0:
+    ORT's default, one per physical core) and ``spin=False`` for idle worker threads that block
+    instead of spinning (the setting for a machine shared with other work)."""
+    if threads == 0 and spin:
+        return make_session(model, optimize=True)
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    data = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def attention(tokens: int, heads: int = 16, head_dim: int = 64, reps: int = 20, density: float = 0.03125,
+              block: int = 0, threads: int = 0, spin: bool = True) -> dict:
+    """Dense vs sparse-step (and refresh-step) latency of one attention op in ORT CPU: the
+    three runs interleaved ``reps`` times, medians (and minima) in ms."""
     tmp = Path(tempfile.mkdtemp(prefix="rettention-bench-"))
     ex = tuple(torch.randn(1, heads, tokens, head_dim) for _ in range(3))
     path = export_to_onnx(_SDPA(), ex, tmp / "sdpa.onnx", opset=18, input_names=["q", "k", "v"])
     res = rewriter.rewrite(str(path), ["rettention"], verify=False,
                            options={"rettention": {"density": str(density), "block": str(block)}})
     assert res.records[0].applied, res.records[0].declined
-    dense = make_session(str(path), optimize=True)
-    sparse = make_session(res.view.to_proto(), optimize=True)
+    dense = _session(str(path), threads, spin)
+    sparse = _session(res.view.to_proto(), threads, spin)
     feeds = {n: t.numpy() for n, t in zip("qkv", ex)}
     rho_in, res_in, _, _ = state_names(0)
     state = {rho_in: np.zeros((1, heads, tokens), np.float32), res_in: np.zeros((1, heads, tokens, head_dim), np.float32)}
@@ -71,8 +91,10 @@ def attention(tokens: int, heads: int = 16, head_dim: int = 64, reps: int = 5, d
             s.run(None, f)
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    low = {k: min(v) * 1e3 for k, v in times.items()}
     return {"tokens": tokens, "heads": heads, "head_dim": head_dim, "density": density, "reps": reps,
-            "site": res.records[0].sites[0].reason, "median_ms": med,
+            "threads": threads or "default", "spin": spin,
+            "site": res.records[0].sites[0].reason, "median_ms": med, "min_ms": low,
             "dense_over_sparse": med["dense"] / med["sparse"], "refresh_over_dense": med["refresh"] / med["dense"]}
 
 
@@ -152,7 +174,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=["attention", "quality", "e2e"])
     ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: ORT's default)")
+    ap.add_argument("--no-spin", action="store_true", help="ORT worker threads block instead of spinning")
     ap.add_argument("--block", type=int, default=0)
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
@@ -162,7 +186,7 @@ def main() -> None:
     a = ap.parse_args()
     opts = dict(s.split("=", 1) for s in a.set)
     if a.what == "attention":
-        result = attention(a.tokens, reps=a.reps, block=a.block)
+        result = attention(a.tokens, reps=a.reps, block=a.block, threads=a.threads, spin=not a.no_spin)
     elif a.what == "quality":
         result = quality(a.seeds, a.steps, a.conditioning, opts)
     else:
