@@ -54,8 +54,24 @@ PROVENANCE_PASS = "rewriter.pass"
 PROVENANCE_REPLACED = "rewriter.replaced"
 
 
+_CACHE_BYTES = 1 << 20  # initializers above this size are read on demand, not cached
+
+
 def _np_dtype(dtype: ir.DataType) -> np.dtype:
     return dtype.numpy()
+
+
+def _read_tensor(t: ir.TensorProtocol) -> np.ndarray:
+    """The tensor as an array. An external tensor of a plain numpy dtype is read with
+    ``np.fromfile``, not through onnx-ir's memory map (which would keep every page read
+    resident for as long as the model lives); anything else via ``numpy()``."""
+    if isinstance(t, ir.ExternalTensor) and t.size:
+        dt = np.dtype(t.dtype.numpy())
+        if dt.kind in "fiub" and dt.itemsize * 8 == t.dtype.bitwidth:
+            a = np.fromfile(t.path, dtype=dt.newbyteorder("<"), count=t.size, offset=t.offset or 0)
+            if a.size == t.size:
+                return a.astype(dt, copy=False).reshape(t.shape.numpy())
+    return t.numpy()
 
 
 class OnnxView(GraphView):
@@ -111,14 +127,20 @@ class OnnxView(GraphView):
             if raw.op_type == "Gemm" and self._gemm_is_linear(raw):
                 return Node("linear", name, [raw.inputs[0]], out, [raw])
             if raw.op_type in _ELEMENTWISE:
-                data = [v for v in raw.inputs if v is not None and self.const_value(v) is None]
+                data = [v for v in raw.inputs if v is not None and not self._is_const(v)]
                 return Node(_ELEMENTWISE[raw.op_type], name, data, out, [raw])
-            if raw.op_type == "Gather" and self.const_value(raw.inputs[0]) is not None:
+            if raw.op_type == "Gather" and self._is_const(raw.inputs[0]):
                 return Node("embedding", name, [raw.inputs[1]], out, [raw])
             if raw.op_type in _SIMPLE:
                 return Node(_SIMPLE[raw.op_type], name, [raw.inputs[0]], out, [raw])
         data = [v for v in raw.inputs if v is not None and not v.is_initializer()]
         return Node(f"other:{op_type}", name, data, out, [raw])
+
+    def _is_const(self, v: ir.Value | None) -> bool:
+        """``const_value(v) is not None``, from the metadata alone for an initializer."""
+        if v is not None and v.const_value is not None:
+            return not v.is_graph_input()
+        return self.const_value(v) is not None
 
     def _const_2d(self, v: ir.Value | None) -> bool:
         if v is None:
@@ -138,7 +160,8 @@ class OnnxView(GraphView):
             return None
         other = add.inputs[1 - uses[0].idx]
         c = self.const_value(other) if other is not None else None
-        n_out = self.const_value(matmul.inputs[1]).shape[1]
+        w = matmul.inputs[1]
+        n_out = int(w.const_value.shape[1]) if w.const_value is not None else self.const_value(w).shape[1]
         if c is None or c.size != n_out or (c.ndim > 0 and c.shape[-1] != n_out):
             return None
         return add
@@ -146,7 +169,7 @@ class OnnxView(GraphView):
     def _gemm_is_linear(self, raw: ir.Node) -> bool:
         if raw.attributes.get_int("transA", 0) != 0:
             return False
-        if self.const_value(raw.inputs[1]) is None:
+        if not self._is_const(raw.inputs[1]):
             return False
         if len(raw.inputs) > 2 and raw.inputs[2] is not None:
             c = self.const_value(raw.inputs[2])
@@ -179,6 +202,12 @@ class OnnxView(GraphView):
         """The value as a numpy array when it depends on constants only, else None."""
         if value is None:
             return None
+        t = value.const_value
+        if t is not None and t.nbytes > _CACHE_BYTES:
+            # a large parameter is not cached: an in-memory one costs nothing to read again,
+            # an external one is read from its file each time into an array the caller owns,
+            # so that no copy (nor mapped page) of the weights outlives its use
+            return None if value.is_graph_input() else _read_tensor(t)
         key = value
         if key not in self._const_cache:
             self._const_cache[key] = None  # cycle guard
@@ -231,6 +260,9 @@ class OnnxView(GraphView):
             return None
 
     def _new_initializer(self, base: str, array: np.ndarray) -> ir.Value:
+        # C order: a transposed (Fortran-order) array, e.g. a MatMul weight written back from
+        # the [out, in] layout, is written to disk element by element, ~10x slower
+        array = np.ascontiguousarray(array)
         while True:
             name = f"{base}__rw{next(self._names)}"
             if name not in self.graph.initializers:
@@ -538,7 +570,7 @@ class OnnxView(GraphView):
                     raise Declined(f"constant {self.value_name(value)} is selected along its channel axis")
             chain.append(p)
             v = p.inputs[0]
-        source = self.const_value(v) if v.const_value is None else v.const_value.numpy()
+        source = self.const_value(v) if v.const_value is None else _read_tensor(v.const_value)
         if source.ndim == 0 or source.shape[-1] not in (width, 1):
             raise Declined(f"parameter {self.value_name(v)} has shape {list(source.shape)}, not [..., {width}]")
         new = np.asarray(fn(source.astype(np.float64)))
@@ -770,7 +802,8 @@ class OnnxView(GraphView):
             raw.metadata_props[PROVENANCE_REPLACED] = ",".join(replaced)
 
     def finalize(self) -> None:
-        """Drop constant-only nodes and initializers nothing reads any more."""
+        """Drop dead nodes (standard, deterministic ops whose outputs nothing reads) and
+        initializers nothing reads any more."""
         changed = True
         while changed:
             changed = False
@@ -778,8 +811,8 @@ class OnnxView(GraphView):
                 outs = raw.outputs
                 if any(o.uses() or o.is_graph_output() for o in outs):
                     continue
-                if all(self.const_value(v) is not None for v in raw.inputs if v is not None):
-                    self.graph.remove(raw, safe=True)
+                if raw.domain in ("", "ai.onnx") and not raw.op_type.startswith(("Random", "Bernoulli", "Multinomial")):
+                    self.graph.remove(raw, safe=True)  # dead (e.g. a bias chain left behind)
                     changed = True
         for name, v in list(self.graph.initializers.items()):
             if not v.uses() and not v.is_graph_output() and not v.is_graph_input():
