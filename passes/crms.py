@@ -71,4 +71,7 @@ class Crms(_StreamPass):
         for v in stream.values:
             view.set_dim(v, -1, d - 1)
         for w in stream.writers:
-            view.set_dim(w.value, -1, d - 1)
+            # a writer narrowed through its parameters; the others keep their width and are
+            # followed by an inserted centring + slice (``_apply_writer``), already d - 1 wide
+            if w.kind in ("embedding", "linear", "conv", "const"):
+                view.set_dim(w.value, -1, d - 1)

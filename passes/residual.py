@@ -421,11 +421,20 @@ def _depths(view: GraphView, norms: list[StreamNorm], a: _Analysis) -> None:
                 seen.add(nxt)
                 todo.append(nxt)
         sn.attention = bool(seen & attn_ops)
-    by_name = {sn.node.name: sn for sn in norms}
+    # the stream norms upstream of each norm, as bit masks propagated once in topological
+    # order (one ancestors() search per norm would be quadratic in depth)
+    bit = {sn.node.name: 1 << i for i, sn in enumerate(norms)}
+    mlp = sum(bit[sn.node.name] for sn in norms if not sn.attention)
+    upstream: dict[str, int] = {}
+    for n in nx.topological_sort(g):
+        m = 0
+        for p in g.predecessors(n):
+            m |= upstream[p] | bit.get(p, 0)
+        upstream[n] = m
     for sn in norms:
-        anc = nx.ancestors(g, sn.node.name) & names
-        sn.depth = len(anc)
-        sn.block = sum(1 for n in anc if not by_name[n].attention)
+        m = upstream[sn.node.name]
+        sn.depth = bin(m).count("1")
+        sn.block = bin(m & mlp).count("1")
 
 
 def describe(stream: ResidualStream) -> str:

@@ -277,6 +277,9 @@ def _tied_reader(view: GraphView, stream: ResidualStream, w: Writer) -> str:
         return ""
     for sn in stream.norms:
         for lin, _ in sn.linears:
+            out = view.shape(lin.output) if lin.output is not None else None
+            if out and out[-1] is not None and out[-1] != table.shape[0]:
+                continue  # fewer or more outputs than the table has rows: no need to read it
             wt = view.linear(lin).weight
             if wt.shape == table.shape and np.array_equal(wt, table):
                 return lin.name
