@@ -140,8 +140,12 @@ def _onnx_snapshot(view) -> Snapshot:
             if v.is_initializer() and v.const_value is not None and not v.is_graph_input():
                 t = v.const_value
                 try:
-                    arr = t.numpy()
-                    digest = _digest(arr)
+                    if isinstance(t, ir.ExternalTensor):
+                        # passes never change external tensors in place (edits make new
+                        # in-memory ones), so where the bytes live identifies them: no read
+                        digest = f"external:{t.location}:{getattr(t, 'offset', None)}:{getattr(t, 'length', None)}"
+                    else:
+                        digest = _digest(t.numpy())
                 except Exception:  # noqa: BLE001 - external data not loadable: compare by shape
                     digest = "?"
                 params[i] = Param(tuple(int(d) for d in t.shape), str(t.dtype), digest, int(t.size), int(t.nbytes))
