@@ -160,7 +160,12 @@ def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, A
     view = as_view(model, example_inputs=example_inputs, ir_kind=ir_kind)
     calib_data = None
     if calib is not None:
-        calib_data = dict(np.load(calib, allow_pickle=False)) if isinstance(calib, (str, os.PathLike)) else dict(calib)
+        if isinstance(calib, (str, os.PathLike)):
+            from rewriter.verify import load_calib
+
+            calib_data = load_calib(str(calib), input_specs(view))
+        else:
+            calib_data = dict(calib)
     pass_objs = _instantiate(passes, options, Context(calib=calib_data))
     for p in pass_objs:
         if view.ir not in p.irs:

@@ -133,6 +133,35 @@ def load_inputs(path: str, specs: list[InputSpec]) -> dict[str, np.ndarray]:
     return feeds
 
 
+def load_calib(path: str, specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """Read ``--calib FILE.npz`` (no pickle): the model's input names and dtypes, samples
+    stacked on the first axis; with a static batch, a whole number of batches (at least one)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            feeds = {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise BadInput(f"--calib {path}: no such file") from None
+    except Exception as err:  # noqa: BLE001
+        raise BadInput(f"--calib {path}: not a readable .npz file ({type(err).__name__})") from None
+    by_name = {s.name: s for s in specs}
+    if set(feeds) != set(by_name):
+        raise BadInput(f"--calib {path}: input names {sorted(feeds)} do not match the model's {sorted(by_name)}")
+    for name, arr in feeds.items():
+        s = by_name[name]
+        if arr.dtype != s.dtype:
+            raise BadInput(f"--calib {path}: {name} has dtype {arr.dtype}, the model expects {s.dtype}")
+        if arr.ndim != len(s.shape) or any(isinstance(d, int) and d != g for d, g in zip(s.shape[1:], arr.shape[1:])):
+            raise BadInput(f"--calib {path}: {name} has shape {list(arr.shape)}, the model expects {s.shape} "
+                           "(samples stacked on the first axis)")
+        batch = s.shape[0] if s.shape else None
+        if isinstance(batch, int) and (arr.shape[0] < batch or arr.shape[0] % batch):
+            raise BadInput(f"--calib {path}: calibration file too small or ragged: {name} holds "
+                           f"{arr.shape[0]} sample(s), the model takes {batch} per run (need a multiple)")
+        if arr.size == 0:
+            raise BadInput(f"--calib {path}: calibration file too small: {name} is empty")
+    return feeds
+
+
 class Runner:
     """Runs a view on numpy feeds and returns its outputs as named numpy arrays."""
 

@@ -81,6 +81,8 @@ CASES = [
     ("inputs wrong shape", ["--inputs", "shape.npz"], 2, "has shape [3, 4], the model expects [2, 4]"),
     ("inputs wrong dtype", ["--inputs", "dtype.npz"], 2, "has dtype float64, the model expects float32"),
     ("output not writable", ["-o", "afile/out.onnx"], 2, "is not writable"),
+    ("calibration file too small", ["--calib", "small.npz"], 2, "calibration file too small or ragged"),
+    ("calibration wrong dtype", ["--calib", "dtype.npz"], 2, "--calib dtype.npz: x has dtype float64"),
     ("unknown option", ["--set", "foldnorm.speed=3"], 2, "has no option 'speed'"),
     ("option for a pass not requested", ["--set", "other.x=1"], 2, "unknown pass 'other'"),
 ]
@@ -92,6 +94,7 @@ def test_bad_input_corpus(case, extra, code, needle, tmp_path, monkeypatch, caps
     name = _write(tmp_path, case, rng)
     np.savez(tmp_path / "shape.npz", x=np.zeros((3, 4), np.float32))
     np.savez(tmp_path / "dtype.npz", x=np.zeros((2, 4), np.float64))
+    np.savez(tmp_path / "small.npz", x=np.zeros((1, 4), np.float32))
     (tmp_path / "afile").write_text("not a directory")
     digest = hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
     before = set(os.listdir(tmp_path))
