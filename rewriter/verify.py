@@ -107,15 +107,21 @@ def make_inputs(specs: list[InputSpec], shapes: Mapping[str, list[int]] | None =
     return feeds, notes
 
 
-def load_inputs(path: str, specs: list[InputSpec]) -> dict[str, np.ndarray]:
-    """Read ``--inputs FILE.npz`` (no pickle) and check names, ranks and dtypes."""
+def _read_npz(path: str, flag: str) -> dict[str, np.ndarray]:
+    """The arrays of a ``.npz`` file (never unpickled); unreadable -> BadInput naming ``--flag``."""
     try:
         with np.load(path, allow_pickle=False) as data:
             feeds = {k: data[k] for k in data.files}
     except FileNotFoundError:
-        raise BadInput(f"--inputs {path}: no such file") from None
+        raise BadInput(f"--{flag} {path}: no such file") from None
     except Exception as err:  # noqa: BLE001
-        raise BadInput(f"--inputs {path}: not a readable .npz file ({type(err).__name__})") from None
+        raise BadInput(f"--{flag} {path}: not a readable .npz file ({type(err).__name__})") from None
+    return feeds
+
+
+def load_inputs(path: str, specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """Read ``--inputs FILE.npz`` (no pickle) and check names, ranks and dtypes."""
+    feeds = _read_npz(path, "inputs")
     by_name = {s.name: s for s in specs}
     extra = sorted(set(feeds) - set(by_name))
     missing = sorted(set(by_name) - set(feeds))
@@ -136,13 +142,7 @@ def load_inputs(path: str, specs: list[InputSpec]) -> dict[str, np.ndarray]:
 def load_calib(path: str, specs: list[InputSpec]) -> dict[str, np.ndarray]:
     """Read ``--calib FILE.npz`` (no pickle): the model's input names and dtypes, samples
     stacked on the first axis; with a static batch, a whole number of batches (at least one)."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            feeds = {k: data[k] for k in data.files}
-    except FileNotFoundError:
-        raise BadInput(f"--calib {path}: no such file") from None
-    except Exception as err:  # noqa: BLE001
-        raise BadInput(f"--calib {path}: not a readable .npz file ({type(err).__name__})") from None
+    feeds = _read_npz(path, "calib")
     by_name = {s.name: s for s in specs}
     if set(feeds) != set(by_name):
         raise BadInput(f"--calib {path}: input names {sorted(feeds)} do not match the model's {sorted(by_name)}")
