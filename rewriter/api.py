@@ -190,7 +190,7 @@ def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, A
     final.setdefault("performed", feeds is not None)
     if feeds is not None:
         final["inputs"] = {k: list(np.shape(v)) for k, v in feeds.items()}
-        final["notes"] = notes
+        final["notes"] = notes + final.get("notes", [])  # + verification notes (bfloat16 shadow)
     report = {
         "schema": SCHEMA,
         "model": {"source": source or (str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__),

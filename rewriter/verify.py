@@ -8,6 +8,11 @@ dims come from ``--shape NAME=D0,D1,...``; a dim still unknown defaults to
 
 The error measure is per output: ``max|a - b|`` and ``max|a - b| / max|a|``. Exact passes
 must stay within ``tolerance(dtype)``.
+
+An ONNX model holding bfloat16 is run through its float32 shadow (``rewriter.shadow``: ONNX
+Runtime on CPU has no bfloat16 kernels for most ops), the original and every rewritten model
+alike; outputs come back as bfloat16, so the bfloat16 tolerance applies, and ``compare``
+marks the record (``"shadow": "float32"`` and a note).
 """
 
 from __future__ import annotations
@@ -135,8 +140,24 @@ def load_inputs(path: str, specs: list[InputSpec]) -> dict[str, np.ndarray]:
         if len(arr.shape) != len(s.shape) or any(isinstance(d, int) and d != g for d, g in zip(s.shape, arr.shape)):
             raise BadInput(f"--inputs {path}: {name} has shape {list(arr.shape)}, the model expects {s.shape}")
         if arr.dtype != s.dtype:
-            raise BadInput(f"--inputs {path}: {name} has dtype {arr.dtype}, the model expects {s.dtype}")
+            conv = _bfloat16_feed(arr, s)
+            if conv is None:
+                raise BadInput(f"--inputs {path}: {name} has dtype {arr.dtype}, the model expects {s.dtype}"
+                               + (" (or float32)" if s.dtype.name == "bfloat16" else ""))
+            feeds[name] = conv
     return feeds
+
+
+def _bfloat16_feed(arr: np.ndarray, spec: InputSpec) -> np.ndarray | None:
+    """numpy's .npz has no bfloat16: for a bfloat16 input accept float32 (rounded to
+    bfloat16) or the 2-byte raw records ``np.savez`` writes for an ml_dtypes bfloat16 array."""
+    if spec.dtype.name != "bfloat16":
+        return None
+    if arr.dtype == np.float32:
+        return arr.astype(spec.dtype)
+    if arr.dtype.kind == "V" and arr.dtype.itemsize == 2 and arr.dtype.fields is None:
+        return arr.view(spec.dtype)
+    return None
 
 
 def load_calib(path: str, specs: list[InputSpec]) -> dict[str, np.ndarray]:
@@ -168,7 +189,7 @@ class Runner:
     def __init__(self, view: GraphView):
         self.view = view
 
-    def _onnx_session(self):
+    def _onnx_session(self, model=None):
         """ORT session, optimizations off. Models with external data (or > 2 GB) are written
         to a temporary directory first: ORT cannot resolve external files from bytes."""
         import shutil
@@ -178,23 +199,48 @@ class Runner:
 
         from backends.ort import make_session
 
-        inits = self.view.graph.initializers.values()
+        model = self.view.model if model is None else model
+        inits = model.graph.initializers.values()
         external = any(isinstance(v.const_value, ir.ExternalTensor) for v in inits)
         big = sum(v.const_value.nbytes for v in inits if v.const_value is not None) > (1 << 31) - (1 << 24)
         if not (external or big):
-            return make_session(self.view.to_proto(), optimize=False)
+            return make_session(ir.serde.serialize_model(model), optimize=False)
         tmp = tempfile.mkdtemp(prefix="rewriter-verify-")
         try:
             path = f"{tmp}/model.onnx"
-            ir.save(self.view.model.clone(), path, external_data="model.onnx.data")
+            ir.save(model.clone(), path, external_data="model.onnx.data")
             return make_session(path, optimize=False)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def _run_shadow(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A bfloat16 model through its float32 shadow (``rewriter.shadow``), after checking
+        that ORT loads the real model: its types must resolve, and a missing bfloat16 kernel
+        is the only error accepted."""
+        from backends.ort import run_onnx
+        from rewriter import shadow
+
+        try:
+            self._onnx_session()
+        except Exception as err:  # noqa: BLE001
+            if type(err).__name__ != "NotImplemented":  # ORT's "no kernel" error class
+                raise
+        model = self.view.model
+        try:
+            session = self._onnx_session(shadow.float32_shadow(model))
+        except Exception as err:  # noqa: BLE001
+            text = str(err).strip().splitlines()
+            raise RuntimeError(f"bfloat16 model: its float32 verification shadow does not run either: "
+                               f"{type(err).__name__}: {text[0] if text else ''}") from None
+        return shadow.real_outputs(model, run_onnx(session, shadow.shadow_feeds(model, feeds)))
+
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if isinstance(self.view, OnnxView):
             from backends.ort import run_onnx
+            from rewriter.shadow import holds_bfloat16
 
+            if holds_bfloat16(self.view.model):
+                return self._run_shadow(feeds)
             return run_onnx(self._onnx_session(), feeds)
         names = [n.name for n in self.view.graph.nodes if n.op == "placeholder"]
         args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names]
@@ -233,4 +279,11 @@ def compare(reference: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray
         worst_abs, worst_rel = max(worst_abs, max_abs), max(worst_rel, max_rel)
         outputs.append({"name": name, "max_abs_error": max_abs, "max_rel_error": max_rel,
                         "tolerance": t, "passed": ok})
-    return {"passed": passed, "max_abs_error": worst_abs, "max_rel_error": worst_rel, "outputs": outputs}
+    result = {"passed": passed, "max_abs_error": worst_abs, "max_rel_error": worst_rel, "outputs": outputs}
+    through = getattr(actual, "shadow", None) or getattr(reference, "shadow", None)
+    if through:  # a bfloat16 model run through its float32 shadow (rewriter.shadow)
+        from rewriter.shadow import NOTE
+
+        result["shadow"] = through
+        result["notes"] = [NOTE]
+    return result

@@ -4,15 +4,23 @@ the problem, no traceback, no output file, and leaves the input file untouched."
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
+import jsonschema
+import ml_dtypes
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import rewriter
+from rewriter import shadow
 from rewriter.cli import main
+from rewriter.ir.onnx_view import OnnxView
+from rewriter.report_schema import REPORT_SCHEMA
+from rewriter.verify import InputSpec, Runner, load_inputs
 from tests.conftest import bn_inits, bn_node, init, make_model, max_rel, run_ort
 
 
@@ -48,6 +56,43 @@ def _external(rng, tmp_path, location):
     return m
 
 
+def _bf16(m):
+    """A copy of ``m`` with every float32 initializer, input, output and value made bfloat16."""
+    m = onnx.ModelProto.FromString(m.SerializeToString())
+    for t in m.graph.initializer:
+        if t.data_type == TensorProto.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(ml_dtypes.bfloat16), t.name))
+    for v in list(m.graph.input) + list(m.graph.output) + list(m.graph.value_info):
+        if v.type.tensor_type.elem_type == TensorProto.FLOAT:
+            v.type.tensor_type.elem_type = TensorProto.BFLOAT16
+    return m
+
+
+def _prenorm(rng, d=8, vocab=16, t=4, b=2, hidden=16):
+    """A one-block pre-LN transformer: ids -> tok + pos -> x + MLP(LN(x)) -> LN -> head."""
+    def ln(p, x, y):
+        return helper.make_node("LayerNormalization", [x, f"{p}.g", f"{p}.b"], [y], name=p, axis=-1, epsilon=1e-5)
+
+    nodes = [helper.make_node("Gather", ["tok", "ids"], ["e"], name="emb"),
+             helper.make_node("Add", ["e", "pos"], ["x0"], name="addpos"), ln("ln1", "x0", "h"),
+             helper.make_node("MatMul", ["h", "W1"], ["a0"], name="fc1"),
+             helper.make_node("Add", ["a0", "c1"], ["a"], name="fc1b"), helper.make_node("Relu", ["a"], ["r"], name="act"),
+             helper.make_node("MatMul", ["r", "W2"], ["o0"], name="fc2"),
+             helper.make_node("Add", ["o0", "c2"], ["o"], name="fc2b"), helper.make_node("Add", ["x0", "o"], ["x1"], name="res"),
+             ln("lnf", "x1", "hf"), helper.make_node("MatMul", ["hf", "Wh"], ["y"], name="head")]
+    inits = [init("tok", rng.standard_normal((vocab, d))), init("pos", 0.5 * rng.standard_normal((t, d))),
+             init("ln1.g", 1 + 0.3 * rng.standard_normal(d)), init("ln1.b", 0.2 * rng.standard_normal(d)),
+             init("W1", rng.standard_normal((d, hidden)) / d**0.5), init("c1", 0.1 * rng.standard_normal(hidden)),
+             init("W2", rng.standard_normal((hidden, d)) / hidden**0.5), init("c2", 0.1 * rng.standard_normal(d)),
+             init("lnf.g", 1 + 0.3 * rng.standard_normal(d)), init("lnf.b", 0.2 * rng.standard_normal(d)),
+             init("Wh", rng.standard_normal((d, vocab)) / d**0.5)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [b, t])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [b, t, vocab])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    m.ir_version = 10
+    return onnx.shape_inference.infer_shapes(m)
+
+
 def _write(tmp_path, case, rng):
     """Write the model file of ``case`` and return its name."""
     path = tmp_path / "m.onnx"
@@ -66,6 +111,10 @@ def _write(tmp_path, case, rng):
     elif case == "external data escapes":
         m = _external(rng, tmp_path, "../escape.data")
         onnx.save(m, path)
+    elif case == "bfloat16 model with a float32 weight":
+        m = _bf16(_gemm_bn(rng))
+        m.graph.initializer[0].CopyFrom(init("W", rng.standard_normal((3, 4))))
+        onnx.save(m, path)
     else:
         onnx.save(_gemm_bn(rng), path)
     return "m.onnx"
@@ -78,6 +127,7 @@ CASES = [
     ("duplicate node names", [], 2, "duplicate node name(s) 'g'"),
     ("missing external data", [], 2, "external data file 'm.onnx.data'"),
     ("external data escapes", [], 2, "lies outside the model's directory"),
+    ("bfloat16 model with a float32 weight", [], 2, "Gemm) bound to different types (tensor(bfloat16) and tensor(float)"),
     ("inputs wrong shape", ["--inputs", "shape.npz"], 2, "has shape [3, 4], the model expects [2, 4]"),
     ("inputs wrong dtype", ["--inputs", "dtype.npz"], 2, "has dtype float64, the model expects float32"),
     ("output not writable", ["-o", "afile/out.onnx"], 2, "is not writable"),
@@ -138,6 +188,89 @@ def test_fp16_model(rng):
     assert res.verification["outputs"][0]["tolerance"] == 1e-2
     x = rng.standard_normal((2, 4)).astype(np.float16)
     assert max_rel(run_ort(m, {"x": x})[0], run_ort(res.model, {"x": x})[0]) <= 1e-2
+
+
+BF16_CASES = [("foldnorm", "BatchNormalization", "Gemm"), ("rms", "LayerNormalization", "RMSNormalization"),
+              ("crms", "LayerNormalization", "CRMSNormalization")]
+
+
+@pytest.mark.parametrize("pass_name,gone,kept", BF16_CASES, ids=[c[0] for c in BF16_CASES])
+def test_bf16_model_verified_through_float32_shadow(pass_name, gone, kept, tmp_path, monkeypatch, capsys, rng):
+    """A bf16 model (ORT on CPU has no bf16 Gemm/MatMul/Add): exit 0, verified through a
+    float32 shadow and said so; the output stays bf16 and means the same within 2e-2 when
+    evaluated in bf16 (onnx reference evaluator); the input file is untouched."""
+    from onnx.reference import ReferenceEvaluator
+
+    m = _bf16(_gemm_bn(rng) if pass_name == "foldnorm" else _prenorm(rng))
+    onnx.save(m, tmp_path / "m.onnx")
+    digest = hashlib.sha256((tmp_path / "m.onnx").read_bytes()).hexdigest()
+    monkeypatch.chdir(tmp_path)
+    rc = main(["m.onnx", "--passes", pass_name, "-o", "out.onnx", "--json", "r.json"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "verified through a float32 shadow" in " ".join(out.out.split())
+    report = json.loads((tmp_path / "r.json").read_text())
+    jsonschema.validate(report, REPORT_SCHEMA)
+    v = report["verification"]
+    assert v["passed"] and v["shadow"] == "float32" and report["passes"][0]["verification"]["shadow"] == "float32"
+    assert any("float32 shadow" in n for n in v["notes"])
+    assert [o["tolerance"] for o in v["outputs"]] == [2e-2] and 0 < v["max_rel_error"] <= 2e-2
+    assert hashlib.sha256((tmp_path / "m.onnx").read_bytes()).hexdigest() == digest
+    res = onnx.load(tmp_path / "out.onnx")
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+    assert {t.data_type for t in res.graph.initializer if t.data_type in floats} == {TensorProto.BFLOAT16}
+    assert res.graph.output[0].type.tensor_type.elem_type == TensorProto.BFLOAT16
+    ops = [n.op_type for n in res.graph.node]
+    assert gone not in ops and kept in ops and report["passes"][0]["applied"] > 0
+    feeds = ({"x": rng.standard_normal((2, 4)).astype(ml_dtypes.bfloat16)} if pass_name == "foldnorm" else
+             {"ids": rng.integers(0, 16, (2, 4)).astype(np.int64)})
+    want, got = ReferenceEvaluator(m).run(None, feeds)[0], ReferenceEvaluator(res).run(None, feeds)[0]
+    assert want.dtype == got.dtype == ml_dtypes.bfloat16
+    assert max_rel(want, got) <= 2e-2
+
+
+def test_float32_shadow_keeps_bf16_values_exactly(rng):
+    """The shadow: every bf16 initializer, constant, Cast target and type made float32 with the
+    same values; the model itself untouched; Runner returns bf16 outputs through it."""
+    from onnx.reference import ReferenceEvaluator
+
+    w = rng.standard_normal((2, 4)).astype(ml_dtypes.bfloat16)
+    c = numpy_helper.from_array(rng.standard_normal(4).astype(ml_dtypes.bfloat16))
+    g = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["xb"], to=TensorProto.BFLOAT16, name="cast"),
+         helper.make_node("Constant", [], ["c"], value=c, name="const"),
+         helper.make_node("Add", ["xb", "c"], ["s"], name="add"), helper.make_node("Mul", ["s", "W"], ["y"], name="mul")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2, 4])], [numpy_helper.from_array(w, "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    m.ir_version = 10
+    model = ir.from_proto(m)
+    sh = shadow.float32_shadow(model)
+    assert shadow.holds_bfloat16(model) and not shadow.holds_bfloat16(sh)
+    assert sh.graph.initializers["W"].const_value.dtype == ir.DataType.FLOAT
+    assert np.array_equal(sh.graph.initializers["W"].const_value.numpy(), w.astype(np.float32))
+    nodes = {n.name: n for n in sh.graph}
+    assert nodes["cast"].attributes["to"].value == ir.DataType.FLOAT
+    assert np.array_equal(nodes["const"].attributes["value"].value.numpy(), numpy_helper.to_array(c).astype(np.float32))
+    assert {n.name: n for n in model.graph}["cast"].attributes["to"].value == ir.DataType.BFLOAT16
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    got = Runner(OnnxView(model))({"x": x})
+    assert got.shadow == "float32" and got["y"].dtype == ml_dtypes.bfloat16
+    assert max_rel(ReferenceEvaluator(m).run(None, {"x": x})[0], got["y"]) <= 1e-2
+
+
+def test_bf16_inputs_file(tmp_path):
+    """--inputs for a bf16 input: float32 (rounded) or np.savez's raw bf16 records; else exit-2 message."""
+    spec = [InputSpec("x", [2, 4], np.dtype(ml_dtypes.bfloat16))]
+    x = np.arange(8, dtype=np.float32).reshape(2, 4) / 3
+    np.savez(tmp_path / "f32.npz", x=x)
+    np.savez(tmp_path / "raw.npz", x=x.astype(ml_dtypes.bfloat16))
+    np.savez(tmp_path / "f64.npz", x=x.astype(np.float64))
+    for name in ("f32.npz", "raw.npz"):
+        got = load_inputs(str(tmp_path / name), spec)["x"]
+        assert got.dtype == ml_dtypes.bfloat16 and np.array_equal(got, x.astype(ml_dtypes.bfloat16))
+    with pytest.raises(rewriter.BadInput, match=r"has dtype float64, the model expects bfloat16 \(or float32\)"):
+        load_inputs(str(tmp_path / "f64.npz"), spec)
 
 
 def test_control_flow_declined_with_reason(rng):
