@@ -137,7 +137,9 @@ def verification_feeds(view: GraphView, inputs: Any = None,
     specs = input_specs(view)
     if inputs is None:
         if isinstance(view, FxView):
-            return {s.name: torch.as_tensor(x).numpy() for s, x in zip(specs, view.example_inputs)}, []
+            from rewriter.verify import to_numpy
+
+            return {s.name: to_numpy(x) for s, x in zip(specs, view.example_inputs)}, []
         return make_inputs(specs, shapes, seed=seed)
     if isinstance(inputs, (str, os.PathLike)):
         return load_inputs(str(inputs), specs), []

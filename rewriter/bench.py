@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -84,7 +85,19 @@ def _session(model, threads: int | None, profile_dir: str | None = None):
     ort = _ort()
     opts = _session_options(threads, profile_dir)
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
-    return ort.InferenceSession(data, opts, providers=providers())
+    try:
+        return ort.InferenceSession(data, opts, providers=providers())
+    except Exception as err:  # noqa: BLE001 - a model ORT has no kernel for is the user's problem
+        msg = str(err)
+        if "NOT_IMPLEMENTED" in msg or "Could not find an implementation" in msg:
+            from rewriter.errors import BadInput
+
+            kernel = re.search(r"implementation for (\w+\(\d+\))", msg)
+            what = f"no kernel for {kernel.group(1)}" if kernel else "a missing kernel"
+            raise BadInput(f"cannot benchmark: ONNX Runtime ({', '.join(providers())}) has {what} in this "
+                           "model (bfloat16 on CPU?); rewrite without --bench, or benchmark on a device "
+                           "that supports it") from err
+        raise
 
 
 def onnx_target(label: str, model: Any, feeds: Mapping[str, np.ndarray], *, threads: int | None = None) -> Target:

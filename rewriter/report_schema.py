@@ -48,6 +48,7 @@ _VERIFICATION = {
         "failing_site": {"type": ["string", "null"]},
         "inputs": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "integer"}}},
         "notes": {"type": "array", "items": _STR},
+        "shadow": {"type": "string", "enum": ["float32"]},
     },
 }
 

@@ -22,10 +22,12 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import torch
 
 from rewriter.errors import BadInput
+from rewriter.ir.dtypes import to_numpy, to_torch  # noqa: F401 - re-exported
 from rewriter.ir.fx_view import FxView
 from rewriter.ir.onnx_view import OnnxView
 from rewriter.ir.view import GraphView
@@ -75,7 +77,7 @@ def input_specs(view: GraphView) -> list[InputSpec]:
     names = [n.name for n in view.graph.nodes if n.op == "placeholder"]
     for name, x in zip(names, view.example_inputs):
         t = torch.as_tensor(x)
-        dtype = t.numpy().dtype if t.dtype != torch.bfloat16 else np.dtype(np.float32)
+        dtype = to_numpy(t).dtype
         high = int(t.max()) + 1 if not t.is_floating_point() and t.numel() else None
         specs.append(InputSpec(name, list(t.shape), dtype, high))
     return specs
@@ -243,12 +245,12 @@ class Runner:
                 return self._run_shadow(feeds)
             return run_onnx(self._onnx_session(), feeds)
         names = [n.name for n in self.view.graph.nodes if n.op == "placeholder"]
-        args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names]
+        args = [to_torch(feeds[n]) for n in names]
         with torch.no_grad():
             out = self.view.gm(*args)
         flat = torch.utils._pytree.tree_leaves(out)
-        return {f"output_{i}": t.detach().float().numpy() if t.dtype == torch.bfloat16 else t.detach().numpy()
-                for i, t in enumerate(flat) if isinstance(t, torch.Tensor)}
+        # bf16 outputs stay bf16 (as ml_dtypes arrays), so the bfloat16 tolerance applies
+        return {f"output_{i}": to_numpy(t) for i, t in enumerate(flat) if isinstance(t, torch.Tensor)}
 
 
 def compare(reference: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray],

@@ -318,3 +318,42 @@ def test_reader_inside_subgraph_blocks_folding_into_readers(rng):
     res = rewriter.rewrite(m, ["foldnorm"])
     bn = [s for s in res.records[0].declined if s.site == "bn"]
     assert bn and "also read by other:subgraph:" in bn[0].reason
+
+
+def test_bf16_bench_is_a_one_line_error(tmp_path, monkeypatch, capsys, rng):
+    """--bench on a bf16 model (no bf16 Gemm kernel in ORT on CPU): exit 2, one line naming
+    the missing kernel, no output file, input untouched."""
+    onnx.save(_bf16(_gemm_bn(rng)), tmp_path / "m.onnx")
+    digest = hashlib.sha256((tmp_path / "m.onnx").read_bytes()).hexdigest()
+    before = set(os.listdir(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    rc = main(["m.onnx", "--passes", "foldnorm", "-o", "out.onnx", "--bench"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert rc == 2, err
+    assert len(lines) == 1 and "Traceback" not in err and "no kernel for Gemm" in lines[0], err
+    assert set(os.listdir(tmp_path)) == before
+    assert hashlib.sha256((tmp_path / "m.onnx").read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("name,pass_name,gone", [("bn-cnn", "foldnorm", "batch_norm"), ("prenorm-gpt", "rms", "layer_norm")])
+def test_bf16_torch_model(name, pass_name, gone):
+    """A bf16 torch module: parameters folded in float64 and written back as bf16, verified at
+    the bfloat16 tolerance (not float32's), and the rewritten module means the same in bf16."""
+    import torch
+
+    import models_zoo
+
+    module, example = models_zoo.build(name)
+    module = module.to(torch.bfloat16)
+    example = tuple(e.to(torch.bfloat16) if e.is_floating_point() else e for e in example)
+    res = rewriter.rewrite(module, [pass_name], example_inputs=example)
+    assert res.passed and res.records[0].applied
+    assert [o["tolerance"] for o in res.verification["outputs"]] == [2e-2]
+    gm = res.model
+    targets = " ".join(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+    assert gone not in targets
+    assert {p.dtype for p in gm.parameters()} | {b.dtype for b in gm.buffers() if b.is_floating_point()} == {torch.bfloat16}
+    with torch.no_grad():
+        want, got = module(*example).float().numpy(), gm(*example).float().numpy()
+    assert max_rel(want, got) <= 2e-2

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from rewriter.ir.dtypes import to_numpy, to_torch
 from rewriter.ir.view import (
     Affine,
     ConvParams,
@@ -244,7 +245,8 @@ class FxView(GraphView):
     # -- constants ---------------------------------------------------------------------
     def const_value(self, value: Any) -> np.ndarray | None:
         t = self._const_tensor(value)
-        return None if t is None else t.detach().cpu().numpy()
+        # bfloat16 as float32: the same values, and numpy math works on it
+        return None if t is None else to_numpy(t.float() if t.dtype == torch.bfloat16 else t)
 
     def _const_tensor(self, value: Any) -> torch.Tensor | None:
         if not isinstance(value, fx.Node):
@@ -689,7 +691,7 @@ class FxView(GraphView):
 
     def capture(self, values, feeds) -> list[np.ndarray]:
         names = [n.name for n in self.graph.nodes if n.op == "placeholder"]
-        args = [torch.as_tensor(np.ascontiguousarray(feeds[n])) for n in names]
+        args = [to_torch(feeds[n]) for n in names]
         want: dict[fx.Node, Any] = {v: None for v in values}
 
         class _Recorder(fx.Interpreter):
@@ -700,7 +702,7 @@ class FxView(GraphView):
                 return result
 
         # export specialises the batch dim: run in chunks of the example inputs' batch
-        ex = [torch.as_tensor(e) for e in self.example_inputs]
+        ex = [to_torch(e) for e in self.example_inputs]
         step = min((e.shape[0] for e in ex if e.dim()), default=None)
         total = min((a.shape[0] for a in args if a.dim()), default=None)
         starts = [0] if not step or not total or total <= step else range(0, total // step * step, step)
