@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from passes.residual import NORM_OPS, ResidualStream, StreamNorm, Writer, analyze
-from rewriter.ir.view import Declined, GraphView, LinearParams
+from rewriter.ir.view import Declined, GraphView, LinearParams, map_rows
 from rewriter.pass_api import Kind, Pass, Site, register
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,29 @@ class _Plan:
 def _center_rows(a: np.ndarray) -> np.ndarray:
     """Subtract each row's mean over the last axis (channels)."""
     return a - a.mean(axis=-1, keepdims=True)
+
+
+def _centered(k: int):
+    """A ``map_rows`` function: each float64 row minus its mean, first ``k`` columns kept."""
+    def fn(block: np.ndarray, rows: slice) -> np.ndarray:
+        block -= block.mean(axis=1, keepdims=True)
+        return block[:, :k]
+    return fn
+
+
+def _reader_fold(gamma: np.ndarray | None, bias: np.ndarray | None, beta: np.ndarray | None, d: int | None):
+    """A ``map_rows`` function over the rows of a reader's ``W [out, in]``: ``W diag(gamma)``,
+    ``bias += W beta`` (accumulated into ``bias`` in place), and with ``d`` the compression
+    ``W[:, :d-1] - W[:, d-1]`` (the dropped coordinate is minus the sum of the others)."""
+    def fn(block: np.ndarray, rows: slice) -> np.ndarray:
+        if beta is not None:
+            bias[rows] += block @ beta
+        if gamma is not None:
+            block *= gamma[None, :]
+        if d is not None:
+            return block[:, : d - 1] - block[:, d - 1 : d]
+        return block
+    return fn
 
 
 class _StreamPass(Pass):
@@ -179,13 +202,14 @@ class _StreamPass(Pass):
     def _apply_writer(self, view: GraphView, w: Writer, d: int) -> None:
         k = d - 1 if self.compress else d
         if w.kind == "embedding":
-            t = _center_rows(view.embedding(w.node))
-            view.set_embedding(w.node, t[:, :k])
+            table = view.embedding(w.node, dtype=None)
+            view.set_embedding(w.node, map_rows(table, _centered(k), k, table.dtype))
         elif w.kind == "linear":
-            p = view.linear(w.node)
-            wt = p.weight - p.weight.mean(axis=0, keepdims=True)
-            b = None if p.bias is None else p.bias - p.bias.mean()
-            view.set_linear(w.node, LinearParams(wt[:k], None if b is None else b[:k]))
+            # centre over the outputs: row-wise on W.T ([in, out]); keep the first k outputs
+            p = view.linear(w.node, dtype=None)
+            wt = map_rows(p.weight.T, _centered(k), k, p.weight.dtype).T
+            b = None if p.bias is None else p.bias.astype(np.float64)
+            view.set_linear(w.node, LinearParams(wt, None if b is None else (b - b.mean())[:k]))
         elif w.kind == "conv":
             p = view.conv(w.node)
             wt = p.weight - p.weight.mean(axis=0, keepdims=True)
@@ -228,15 +252,13 @@ class _StreamPass(Pass):
         if sn.foldable and (fold or self.compress):
             # one read and one write per reader: fold gamma/beta, then (crms) the dropped column
             for lin, chain in sn.linears:
-                p = view.linear(lin)
-                w, b = p.weight, p.bias
-                if fold:
-                    if gamma is not None:
-                        w = w * gamma[None, :]
-                    if beta is not None:
-                        b = (b if b is not None else np.zeros(w.shape[0])) + p.weight @ beta
-                if self.compress:
-                    w = w[:, : d - 1] - w[:, d - 1 : d]
+                p = view.linear(lin, dtype=None)
+                b = None if p.bias is None else p.bias.astype(np.float64)
+                if fold and beta is not None:
+                    b = np.zeros(p.weight.shape[0]) if b is None else b.copy()
+                w = map_rows(p.weight, _reader_fold(gamma if fold else None, b if fold else None,
+                                                    beta if fold else None, d if self.compress else None),
+                             d - 1 if self.compress else d, p.weight.dtype)
                 view.set_linear(lin, LinearParams(w, b))
                 if fold:
                     view.tag(lin, self.name, [sn.node.name])
@@ -272,7 +294,7 @@ def _exclusive(view: GraphView, w: Writer) -> bool:
 def _tied_reader(view: GraphView, stream: ResidualStream, w: Writer) -> str:
     """The name of a linear reading a norm whose weight equals this embedding table."""
     try:
-        table = view.embedding(w.node)
+        table = view.embedding(w.node, dtype=None)
     except Declined:
         return ""
     for sn in stream.norms:
@@ -280,8 +302,8 @@ def _tied_reader(view: GraphView, stream: ResidualStream, w: Writer) -> str:
             out = view.shape(lin.output) if lin.output is not None else None
             if out and out[-1] is not None and out[-1] != table.shape[0]:
                 continue  # fewer or more outputs than the table has rows: no need to read it
-            wt = view.linear(lin).weight
-            if wt.shape == table.shape and np.array_equal(wt, table):
+            wt = view.linear(lin, dtype=None).weight
+            if wt.shape == table.shape and (wt is table or np.array_equal(wt, table)):
                 return lin.name
     return ""
 

@@ -44,13 +44,33 @@ __all__ = ["Snapshot", "SnapNode", "snapshot", "graph_diff", "diff_models"]
 
 @dataclasses.dataclass
 class Param:
-    """A constant input of a node: shape, dtype and a content digest."""
+    """A constant input of a node: shape, dtype and a content digest. The digest is computed
+    on first use from ``source`` (a callable returning the array), and only when two
+    parameters have to be told apart by content: the same tensor object on both sides is
+    the same parameter without reading it (rewrites are copy-on-write)."""
 
     shape: tuple[int, ...]
     dtype: str
-    digest: str
+    source: Any  # a str digest, or a callable returning the array
     size: int
     nbytes: int
+    ident: Any = None  # the tensor object, when identity tells sameness
+
+    @property
+    def digest(self) -> str:
+        if callable(self.source):
+            try:
+                self.source = _digest(self.source())
+            except Exception:  # noqa: BLE001 - data not loadable: compare by shape
+                self.source = "?"
+        return self.source
+
+    def same(self, other: Param) -> bool:
+        if (self.shape, self.dtype) != (other.shape, other.dtype):
+            return False
+        if self.ident is not None and self.ident is other.ident:
+            return True
+        return self.digest == other.digest
 
 
 @dataclasses.dataclass
@@ -139,16 +159,13 @@ def _onnx_snapshot(view) -> Snapshot:
             ins.append(v.name or f"?{id(v)}")
             if v.is_initializer() and v.const_value is not None and not v.is_graph_input():
                 t = v.const_value
-                try:
-                    if isinstance(t, ir.ExternalTensor):
-                        # passes never change external tensors in place (edits make new
-                        # in-memory ones), so where the bytes live identifies them: no read
-                        digest = f"external:{t.location}:{getattr(t, 'offset', None)}:{getattr(t, 'length', None)}"
-                    else:
-                        digest = _digest(t.numpy())
-                except Exception:  # noqa: BLE001 - external data not loadable: compare by shape
-                    digest = "?"
-                params[i] = Param(tuple(int(d) for d in t.shape), str(t.dtype), digest, int(t.size), int(t.nbytes))
+                if isinstance(t, ir.ExternalTensor):
+                    # passes never change external tensors in place (edits make new
+                    # in-memory ones), so where the bytes live identifies them: no read
+                    digest = f"external:{t.location}:{getattr(t, 'offset', None)}:{getattr(t, 'length', None)}"
+                else:
+                    digest = t.numpy
+                params[i] = Param(tuple(int(d) for d in t.shape), str(t.dtype), digest, int(t.size), int(t.nbytes), t)
         outs = []
         for o in raw.outputs:
             name = o.name or f"?{id(o)}"
@@ -234,8 +251,8 @@ def _fx_snapshot(view) -> Snapshot:
             ins.append(a.name)
             if a.name in params_of:
                 t = params_of[a.name].detach()
-                arr = t.float().cpu().numpy() if t.dtype == torch.bfloat16 else t.cpu().numpy()
-                params[i] = Param(tuple(t.shape), str(t.dtype).replace("torch.", ""), _digest(arr),
+                params[i] = Param(tuple(t.shape), str(t.dtype).replace("torch.", ""),
+                                  lambda t=t: t.float().cpu().numpy() if t.dtype == torch.bfloat16 else t.cpu().numpy(),
                                   int(t.numel()), int(t.numel() * t.element_size()))
         other = [repr(a) for a in torch.utils._pytree.tree_leaves((n.args, n.kwargs)) if not isinstance(a, torch.fx.Node)]
         shapes[n.name] = meta_shape(n)
@@ -368,9 +385,7 @@ def _changes(m: _Matcher, ka: str, kb: str) -> list[str]:
     what = []
     if na.attrs != nb.attrs:
         what.append("attributes")
-    pa = {i: (p.shape, p.digest) for i, p in na.params.items()}
-    pb = {i: (p.shape, p.digest) for i, p in nb.params.items()}
-    if pa != pb:
+    if na.params.keys() != nb.params.keys() or any(not na.params[i].same(nb.params[i]) for i in na.params):
         what.append("parameters")
     if len(na.inputs) != len(nb.inputs) or m._src_a(na) != m._src_b(nb):
         what.append("inputs")

@@ -137,12 +137,9 @@ def infer_shapes(view: OnnxView) -> None:
     if not missing:
         return
     try:
-        total = sum(v.const_value.nbytes for v in view.graph.initializers.values() if v.const_value is not None)
-        if total > _EXTERNAL_THRESHOLD:
-            return
         import onnx
 
-        inferred = onnx.shape_inference.infer_shapes(ir.serde.serialize_model(view.model), strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(_shape_only_proto(view.model), strict_mode=False)
         infos = {vi.name: vi.type for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
         for v in missing:
             t = infos.get(v.name)
@@ -157,6 +154,24 @@ def infer_shapes(view: OnnxView) -> None:
 
         logging.getLogger(__name__).info("shape inference failed: %s", err)
 
+
+
+def _shape_only_proto(model: ir.Model) -> Any:
+    """The model as a proto in which every large in-memory initializer is a reference to
+    external data that is never read: shape inference needs shapes, not weights, and
+    copying ~GBs of weights into a proto would cost more than the whole rewrite."""
+    swapped = []
+    try:
+        for v in model.graph.initializers.values():
+            t = v.const_value
+            if t is not None and t.nbytes > (1 << 16) and not isinstance(t, ir.ExternalTensor):
+                v.const_value = ir.ExternalTensor("__shape_only__", 0, t.nbytes, t.dtype, shape=t.shape,
+                                                  name=v.name, base_dir="")
+                swapped.append((v, t))
+        return ir.serde.serialize_model(model)
+    finally:
+        for v, t in swapped:
+            v.const_value = t
 
 
 def _check_external_data(view: OnnxView, path: Path) -> None:

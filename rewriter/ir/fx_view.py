@@ -298,7 +298,7 @@ class FxView(GraphView):
         return node
 
     # -- semantics ---------------------------------------------------------------------
-    def linear(self, node: Node) -> LinearParams:
+    def linear(self, node: Node, *, dtype: Any = np.float64) -> LinearParams:
         raw = node.raw[0]
         t = raw.target
         if t is aten.linear.default:
@@ -309,7 +309,9 @@ class FxView(GraphView):
             b = self.const_value(raw.args[0])
         else:
             w, b = self.const_value(raw.args[1]).T, None
-        return LinearParams(w.astype(np.float64), None if b is None else b.astype(np.float64))
+        if dtype is None:
+            return LinearParams(w, b)
+        return LinearParams(w.astype(dtype), None if b is None else b.astype(dtype))
 
     def set_linear(self, node: Node, params: LinearParams) -> None:
         raw = node.raw[0]
@@ -469,11 +471,11 @@ class FxView(GraphView):
                 out.extend(x for x in a if isinstance(x, fx.Node))
         return out
 
-    def embedding(self, node: Node) -> np.ndarray:
+    def embedding(self, node: Node, *, dtype: Any = np.float64) -> np.ndarray:
         table = self.const_value(node.raw[0].args[0])
         if table is None or table.ndim != 2:
             raise Declined(f"{node.name}: its table is not a constant matrix")
-        return table.astype(np.float64)
+        return table if dtype is None else table.astype(dtype)
 
     def set_embedding(self, node: Node, table: np.ndarray) -> None:
         raw = node.raw[0]

@@ -283,25 +283,33 @@ class OnnxView(GraphView):
         return c.dtype if c is not None else np.dtype(np.float32)
 
     # -- semantics ---------------------------------------------------------------------
-    def linear(self, node: Node) -> LinearParams:
+    def linear(self, node: Node, *, dtype: Any = np.float64) -> LinearParams:
+        def cast(a: np.ndarray) -> np.ndarray:
+            return a if dtype is None else a.astype(dtype)
+
         raw = node.raw[0]
         if raw.op_type == "MatMul":
-            w = self.const_value(raw.inputs[1]).astype(np.float64).T
+            w = cast(self.const_value(raw.inputs[1])).T
             b = None
             if len(node.raw) > 1:
                 add = node.raw[1]
                 other = add.inputs[1] if add.inputs[0] is raw.outputs[0] else add.inputs[0]
-                b = self.const_value(other).astype(np.float64).reshape(-1)
+                b = cast(self.const_value(other)).reshape(-1)
             return LinearParams(w, b)
         # Gemm: Y = alpha * A @ B' + beta * C, B' = B.T if transB
         alpha = raw.attributes.get_float("alpha", 1.0)
         beta = raw.attributes.get_float("beta", 1.0)
-        bmat = self.const_value(raw.inputs[1]).astype(np.float64)
-        w = alpha * (bmat if raw.attributes.get_int("transB", 0) else bmat.T)
+        if dtype is None and (alpha != 1.0 or beta != 1.0):
+            dtype = np.float64
+        bmat = cast(self.const_value(raw.inputs[1]))
+        w = bmat if raw.attributes.get_int("transB", 0) else bmat.T
+        if alpha != 1.0:
+            w = alpha * w
         b = None
         if len(raw.inputs) > 2 and raw.inputs[2] is not None:
-            c = self.const_value(raw.inputs[2]).astype(np.float64).reshape(-1)
-            b = beta * np.broadcast_to(c, (w.shape[0],)).copy()
+            c = cast(self.const_value(raw.inputs[2])).reshape(-1)
+            b = np.broadcast_to(c, (w.shape[0],))
+            b = beta * b if beta != 1.0 else (b if dtype is None else b.copy())
         return LinearParams(w, b)
 
     def set_linear(self, node: Node, params: LinearParams) -> None:
@@ -314,7 +322,7 @@ class OnnxView(GraphView):
                 if r.outputs[0].shape[-1] != out_width:
                     self.set_dim(r.outputs[0], -1, out_width)
         if raw.op_type == "MatMul":
-            raw.replace_input_with(1, self._new_initializer(base, params.weight.T.astype(wdt)))
+            raw.replace_input_with(1, self._new_initializer(base, params.weight.T.astype(wdt, copy=False)))
             if params.bias is None:
                 return
             if len(node.raw) > 1:
@@ -339,7 +347,7 @@ class OnnxView(GraphView):
         # Gemm: write the effective weight back with alpha = beta = 1
         trans_b = raw.attributes.get_int("transB", 0)
         w = params.weight if trans_b else params.weight.T
-        raw.replace_input_with(1, self._new_initializer(base, np.ascontiguousarray(w).astype(wdt)))
+        raw.replace_input_with(1, self._new_initializer(base, np.ascontiguousarray(w).astype(wdt, copy=False)))
         raw.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
         raw.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
         if params.bias is not None:
@@ -466,19 +474,19 @@ class OnnxView(GraphView):
     def operands(self, node: Node) -> list[Value]:
         return [v for v in node.raw[0].inputs if v is not None]
 
-    def embedding(self, node: Node) -> np.ndarray:
+    def embedding(self, node: Node, *, dtype: Any = np.float64) -> np.ndarray:
         raw = node.raw[0]
         if raw.attributes.get_int("axis", 0) != 0:
             raise Declined(f"{node.name} gathers along axis {raw.attributes.get_int('axis', 0)}, not rows")
         table = self.const_value(raw.inputs[0])
         if table is None or table.ndim != 2:
             raise Declined(f"{node.name}: its table is not a constant matrix")
-        return table.astype(np.float64)
+        return table if dtype is None else table.astype(dtype)
 
     def set_embedding(self, node: Node, table: np.ndarray) -> None:
         raw = node.raw[0]
         dt = self._dtype_of(raw.inputs[0])
-        raw.replace_input_with(0, self._new_initializer(raw.inputs[0].name or node.name, table.astype(dt)))
+        raw.replace_input_with(0, self._new_initializer(raw.inputs[0].name or node.name, table.astype(dt, copy=False)))
         self.set_dim(raw.outputs[0], -1, table.shape[1])
         self._const_cache.clear()
 

@@ -72,6 +72,27 @@ class LinearParams:
     bias: np.ndarray | None
 
 
+_BLOCK_ELEMS = 1 << 15  # float64 elements per block of map_rows (256 KiB: stays in cache)
+
+
+def map_rows(a: np.ndarray, fn, width: int, dtype: Any) -> np.ndarray:
+    """``fn`` applied to ``a`` (2-D, any dtype) in blocks of rows converted to float64, the
+    results (``width`` columns each) cast once to ``dtype``: ``fn(block64, rows) -> array``
+    where ``rows`` is the block's slice. Equals ``fn(a.astype(float64), slice(None))
+    .astype(dtype)`` for a row-wise ``fn``, without materialising ``a`` in float64: large
+    weights are folded at memory speed. The result has ``a``'s memory order, so that a
+    transposed weight (an ONNX MatMul's ``[in, out]`` seen as ``[out, in]``) goes back to
+    its layout without a copy."""
+    rows = a.shape[0]
+    order = "F" if a.flags.f_contiguous and not a.flags.c_contiguous else "C"
+    out = np.empty((rows, width), dtype=dtype, order=order)
+    step = max(1, _BLOCK_ELEMS // max(1, a.shape[1]))
+    for s in range(0, rows, step):
+        sl = slice(s, min(s + step, rows))
+        out[sl] = fn(a[sl].astype(np.float64), sl)
+    return out
+
+
 @dataclasses.dataclass
 class ConvParams:
     """Convolution weight ``[out, in/groups, *kernel]``, bias ``[out]`` or None (float64)."""
@@ -248,7 +269,11 @@ class GraphView(abc.ABC):
 
     # -- semantics ---------------------------------------------------------------------
     @abc.abstractmethod
-    def linear(self, node: Node) -> LinearParams: ...
+    def linear(self, node: Node, *, dtype: Any = np.float64) -> LinearParams:
+        """The parameters of a ``linear`` node as ``dtype`` arrays (fresh copies). With
+        ``dtype=None``: as stored when no arithmetic is needed to present them in the
+        ``[out, in]`` layout (possibly a read-only view: do not write to it; see
+        ``map_rows``), float64 otherwise."""
 
     @abc.abstractmethod
     def set_linear(self, node: Node, params: LinearParams) -> None: ...
@@ -283,8 +308,9 @@ class GraphView(abc.ABC):
         """The value as an array when it depends on constants only, else None."""
         raise NotImplementedError
 
-    def embedding(self, node: Node) -> np.ndarray:
-        """The table ``[rows, width]`` of an ``embedding`` node (float64)."""
+    def embedding(self, node: Node, *, dtype: Any = np.float64) -> np.ndarray:
+        """The table ``[rows, width]`` of an ``embedding`` node as ``dtype`` (``None``: as
+        stored, read-only)."""
         raise NotImplementedError
 
     def set_embedding(self, node: Node, table: np.ndarray) -> None:
