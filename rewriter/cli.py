@@ -121,7 +121,7 @@ def _attach_diff(report: dict, before, after) -> tuple | None:
     from rewriter.diff import diff_models
 
     try:
-        d, sa, sb = diff_models(before, after)
+        d, sa, sb = diff_models(before, after, copy_on_write=True)
     except Exception as e:  # noqa: BLE001
         if logging.getLogger().isEnabledFor(logging.DEBUG):
             raise

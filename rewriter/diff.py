@@ -65,11 +65,17 @@ class Param:
                 self.source = "?"
         return self.source
 
-    def same(self, other: Param) -> bool:
+    def same(self, other: Param, copy_on_write: bool = False) -> bool:
+        """Same content. ``copy_on_write``: ``other`` comes from a rewrite of this model,
+        which writes a new tensor exactly when it changes a parameter, so two different
+        in-memory tensor objects are different parameters (no read needed)."""
         if (self.shape, self.dtype) != (other.shape, other.dtype):
             return False
-        if self.ident is not None and self.ident is other.ident:
-            return True
+        if self.ident is not None and other.ident is not None:
+            if self.ident is other.ident:
+                return True
+            if copy_on_write:
+                return False
         return self.digest == other.digest
 
 
@@ -291,6 +297,8 @@ def _wl_hashes(snap: Snapshot, g: nx.DiGraph, rounds: int = 2) -> dict[str, str]
 
 
 class _Matcher:
+    copy_on_write = False
+
     def __init__(self, a: Snapshot, b: Snapshot):
         self.a, self.b = a, b
         self.ga, self.gb = a.to_networkx(), b.to_networkx()
@@ -385,7 +393,8 @@ def _changes(m: _Matcher, ka: str, kb: str) -> list[str]:
     what = []
     if na.attrs != nb.attrs:
         what.append("attributes")
-    if na.params.keys() != nb.params.keys() or any(not na.params[i].same(nb.params[i]) for i in na.params):
+    if na.params.keys() != nb.params.keys() or any(not na.params[i].same(nb.params[i], m.copy_on_write)
+                                                    for i in na.params):
         what.append("parameters")
     if len(na.inputs) != len(nb.inputs) or m._src_a(na) != m._src_b(nb):
         what.append("inputs")
@@ -419,10 +428,13 @@ def _tag_pass(snap: Snapshot, key: str | None) -> str | None:
     return node.provenance["pass"] if node is not None and node.provenance else None
 
 
-def graph_diff(before: Any, after: Any) -> dict[str, Any]:
-    """The diff of two models (anything ``snapshot`` accepts) as a JSON-ready dict."""
+def graph_diff(before: Any, after: Any, *, copy_on_write: bool = False) -> dict[str, Any]:
+    """The diff of two models (anything ``snapshot`` accepts) as a JSON-ready dict.
+    ``copy_on_write``: ``after`` is a rewrite of ``before`` in this process (parameters
+    are then compared by tensor identity, see ``Param.same``)."""
     a, b = snapshot(before), snapshot(after)
     m = _Matcher(a, b)
+    m.copy_on_write = copy_on_write
     m.run()
     added, removed, changed = [], [], []
     removed_by: dict[str, str] = {}
@@ -516,10 +528,10 @@ def graph_diff(before: Any, after: Any) -> dict[str, Any]:
     }
 
 
-def diff_models(before: Any, after: Any) -> tuple[dict[str, Any], Snapshot, Snapshot]:
+def diff_models(before: Any, after: Any, *, copy_on_write: bool = False) -> tuple[dict[str, Any], Snapshot, Snapshot]:
     """``graph_diff`` plus the two snapshots (for pictures)."""
     a, b = snapshot(before), snapshot(after)
-    return graph_diff(a, b), a, b
+    return graph_diff(a, b, copy_on_write=copy_on_write), a, b
 
 
 def op_rows(before: dict[str, int], after: dict[str, int]) -> list[tuple[str, int, int, int]]:

@@ -25,6 +25,7 @@ import torch
 from rewriter.errors import BadInput
 from rewriter.ir.fx_view import FxView, capture
 from rewriter.ir.onnx_view import OnnxView
+from rewriter.ir.onnx_writer import save_single_file
 from rewriter.ir.view import GraphView
 
 _EXTERNAL_THRESHOLD = 1 << 30  # save weights as external data above 1 GiB
@@ -250,7 +251,7 @@ def save(view: GraphView, target: str | os.PathLike) -> Path:
                 ir.save(view.model, tmp, external_data=data_name)
                 os.replace(tmpdir / data_name, parent / data_name)
             else:
-                ir.save(view.model, tmp)
+                save_single_file(view.model, tmp)
             os.replace(tmp, target)
         else:
             if target.suffix.lower() != ".pt2":

@@ -151,3 +151,30 @@ def test_statuses_for_pictures():
                           helper.make_node("Mul", ["sg", "s"], ["y"], name="scale")]
     before, after = statuses(graph_diff(a, _model(nodes2, inits)))
     assert after["gate"] == "added" and after["scale"] == "rewired" and "gate" not in before
+
+
+def test_param_sameness_by_identity_or_content():
+    """Without copy-on-write knowledge, parameters are compared by content; a rewrite's own
+    diff compares in-memory tensors by identity (a new tensor means a written parameter) and
+    never reads them."""
+    import numpy as np
+    import onnx_ir as ir
+
+    from rewriter.diff import Param
+
+    a = ir.tensor(np.arange(6, dtype=np.float32))
+    b = ir.tensor(np.arange(6, dtype=np.float32))
+    reads = []
+
+    def param(t):
+        def source():
+            reads.append(t)
+            return t.numpy()
+        return Param((6,), "FLOAT", source, 6, 24, t)
+
+    assert param(a).same(param(a), copy_on_write=True) and not reads
+    assert not param(a).same(param(b), copy_on_write=True) and not reads
+    assert param(a).same(param(b)) and len(reads) == 2
+    c = ir.tensor(np.arange(1, 7, dtype=np.float32))
+    assert not param(a).same(param(c))
+    assert not Param((3,), "FLOAT", "x", 3, 12).same(Param((6,), "FLOAT", "x", 6, 24))

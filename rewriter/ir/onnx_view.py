@@ -722,10 +722,11 @@ class OnnxView(GraphView):
                 raise Declined(f"{name}: the width of its input is unknown")
             scale = weight if weight is not None else np.ones(width)
             scale_v = self._new_initializer(f"{name}.scale", scale.astype(dt))
-            consts = {"axes": self._int64_const(f"{name}_axes", [-1]),
-                      "eps": self._new_initializer(f"{name}_eps", np.asarray([eps], dtype=dt))}
-            nodes = F.rms_nodes(x, scale_v if (weight is not None or self.opset >= 23) else None,
-                                eps, self.opset, f"{name}_rms", consts)
+            consts = {} if self.opset >= 23 else {
+                "axes": self._int64_const(f"{name}_axes", [-1]),
+                "eps": self._new_initializer(f"{name}_eps", np.asarray([eps], dtype=dt)),
+                "two": self._new_initializer(f"{name}_two", np.asarray(2, dtype=dt))}
+            nodes = F.rms_nodes(x, scale_v, eps, self.opset, f"{name}_rms", consts)
             weight = None
         elif kind == "crms_norm":
             if width is None:

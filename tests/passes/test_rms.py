@@ -69,13 +69,26 @@ def test_rms_onnx_opset18_upgraded(name):
     assert err <= 1e-5
 
 
-def test_rms_onnx_opset18_chain_without_upgrade():
-    """upgrade_opset=false keeps opset 18 and emits the standard-op RMS chain."""
+def test_rms_onnx_opset18_chain_without_upgrade(tmp_path):
+    """upgrade_opset=false keeps opset 18 and emits the standard-op RMS chain, in the form
+    ONNX Runtime fuses into its RMSNorm kernel (Pow, not Mul(x, x); the scale Mul kept)."""
     res, err = rewrite_onnx("zoo:prenorm-gpt", "rms", upgrade_opset="false")
     ops = onnx_ops(res.model)
     assert res.model.opset_imports[""] == 18
     assert "RMSNormalization" not in ops and "LayerNormalization" not in ops
     assert ops.count("ReduceMean") >= 5 and err <= 1e-5
+    # the chain is in the form ORT fuses into one SimplifiedLayerNormalization kernel
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    opts.log_severity_level = 3
+    ort.InferenceSession(ir.serde.serialize_model(res.model).SerializeToString(), opts,
+                         providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in ir.load(tmp_path / "opt.onnx").graph]
+    n_norms = onnx_ops(onnx_model("zoo:prenorm-gpt")).count("LayerNormalization")
+    assert fused.count("SimplifiedLayerNormalization") == n_norms
 
 
 @pytest.mark.parametrize("name", ["zoo:prenorm-gpt", "hf:gpt2"])
