@@ -9,6 +9,7 @@ left as they are.
 from __future__ import annotations
 
 import itertools
+import os
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -62,15 +63,17 @@ def _np_dtype(dtype: ir.DataType) -> np.dtype:
 
 
 def _read_tensor(t: ir.TensorProtocol) -> np.ndarray:
-    """The tensor as an array. An external tensor of a plain numpy dtype is read with
-    ``np.fromfile``, not through onnx-ir's memory map (which would keep every page read
-    resident for as long as the model lives); anything else via ``numpy()``."""
+    """The tensor as an array. An external tensor of a plain numpy dtype is a private
+    (copy-on-write) memory map of its bytes that lives as long as the returned array, not
+    onnx-ir's map of the whole file (which would keep every page read resident for as long
+    as the model lives) nor a copy (which would allocate the weights' size in fresh memory
+    when the pages are already in the page cache); anything else via ``numpy()``."""
     if isinstance(t, ir.ExternalTensor) and t.size:
         dt = np.dtype(t.dtype.numpy())
-        if dt.kind in "fiub" and dt.itemsize * 8 == t.dtype.bitwidth:
-            a = np.fromfile(t.path, dtype=dt.newbyteorder("<"), count=t.size, offset=t.offset or 0)
-            if a.size == t.size:
-                return a.astype(dt, copy=False).reshape(t.shape.numpy())
+        if dt.kind in "fiub" and dt.itemsize * 8 == t.dtype.bitwidth and dt.byteorder in "=<|":
+            offset = t.offset or 0
+            if os.path.getsize(t.path) >= offset + t.size * dt.itemsize:
+                return np.memmap(t.path, dtype=dt, mode="c", offset=offset, shape=tuple(t.shape.numpy()))
     return t.numpy()
 
 

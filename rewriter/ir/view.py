@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import abc
 import collections
+import concurrent.futures
+import os
 import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -72,7 +74,8 @@ class LinearParams:
     bias: np.ndarray | None
 
 
-_BLOCK_ELEMS = 1 << 15  # float64 elements per block of map_rows (256 KiB: stays in cache)
+_BLOCK_ELEMS = 1 << 18  # float64 elements per block of map_rows (2 MiB: fastest measured here)
+_THREAD_ELEMS = 1 << 22  # arrays at least this large are split across threads
 
 
 def map_rows(a: np.ndarray, fn, width: int, dtype: Any) -> np.ndarray:
@@ -80,16 +83,29 @@ def map_rows(a: np.ndarray, fn, width: int, dtype: Any) -> np.ndarray:
     results (``width`` columns each) cast once to ``dtype``: ``fn(block64, rows) -> array``
     where ``rows`` is the block's slice. Equals ``fn(a.astype(float64), slice(None))
     .astype(dtype)`` for a row-wise ``fn``, without materialising ``a`` in float64: large
-    weights are folded at memory speed. The result has ``a``'s memory order, so that a
-    transposed weight (an ONNX MatMul's ``[in, out]`` seen as ``[out, in]``) goes back to
-    its layout without a copy."""
+    weights are folded at memory speed. ``fn`` may write to its block and to other arrays
+    at ``rows`` only: blocks of a large array run on several threads (numpy releases the
+    GIL). The result has ``a``'s memory order, so that a transposed weight (an ONNX
+    MatMul's ``[in, out]`` seen as ``[out, in]``) goes back to its layout without a copy."""
+    a = a.view(np.ndarray)  # a plain view of a memory map: slicing a np.memmap is slow
     rows = a.shape[0]
     order = "F" if a.flags.f_contiguous and not a.flags.c_contiguous else "C"
     out = np.empty((rows, width), dtype=dtype, order=order)
     step = max(1, _BLOCK_ELEMS // max(1, a.shape[1]))
-    for s in range(0, rows, step):
-        sl = slice(s, min(s + step, rows))
-        out[sl] = fn(a[sl].astype(np.float64), sl)
+
+    def run(lo: int, hi: int) -> None:
+        for s in range(lo, hi, step):
+            sl = slice(s, min(s + step, hi))
+            out[sl] = fn(a[sl].astype(np.float64), sl)
+
+    workers = min(os.cpu_count() or 1, max(1, a.size // _THREAD_ELEMS), 16)
+    if workers == 1:
+        run(0, rows)
+        return out
+    per = -(-rows // (workers * step)) * step  # whole blocks per worker
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for f in [pool.submit(run, lo, min(lo + per, rows)) for lo in range(0, rows, per)]:
+            f.result()
     return out
 
 
