@@ -56,7 +56,14 @@ class Result:
 
     @property
     def model(self) -> Any:
-        return self.view.model if isinstance(self.view, OnnxView) else self.view.gm
+        """The rewritten model, self-contained: weights that were mapped from a one-file
+        input (``rewriter.ir.onnx_reader``) are read into memory the first time."""
+        if isinstance(self.view, OnnxView):
+            from rewriter.ir.onnx_reader import materialize
+
+            materialize(self.view.model)
+            return self.view.model
+        return self.view.gm
 
     @property
     def passed(self) -> bool:

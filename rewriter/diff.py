@@ -138,6 +138,7 @@ def _shape_json(shape: tuple | None) -> list | None:
 def _onnx_snapshot(view) -> Snapshot:
     import onnx_ir as ir
 
+    from rewriter.ir.onnx_reader import is_mapped
     from rewriter.ir.onnx_view import PROVENANCE_PASS, PROVENANCE_REPLACED
 
     graph = view.graph
@@ -165,7 +166,7 @@ def _onnx_snapshot(view) -> Snapshot:
             ins.append(v.name or f"?{id(v)}")
             if v.is_initializer() and v.const_value is not None and not v.is_graph_input():
                 t = v.const_value
-                if isinstance(t, ir.ExternalTensor):
+                if isinstance(t, ir.ExternalTensor) and not is_mapped(t):
                     # passes never change external tensors in place (edits make new
                     # in-memory ones), so where the bytes live identifies them: no read
                     digest = f"external:{t.location}:{getattr(t, 'offset', None)}:{getattr(t, 'length', None)}"

@@ -24,6 +24,7 @@ import torch
 
 from rewriter.errors import BadInput
 from rewriter.ir.fx_view import FxView, capture
+from rewriter.ir.onnx_reader import load_mapped
 from rewriter.ir.onnx_view import OnnxView
 from rewriter.ir.onnx_writer import save_single_file
 from rewriter.ir.view import GraphView
@@ -89,7 +90,8 @@ def load_onnx(path: str | os.PathLike) -> OnnxView:
     if not head:
         raise BadInput(f"{path}: empty file")
     try:
-        model = ir.load(path)
+        # large weights mapped from the file, not copied (falls back to onnx-ir's loader)
+        model = load_mapped(path) or ir.load(path)
     except Exception as err:  # noqa: BLE001 - any parse failure is bad input
         raise BadInput(f"{path}: not a valid ONNX model ({type(err).__name__})") from None
     if len(model.graph) == 0 and not model.graph.outputs:

@@ -202,11 +202,13 @@ class Runner:
         from backends.ort import make_session
 
         model = self.view.model if model is None else model
+        from rewriter.ir.onnx_reader import inline_proto, is_mapped
+
         inits = model.graph.initializers.values()
-        external = any(isinstance(v.const_value, ir.ExternalTensor) for v in inits)
+        external = any(isinstance(v.const_value, ir.ExternalTensor) and not is_mapped(v.const_value) for v in inits)
         big = sum(v.const_value.nbytes for v in inits if v.const_value is not None) > (1 << 31) - (1 << 24)
         if not (external or big):
-            return make_session(ir.serde.serialize_model(model), optimize=False)
+            return make_session(inline_proto(model), optimize=False)
         tmp = tempfile.mkdtemp(prefix="rewriter-verify-")
         try:
             path = f"{tmp}/model.onnx"

@@ -278,7 +278,9 @@ class RettentionRunner:
         from backends.ort.session import make_session
 
         if isinstance(model, ir.Model):
-            model = ir.serde.serialize_model(model)
+            from rewriter.ir.onnx_reader import inline_proto
+
+            model = inline_proto(model)
         self.session = make_session(model, optimize=optimize, threads=threads)
         names = [i.name for i in self.session.get_inputs()]
         overridable = [i.name for i in self.session.get_overridable_initializers()]

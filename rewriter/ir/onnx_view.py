@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from rewriter.ir.onnx_reader import inline_proto, is_mapped
 from rewriter.ir.view import (
     Affine,
     ConvParams,
@@ -87,7 +88,8 @@ class OnnxView(GraphView):
         self.model = model
         self.path = path
         # whether the source kept its weights as external data: the output does too
-        self.external_data = any(isinstance(v.const_value, ir.ExternalTensor)
+        # (weights mapped from a one-file model by onnx_reader.load_mapped do not count)
+        self.external_data = any(isinstance(v.const_value, ir.ExternalTensor) and not is_mapped(v.const_value)
                                  for v in model.graph.initializers.values())
         # keyed by the value itself (not id(): ids of removed values get reused); edits
         # never change what an existing value computes, so the cache survives them
@@ -846,7 +848,7 @@ class OnnxView(GraphView):
             if cv.dtype is None:
                 cv.dtype = ir.DataType.FLOAT
             model.graph.outputs.append(cv)
-        sess = make_session(ir.serde.serialize_model(model), optimize=False)
+        sess = make_session(inline_proto(model), optimize=False)
         specs = {i.name: i.shape for i in sess.get_inputs()}
         feeds = {k: np.asarray(v) for k, v in feeds.items() if k in specs}
         # a static batch dim smaller than the data's: run in chunks of it
@@ -927,4 +929,4 @@ class OnnxView(GraphView):
         ]
 
     def to_proto(self) -> onnx.ModelProto:
-        return ir.serde.serialize_model(self.model)
+        return inline_proto(self.model)

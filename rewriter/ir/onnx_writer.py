@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from rewriter.ir.onnx_reader import is_mapped
+
 STREAM_BYTES = 1 << 16  # initializers at least this large are streamed
 
 _GRAPH_IN_MODEL = 7  # ModelProto.graph
@@ -49,12 +51,19 @@ def _len_field(number: int, length: int) -> bytes:
 
 def _stream_array(t: ir.TensorProtocol) -> np.ndarray | None:
     """The tensor's bytes as a C-contiguous little-endian array, when it is an in-memory
-    tensor of a byte-aligned dtype whose ``raw_data`` is exactly its array's bytes."""
-    if not isinstance(t, ir.Tensor) or t.nbytes < STREAM_BYTES:
+    tensor (or one mapped from a one-file model, ``onnx_reader``) of a byte-aligned dtype
+    whose ``raw_data`` is exactly its array's bytes."""
+    mapped = is_mapped(t)
+    if not (isinstance(t, ir.Tensor) or mapped) or t.nbytes < STREAM_BYTES:
         return None
     dtype = t.dtype
     if dtype == ir.DataType.STRING or dtype.bitwidth % 8:
         return None
+    if mapped:
+        dt = np.dtype(dtype.numpy())
+        if dt.itemsize * 8 != dtype.bitwidth:
+            return None
+        return np.memmap(t.path, dtype=dt, mode="r", offset=t.offset or 0, shape=(t.size,))
     a = t.numpy()
     if a.dtype.itemsize * 8 != dtype.bitwidth:
         return None
