@@ -174,6 +174,7 @@ def bench_e2e(seqs: list[int], runs: int, threads: int | None) -> None:
         res = rewriter.rewrite(model, ["rms"], options={"rms": {"upgrade_opset": False}})
         assert res.passed and res.model.opset_imports[""] == 18, res.verification
         variants["rms, opset 18 chain"] = res.model
+        variants["original (A/A)"] = model  # a second session of the original: the noise floor
         sessions = {k: _session(m, threads) for k, m in variants.items()}
         med = interleaved(sessions, {sessions["original"].get_inputs()[0].name: ids.numpy()}, runs)
         print(f"end to end, zoo GPT 12x768, batch 1, seq {seq}, median of {runs} interleaved runs")

@@ -45,7 +45,7 @@ from typing import Literal
 
 import numpy as np
 
-from rewriter.ir.view import Affine, Declined, GraphView, LinearParams, Node
+from rewriter.ir.view import Affine, Declined, GraphView, LinearParams, Node, scale_linear
 from rewriter.pass_api import Kind, Pass, Site, register
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ class FoldNorm(Pass):
         if p.op == "linear":
             if axis is not None and axis != -1:
                 return None, f"the norm's channel axis is not {p.name}'s feature axis"
-            n_out = view.linear(p).weight.shape[0]
+            n_out = view.linear(p, dtype=None).weight.shape[0]
         elif p.op == "conv":
             if axis is not None and (rank is None or axis != 1 - rank):
                 return None, f"the norm's channel axis is not {p.name}'s channel axis"
@@ -222,7 +222,7 @@ class FoldNorm(Pass):
                 elif u.op == "linear" and u.inputs[0] is value:
                     if axis is not None and axis != -1:
                         return f"the norm's channel axis is not the feature axis of {u.name}"
-                    n_in = view.linear(u).weight.shape[1]
+                    n_in = view.linear(u, dtype=None).weight.shape[1]
                     if affine.width not in (1, n_in):
                         return f"{affine.width} channels against {u.name}'s {n_in} inputs"
                     targets.append((u, -1))
@@ -269,10 +269,11 @@ class FoldNorm(Pass):
     @staticmethod
     def _fold_into_producer(view: GraphView, layer: Node, affine: Affine) -> None:
         if layer.op == "linear":
-            p = view.linear(layer)
+            p = view.linear(layer, dtype=None)
             k, c = affine.channels(p.weight.shape[0])
-            b = p.bias if p.bias is not None else np.zeros(p.weight.shape[0])
-            view.set_linear(layer, LinearParams(k[:, None] * p.weight, k * b + c))
+            b = p.bias.astype(np.float64) if p.bias is not None else np.zeros(p.weight.shape[0])
+            w, _ = scale_linear(p.weight, out_scale=k)
+            view.set_linear(layer, LinearParams(w, k * b + c))
         else:
             p = view.conv(layer)
             k, c = affine.channels(p.weight.shape[0])
@@ -283,10 +284,11 @@ class FoldNorm(Pass):
     @staticmethod
     def _fold_into_reader(view: GraphView, layer: Node, affine: Affine) -> None:
         if layer.op == "linear":
-            p = view.linear(layer)
+            p = view.linear(layer, dtype=None)
             k, c = affine.channels(p.weight.shape[1])
-            b = p.bias if p.bias is not None else np.zeros(p.weight.shape[0])
-            view.set_linear(layer, LinearParams(p.weight * k[None, :], b + p.weight @ c))
+            b = p.bias.astype(np.float64) if p.bias is not None else np.zeros(p.weight.shape[0])
+            w, shift = scale_linear(p.weight, in_scale=k, in_shift=c)
+            view.set_linear(layer, LinearParams(w, b + shift))
         else:
             p = view.conv(layer)
             w = p.weight  # [out, in/groups, *kernel]

@@ -35,3 +35,28 @@ def test_map_rows_equals_whole_array_float64(monkeypatch, threads, transposed, d
     assert np.array_equal(got, want)
     np.testing.assert_allclose(bias, a.astype(np.float64) @ beta, rtol=1e-12, atol=1e-12)
     assert got.flags.f_contiguous == transposed and got.dtype == a.dtype
+
+
+@pytest.mark.parametrize("threads", [False, True])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_scale_linear_equals_float64_formula(monkeypatch, threads, transposed):
+    """diag(o) W diag(i) in W's dtype and layout, and W @ c in float64, whichever way W is
+    stored and however many threads run."""
+    if threads:
+        monkeypatch.setattr(view_mod, "_THREAD_ELEMS", 1 << 10)
+        monkeypatch.setattr(view_mod.os, "cpu_count", lambda: 3)
+    from rewriter.ir.view import scale_linear
+
+    rng = np.random.default_rng(1)
+    stored = rng.standard_normal((190, 230)).astype(np.float32)
+    w = stored.T if transposed else stored  # [out, in]
+    o, i, c = (rng.standard_normal(n) for n in (w.shape[0], w.shape[1], w.shape[1]))
+    got, shift = scale_linear(w, out_scale=o, in_scale=i, in_shift=c)
+    w64 = w.astype(np.float64)
+    assert np.array_equal(got, (o[:, None] * w64 * i[None, :]).astype(np.float32))
+    assert got.flags.f_contiguous == transposed
+    np.testing.assert_allclose(shift, w64 @ c, rtol=1e-12, atol=1e-12)
+    again, shift2 = scale_linear(w, out_scale=o, in_scale=i, in_shift=c)
+    assert np.array_equal(shift, shift2)  # deterministic
+    only, none = scale_linear(w, out_scale=o)
+    assert none is None and np.array_equal(only, (o[:, None] * w64).astype(np.float32))

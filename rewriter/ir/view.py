@@ -109,6 +109,38 @@ def map_rows(a: np.ndarray, fn, width: int, dtype: Any) -> np.ndarray:
     return out
 
 
+def scale_linear(w: np.ndarray, *, out_scale: np.ndarray | None = None, in_scale: np.ndarray | None = None,
+                 in_shift: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``diag(out_scale) W diag(in_scale)`` in ``w``'s dtype and layout, and ``W @ in_shift``
+    (float64, of the unscaled ``W``), for a linear weight ``w [out, in]`` as ``linear(...,
+    dtype=None)`` returns it: folded in float64 blocks along the stored rows (``map_rows``),
+    so a transposed (ONNX MatMul ``[in, out]``) weight is read and written in memory order.
+    The ``W @ in_shift`` partial sums are added in row order: the result does not depend on
+    the threads."""
+    wt = w.T
+    transposed = not w.flags.c_contiguous and wt.flags.c_contiguous
+    src, rs, cs = (wt, in_scale, out_scale) if transposed else (w, out_scale, in_scale)
+    partials: dict[int, np.ndarray] = {}
+    shift_out = None if in_shift is None else np.zeros(w.shape[0])
+
+    def fn(block: np.ndarray, rows: slice) -> np.ndarray:
+        if in_shift is not None:
+            if transposed:
+                partials[rows.start] = in_shift[rows] @ block
+            else:
+                shift_out[rows] = block @ in_shift
+        if rs is not None:
+            block *= rs[rows, None]
+        if cs is not None:
+            block *= cs[None, :]
+        return block
+
+    out = map_rows(src, fn, src.shape[1], w.dtype)
+    for start in sorted(partials):
+        shift_out += partials[start]
+    return (out.T if transposed else out), shift_out
+
+
 @dataclasses.dataclass
 class ConvParams:
     """Convolution weight ``[out, in/groups, *kernel]``, bias ``[out]`` or None (float64)."""
