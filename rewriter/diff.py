@@ -138,7 +138,7 @@ def _shape_json(shape: tuple | None) -> list | None:
 def _onnx_snapshot(view) -> Snapshot:
     import onnx_ir as ir
 
-    from rewriter.ir.onnx_reader import is_mapped
+    from rewriter.ir.onnx_reader import is_mapped, map_array
     from rewriter.ir.onnx_view import PROVENANCE_PASS, PROVENANCE_REPLACED
 
     graph = view.graph
@@ -170,8 +170,8 @@ def _onnx_snapshot(view) -> Snapshot:
                     # passes never change external tensors in place (edits make new
                     # in-memory ones), so where the bytes live identifies them: no read
                     digest = f"external:{t.location}:{getattr(t, 'offset', None)}:{getattr(t, 'length', None)}"
-                else:
-                    digest = t.numpy
+                else:  # read only if a digest is needed (a mapped weight: without pinning the file)
+                    digest = (lambda t=t: map_array(t)) if is_mapped(t) else t.numpy
                 params[i] = Param(tuple(int(d) for d in t.shape), str(t.dtype), digest, int(t.size), int(t.nbytes), t)
         outs = []
         for o in raw.outputs:

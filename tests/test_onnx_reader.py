@@ -106,3 +106,21 @@ def test_api_result_model_is_self_contained(tmp_path, rng):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def test_diff_of_two_mapped_files_compares_content(tmp_path, rng):
+    """`rewrite diff A B` on two one-file models: mapped weights are compared by content,
+    not by where they live."""
+    import json
+
+    proto = _model(rng)
+    onnx.save(proto, tmp_path / "a.onnx")
+    onnx.save(proto, tmp_path / "b.onnx")
+    proto.graph.initializer[2].raw_data = (onnx.numpy_helper.to_array(proto.graph.initializer[2]) + 1).tobytes()
+    onnx.save(proto, tmp_path / "c.onnx")
+    assert main(["diff", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx"), "--json", str(tmp_path / "ab.json")]) == 0
+    assert main(["diff", str(tmp_path / "a.onnx"), str(tmp_path / "c.onnx"), "--json", str(tmp_path / "ac.json")]) == 0
+    same = json.loads((tmp_path / "ab.json").read_text())["diff"]["nodes"]
+    other = json.loads((tmp_path / "ac.json").read_text())["diff"]["nodes"]
+    assert not same["changed"]
+    assert [c["name"] for c in other["changed"]] == ["fc2"] and other["changed"][0]["what"] == ["parameters"]

@@ -166,6 +166,15 @@ def is_mapped(t: ir.TensorProtocol | None) -> bool:
     return t is not None and t in _MAPPED
 
 
+def map_array(t: ir.ExternalTensor):
+    """A private (copy-on-write) memory map of a mapped tensor's bytes, released with the
+    array (onnx-ir's ``numpy()`` would keep the whole file mapped for the tensor's life)."""
+    import numpy as np
+
+    return np.memmap(t.path, dtype=np.dtype(t.dtype.numpy()), mode="c", offset=t.offset or 0,
+                     shape=tuple(t.shape.numpy()))
+
+
 def materialize(model: ir.Model) -> None:
     """Replace every mapped reference in ``model`` by an in-memory tensor (same values)."""
     import numpy as np
@@ -173,7 +182,7 @@ def materialize(model: ir.Model) -> None:
     for v in model.graph.initializers.values():
         t = v.const_value
         if is_mapped(t):
-            v.const_value = ir.Tensor(np.array(t.numpy()), dtype=t.dtype, name=t.name)
+            v.const_value = ir.Tensor(np.array(map_array(t)), dtype=t.dtype, name=t.name)
 
 
 def inline_proto(model: ir.Model) -> onnx.ModelProto:
@@ -186,7 +195,7 @@ def inline_proto(model: ir.Model) -> onnx.ModelProto:
         for v in model.graph.initializers.values():
             t = v.const_value
             if is_mapped(t):
-                v.const_value = ir.Tensor(np.asarray(t.numpy()), dtype=t.dtype, name=t.name)
+                v.const_value = ir.Tensor(map_array(t).view(np.ndarray), dtype=t.dtype, name=t.name)
                 swapped.append((v, t))
         return ir.serde.serialize_model(model)
     finally:
