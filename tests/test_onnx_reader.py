@@ -124,3 +124,26 @@ def test_diff_of_two_mapped_files_compares_content(tmp_path, rng):
     other = json.loads((tmp_path / "ac.json").read_text())["diff"]["nodes"]
     assert not same["changed"]
     assert [c["name"] for c in other["changed"]] == ["fc2"] and other["changed"][0]["what"] == ["parameters"]
+
+
+def test_mapped_4bit_weight_is_written_inline(tmp_path, rng):
+    """A large int4 initializer is mapped like any other; the writer, which cannot stream a
+    packed type, reads it in: the output never points back at the input file."""
+    import ml_dtypes
+
+    from rewriter.ir.onnx_writer import save_single_file
+
+    q = rng.integers(-8, 8, (300, 500)).astype(ml_dtypes.int4)  # 75 kB packed
+    g = helper.make_graph([helper.make_node("Cast", ["Q"], ["y"], to=onnx.TensorProto.FLOAT, name="c")], "g", [],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [300, 500])],
+                          [onnx.numpy_helper.from_array(q, "Q")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    onnx.save(m, tmp_path / "q.onnx")
+    model = load_mapped(tmp_path / "q.onnx")
+    assert model is not None and is_mapped(model.graph.initializers["Q"].const_value)
+    save_single_file(model, tmp_path / "out.onnx")
+    out = onnx.load(tmp_path / "out.onnx")
+    assert out.graph.initializer[0].data_location != onnx.TensorProto.EXTERNAL
+    assert np.array_equal(onnx.numpy_helper.to_array(out.graph.initializer[0]).astype(np.int8), q.astype(np.int8))
+    assert is_mapped(model.graph.initializers["Q"].const_value)  # the model is left as it was

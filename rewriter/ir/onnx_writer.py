@@ -88,18 +88,26 @@ def save_single_file(model: ir.Model, path: str | os.PathLike) -> None:
     """Write ``model`` to ``path`` (one file, no external data) with large in-memory
     initializers streamed from their arrays. The model is left as it was."""
     streamed: dict[str, tuple[ir.Value, ir.TensorProtocol, np.ndarray]] = {}
+    inlined: list[tuple[ir.Value, ir.TensorProtocol]] = []  # mapped but not streamable (4-bit types)
     for v in model.graph.initializers.values():
         t = v.const_value
         a = _stream_array(t) if t is not None else None
         if a is not None:
             streamed[v.name] = (v, t, a)
-    # serialize everything else: the streamed ones stand in as tiny external references
+        elif is_mapped(t):
+            inlined.append((v, t))
+    # serialize everything else: the streamed ones stand in as tiny external references,
+    # mapped ones that cannot be streamed are read in (never left pointing at the input)
     try:
         for v, t, _ in streamed.values():
             v.const_value = ir.ExternalTensor("__streamed__", 0, 0, t.dtype, shape=t.shape, name=v.name, base_dir="")
+        for v, t in inlined:
+            v.const_value = ir.Tensor(t.numpy(), dtype=t.dtype, name=t.name)
         proto = ir.serde.serialize_model(model)
     finally:
         for v, t, _ in streamed.values():
+            v.const_value = t
+        for v, t in inlined:
             v.const_value = t
     graph = proto.graph
     keep = [tp for tp in graph.initializer if tp.name not in streamed]
