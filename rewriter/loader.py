@@ -24,7 +24,7 @@ import torch
 
 from rewriter.errors import BadInput
 from rewriter.ir.fx_view import FxView, capture
-from rewriter.ir.onnx_reader import load_mapped
+from rewriter.ir.onnx_reader import load_mapped, serialize_with
 from rewriter.ir.onnx_view import OnnxView
 from rewriter.ir.onnx_writer import save_single_file
 from rewriter.ir.view import GraphView
@@ -163,18 +163,13 @@ def _shape_only_proto(model: ir.Model) -> Any:
     """The model as a proto in which every large in-memory initializer is a reference to
     external data that is never read: shape inference needs shapes, not weights, and
     copying ~GBs of weights into a proto would cost more than the whole rewrite."""
-    swapped = []
-    try:
-        for v in model.graph.initializers.values():
-            t = v.const_value
-            if t is not None and t.nbytes > (1 << 16) and not isinstance(t, ir.ExternalTensor):
-                v.const_value = ir.ExternalTensor("__shape_only__", 0, t.nbytes, t.dtype, shape=t.shape,
-                                                  name=v.name, base_dir="")
-                swapped.append((v, t))
-        return ir.serde.serialize_model(model)
-    finally:
-        for v, t in swapped:
-            v.const_value = t
+    def stand_in(v: ir.Value) -> ir.TensorProtocol | None:
+        t = v.const_value
+        if t.nbytes > (1 << 16) and not isinstance(t, ir.ExternalTensor):
+            return ir.ExternalTensor("__shape_only__", 0, t.nbytes, t.dtype, shape=t.shape, name=v.name, base_dir="")
+        return None
+
+    return serialize_with(model, stand_in)
 
 
 def _check_external_data(view: OnnxView, path: Path) -> None:

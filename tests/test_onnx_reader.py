@@ -147,3 +147,6 @@ def test_mapped_4bit_weight_is_written_inline(tmp_path, rng):
     assert out.graph.initializer[0].data_location != onnx.TensorProto.EXTERNAL
     assert np.array_equal(onnx.numpy_helper.to_array(out.graph.initializer[0]).astype(np.int8), q.astype(np.int8))
     assert is_mapped(model.graph.initializers["Q"].const_value)  # the model is left as it was
+    onnx_reader.materialize(model)  # Result.model's path: packed values read, not mapped as bytes
+    got = model.graph.initializers["Q"].const_value
+    assert not is_mapped(got) and np.array_equal(got.numpy().astype(np.int8), q.astype(np.int8))

@@ -21,6 +21,7 @@ import os
 import weakref
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -28,7 +29,7 @@ MIN_TENSOR_BYTES = 1 << 16  # smaller tensors stay inline in the parsed message
 
 _GRAPH = 7  # ModelProto.graph
 _INITIALIZER = 5  # GraphProto.initializer
-_T_NAME, _T_RAW, _T_EXTERNAL, _T_LOCATION = 8, 9, 13, 14  # TensorProto fields
+_T_RAW, _T_EXTERNAL, _T_LOCATION = 9, 13, 14  # TensorProto fields
 _T_DATA = {4, 5, 6, 7, 10, 11}  # typed data fields: such a tensor is left as it is
 
 
@@ -80,8 +81,13 @@ def _fields(buf, start: int, end: int):
         yield number, wire, begin, vstart, pos
 
 
+def field_header(number: int, length: int) -> bytes:
+    """The tag and length of a length-delimited field (wire type 2)."""
+    return _enc_varint(number << 3 | 2) + _enc_varint(length)
+
+
 def _len_field(number: int, payload: bytes) -> bytes:
-    return _enc_varint(number << 3 | 2) + _enc_varint(len(payload)) + payload
+    return field_header(number, len(payload)) + payload
 
 
 def _entry(key: str, value: str) -> bytes:
@@ -166,19 +172,46 @@ def is_mapped(t: ir.TensorProtocol | None) -> bool:
     return t is not None and t in _MAPPED
 
 
-def map_array(t: ir.ExternalTensor):
-    """A private (copy-on-write) memory map of a mapped tensor's bytes, released with the
-    array (onnx-ir's ``numpy()`` would keep the whole file mapped for the tensor's life)."""
-    import numpy as np
+def map_array(t: ir.ExternalTensor) -> np.ndarray:
+    """An external tensor's values as a private (copy-on-write) memory map of its bytes,
+    released with the array: neither onnx-ir's ``numpy()`` (which keeps the whole file
+    mapped for the tensor's life, every page read staying resident) nor a copy (fresh
+    memory of the weights' size when the pages are already in the page cache). A tensor
+    whose bytes are not its array's (packed 4-bit types, big-endian dtypes) or whose file
+    is too short goes through ``numpy()``."""
+    dt = np.dtype(t.dtype.numpy())
+    offset = t.offset or 0
+    if (t.size and dt.kind in "fiub" and dt.itemsize * 8 == t.dtype.bitwidth and dt.byteorder in "=<|"
+            and os.path.getsize(t.path) >= offset + t.size * dt.itemsize):
+        return np.memmap(t.path, dtype=dt, mode="c", offset=offset, shape=tuple(t.shape.numpy()))
+    return t.numpy()
 
-    return np.memmap(t.path, dtype=np.dtype(t.dtype.numpy()), mode="c", offset=t.offset or 0,
-                     shape=tuple(t.shape.numpy()))
+
+def serialize_with(model: ir.Model, replace) -> onnx.ModelProto:
+    """``model`` serialized with some initializers' tensors stood in for: ``replace(value)``
+    returns the stand-in for ``value.const_value`` or None. The model is left as it was."""
+    swapped = []
+    try:
+        for v in model.graph.initializers.values():
+            t = v.const_value
+            new = replace(v) if t is not None else None
+            if new is not None:
+                v.const_value = new
+                swapped.append((v, t))
+        return ir.serde.serialize_model(model)
+    finally:
+        for v, t in swapped:
+            v.const_value = t
+
+
+def _in_memory(v: ir.Value) -> ir.Tensor | None:
+    """A mapped tensor as an in-memory tensor over its (mapped) values; else None."""
+    t = v.const_value
+    return ir.Tensor(np.asarray(map_array(t)), dtype=t.dtype, name=t.name) if is_mapped(t) else None
 
 
 def materialize(model: ir.Model) -> None:
     """Replace every mapped reference in ``model`` by an in-memory tensor (same values)."""
-    import numpy as np
-
     for v in model.graph.initializers.values():
         t = v.const_value
         if is_mapped(t):
@@ -188,16 +221,4 @@ def materialize(model: ir.Model) -> None:
 def inline_proto(model: ir.Model) -> onnx.ModelProto:
     """``model`` as a proto with the mapped tensors inline again (their bytes copied in), for
     consumers that take bytes, such as ONNX Runtime sessions."""
-    import numpy as np
-
-    swapped = []
-    try:
-        for v in model.graph.initializers.values():
-            t = v.const_value
-            if is_mapped(t):
-                v.const_value = ir.Tensor(map_array(t).view(np.ndarray), dtype=t.dtype, name=t.name)
-                swapped.append((v, t))
-        return ir.serde.serialize_model(model)
-    finally:
-        for v, t in swapped:
-            v.const_value = t
+    return serialize_with(model, _in_memory)

@@ -9,7 +9,6 @@ left as they are.
 from __future__ import annotations
 
 import itertools
-import os
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from rewriter.ir.onnx_reader import inline_proto, is_mapped
+from rewriter.ir.onnx_reader import inline_proto, is_mapped, map_array
 from rewriter.ir.view import (
     Affine,
     ConvParams,
@@ -64,18 +63,9 @@ def _np_dtype(dtype: ir.DataType) -> np.dtype:
 
 
 def _read_tensor(t: ir.TensorProtocol) -> np.ndarray:
-    """The tensor as an array. An external tensor of a plain numpy dtype is a private
-    (copy-on-write) memory map of its bytes that lives as long as the returned array, not
-    onnx-ir's map of the whole file (which would keep every page read resident for as long
-    as the model lives) nor a copy (which would allocate the weights' size in fresh memory
-    when the pages are already in the page cache); anything else via ``numpy()``."""
-    if isinstance(t, ir.ExternalTensor) and t.size:
-        dt = np.dtype(t.dtype.numpy())
-        if dt.kind in "fiub" and dt.itemsize * 8 == t.dtype.bitwidth and dt.byteorder in "=<|":
-            offset = t.offset or 0
-            if os.path.getsize(t.path) >= offset + t.size * dt.itemsize:
-                return np.memmap(t.path, dtype=dt, mode="c", offset=offset, shape=tuple(t.shape.numpy()))
-    return t.numpy()
+    """The tensor as an array; an external one through ``onnx_reader.map_array`` (a private
+    memory map that lives as long as the returned array)."""
+    return map_array(t) if isinstance(t, ir.ExternalTensor) else t.numpy()
 
 
 class OnnxView(GraphView):

@@ -23,30 +23,13 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from rewriter.ir.onnx_reader import is_mapped
+from rewriter.ir.onnx_reader import field_header, is_mapped, map_array, serialize_with
 
 STREAM_BYTES = 1 << 16  # initializers at least this large are streamed
 
 _GRAPH_IN_MODEL = 7  # ModelProto.graph
 _INITIALIZER_IN_GRAPH = 5  # GraphProto.initializer
 _RAW_DATA_IN_TENSOR = 9  # TensorProto.raw_data
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _len_field(number: int, length: int) -> bytes:
-    """The tag and length of a length-delimited field (wire type 2)."""
-    return _varint(number << 3 | 2) + _varint(length)
 
 
 def _stream_array(t: ir.TensorProtocol) -> np.ndarray | None:
@@ -59,12 +42,7 @@ def _stream_array(t: ir.TensorProtocol) -> np.ndarray | None:
     dtype = t.dtype
     if dtype == ir.DataType.STRING or dtype.bitwidth % 8:
         return None
-    if mapped:
-        dt = np.dtype(dtype.numpy())
-        if dt.itemsize * 8 != dtype.bitwidth:
-            return None
-        return np.memmap(t.path, dtype=dt, mode="r", offset=t.offset or 0, shape=(t.size,))
-    a = t.numpy()
+    a = map_array(t) if mapped else t.numpy()
     if a.dtype.itemsize * 8 != dtype.bitwidth:
         return None
     if a.dtype.byteorder == ">" or (a.dtype.byteorder == "=" and not np.little_endian):
@@ -87,28 +65,23 @@ def _tensor_header(name: str, t: ir.TensorProtocol) -> bytes:
 def save_single_file(model: ir.Model, path: str | os.PathLike) -> None:
     """Write ``model`` to ``path`` (one file, no external data) with large in-memory
     initializers streamed from their arrays. The model is left as it was."""
-    streamed: dict[str, tuple[ir.Value, ir.TensorProtocol, np.ndarray]] = {}
-    inlined: list[tuple[ir.Value, ir.TensorProtocol]] = []  # mapped but not streamable (4-bit types)
+    streamed: dict[str, tuple[ir.TensorProtocol, np.ndarray]] = {}
     for v in model.graph.initializers.values():
         t = v.const_value
         a = _stream_array(t) if t is not None else None
         if a is not None:
-            streamed[v.name] = (v, t, a)
-        elif is_mapped(t):
-            inlined.append((v, t))
-    # serialize everything else: the streamed ones stand in as tiny external references,
-    # mapped ones that cannot be streamed are read in (never left pointing at the input)
-    try:
-        for v, t, _ in streamed.values():
-            v.const_value = ir.ExternalTensor("__streamed__", 0, 0, t.dtype, shape=t.shape, name=v.name, base_dir="")
-        for v, t in inlined:
-            v.const_value = ir.Tensor(t.numpy(), dtype=t.dtype, name=t.name)
-        proto = ir.serde.serialize_model(model)
-    finally:
-        for v, t, _ in streamed.values():
-            v.const_value = t
-        for v, t in inlined:
-            v.const_value = t
+            streamed[v.name] = (t, a)
+
+    # everything else is serialized: a streamed tensor stands in as a tiny external
+    # reference, a mapped one that cannot be streamed (packed 4-bit) is read in, so that
+    # nothing is left pointing at the input
+    def stand_in(v: ir.Value) -> ir.TensorProtocol | None:
+        t = v.const_value
+        if v.name in streamed:
+            return ir.ExternalTensor("__streamed__", 0, 0, t.dtype, shape=t.shape, name=v.name, base_dir="")
+        return ir.Tensor(map_array(t), dtype=t.dtype, name=t.name) if is_mapped(t) else None
+
+    proto = serialize_with(model, stand_in)
     graph = proto.graph
     keep = [tp for tp in graph.initializer if tp.name not in streamed]
     del graph.initializer[:]
@@ -119,15 +92,15 @@ def save_single_file(model: ir.Model, path: str | os.PathLike) -> None:
 
     parts = []  # (tensor field prefix, raw bytes) per streamed initializer
     total = len(graph_head)
-    for name, (_, t, a) in streamed.items():
-        head = _tensor_header(name, t) + _len_field(_RAW_DATA_IN_TENSOR, a.nbytes)
+    for name, (t, a) in streamed.items():
+        head = _tensor_header(name, t) + field_header(_RAW_DATA_IN_TENSOR, a.nbytes)
         msg_len = len(head) + a.nbytes
-        prefix = _len_field(_INITIALIZER_IN_GRAPH, msg_len) + head
+        prefix = field_header(_INITIALIZER_IN_GRAPH, msg_len) + head
         parts.append((prefix, a))
         total += len(prefix) + a.nbytes
     with open(Path(path), "wb") as f:
         f.write(model_head)
-        f.write(_len_field(_GRAPH_IN_MODEL, total))
+        f.write(field_header(_GRAPH_IN_MODEL, total))
         f.write(graph_head)
         for prefix, a in parts:
             f.write(prefix)
