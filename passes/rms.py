@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from passes.residual import NORM_OPS, ResidualStream, StreamNorm, Writer, analyze
-from rewriter.ir.view import Declined, GraphView, LinearParams, map_rows
+from rewriter.ir.view import Declined, GraphView, LinearParams, map_rows, scale_linear
 from rewriter.pass_api import Kind, Pass, Site, register
 
 log = logging.getLogger(__name__)
@@ -65,55 +65,6 @@ def _centered(k: int):
     def fn(block: np.ndarray, rows: slice) -> np.ndarray:
         block -= block.mean(axis=1, keepdims=True)
         return block[:, :k]
-    return fn
-
-
-def _fold_reader(w: np.ndarray, gamma: np.ndarray | None, beta: np.ndarray | None, bias: np.ndarray | None,
-                 d: int | None) -> np.ndarray:
-    """A reader's new ``W [out, in]`` in its stored dtype: ``W diag(gamma)``, then with ``d``
-    the compression ``W[:, :d-1] - W[:, d-1]``; ``bias += W beta`` in place. Folded in
-    float64 blocks along the stored rows: over the outputs for an ``[out, in]`` weight,
-    over the inputs for a transposed one (an ONNX MatMul's ``[in, out]``)."""
-    wt = w.T
-    if w.flags.c_contiguous or not wt.flags.c_contiguous:
-        return map_rows(w, _reader_fold(gamma, bias, beta, d), w.shape[1] - (d is not None), w.dtype)
-    # [in, out] storage: row i is input channel i
-    k = wt.shape[0] - (d is not None)
-    last = None
-    if d is not None:
-        last = wt[k].astype(np.float64) * (1.0 if gamma is None else gamma[k])
-    partials: dict[int, np.ndarray] = {}  # summed in row order after the (threaded) map: deterministic
-
-    def fn(block: np.ndarray, rows: slice) -> np.ndarray:
-        if beta is not None:
-            partials[rows.start] = beta[rows] @ block
-        if gamma is not None:
-            block *= gamma[rows, None]
-        if last is not None:
-            block -= last[None, :]
-        return block
-
-    out = map_rows(wt[:k], fn, wt.shape[1], w.dtype).T
-    if beta is not None:
-        for start in sorted(partials):
-            bias += partials[start]
-        if d is not None:
-            bias += beta[k] * wt[k].astype(np.float64)
-    return out
-
-
-def _reader_fold(gamma: np.ndarray | None, bias: np.ndarray | None, beta: np.ndarray | None, d: int | None):
-    """A ``map_rows`` function over the rows of a reader's ``W [out, in]``: ``W diag(gamma)``,
-    ``bias += W beta`` (accumulated into ``bias`` in place), and with ``d`` the compression
-    ``W[:, :d-1] - W[:, d-1]`` (the dropped coordinate is minus the sum of the others)."""
-    def fn(block: np.ndarray, rows: slice) -> np.ndarray:
-        if beta is not None:
-            bias[rows] += block @ beta
-        if gamma is not None:
-            block *= gamma[None, :]
-        if d is not None:
-            return block[:, : d - 1] - block[:, d - 1 : d]
-        return block
     return fn
 
 
@@ -287,11 +238,11 @@ class _StreamPass(Pass):
             # one read and one write per reader: fold gamma/beta, then (crms) the dropped column
             for lin, chain in sn.linears:
                 p = view.linear(lin, dtype=None)
+                w, shift = scale_linear(p.weight, in_scale=gamma if fold else None, in_shift=beta if fold else None,
+                                        drop_last_input=self.compress)
                 b = None if p.bias is None else p.bias.astype(np.float64)
-                if fold and beta is not None:
-                    b = np.zeros(p.weight.shape[0]) if b is None else b.copy()
-                w = _fold_reader(p.weight, gamma if fold else None, beta if fold else None, b,
-                                 d if self.compress else None)
+                if shift is not None:
+                    b = shift if b is None else b + shift
                 view.set_linear(lin, LinearParams(w, b))
                 if fold:
                     view.tag(lin, self.name, [sn.node.name])

@@ -60,3 +60,26 @@ def test_scale_linear_equals_float64_formula(monkeypatch, threads, transposed):
     assert np.array_equal(shift, shift2)  # deterministic
     only, none = scale_linear(w, out_scale=o)
     assert none is None and np.array_equal(only, (o[:, None] * w64).astype(np.float32))
+
+
+@pytest.mark.parametrize("threads", [False, True])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_scale_linear_drop_last_input(monkeypatch, threads, transposed):
+    """crms' reader fold: (W diag(i))[:, :-1] - (W diag(i))[:, -1:] and W @ c, either layout."""
+    if threads:
+        monkeypatch.setattr(view_mod, "_THREAD_ELEMS", 1 << 10)
+        monkeypatch.setattr(view_mod.os, "cpu_count", lambda: 3)
+    from rewriter.ir.view import scale_linear
+
+    rng = np.random.default_rng(2)
+    stored = rng.standard_normal((210, 170)).astype(np.float32)
+    w = stored.T if transposed else stored  # [out, in]
+    i, c = rng.standard_normal(w.shape[1]), rng.standard_normal(w.shape[1])
+    got, shift = scale_linear(w, in_scale=i, in_shift=c, drop_last_input=True)
+    w64 = w.astype(np.float64) * i[None, :]
+    assert got.shape == (w.shape[0], w.shape[1] - 1) and got.flags.f_contiguous == transposed
+    assert np.array_equal(got, (w64[:, :-1] - w64[:, -1:]).astype(np.float32))
+    np.testing.assert_allclose(shift, w.astype(np.float64) @ c, rtol=1e-12, atol=1e-12)
+    plain, none = scale_linear(w, drop_last_input=True)
+    w64 = w.astype(np.float64)
+    assert none is None and np.array_equal(plain, (w64[:, :-1] - w64[:, -1:]).astype(np.float32))

@@ -110,18 +110,30 @@ def map_rows(a: np.ndarray, fn, width: int, dtype: Any) -> np.ndarray:
 
 
 def scale_linear(w: np.ndarray, *, out_scale: np.ndarray | None = None, in_scale: np.ndarray | None = None,
-                 in_shift: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """``diag(out_scale) W diag(in_scale)`` in ``w``'s dtype and layout, and ``W @ in_shift``
+                 in_shift: np.ndarray | None = None, drop_last_input: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """``W' = diag(out_scale) W diag(in_scale)`` in ``w``'s dtype and layout, and ``W @ in_shift``
     (float64, of the unscaled ``W``), for a linear weight ``w [out, in]`` as ``linear(...,
-    dtype=None)`` returns it: folded in float64 blocks along the stored rows (``map_rows``),
-    so a transposed (ONNX MatMul ``[in, out]``) weight is read and written in memory order.
-    The ``W @ in_shift`` partial sums are added in row order: the result does not depend on
-    the threads."""
+    dtype=None)`` returns it. ``drop_last_input``: the last input is folded into the others
+    and dropped, ``W'[:, :-1] - W'[:, -1:]`` (``crms``: the dropped coordinate of a zero-mean
+    vector is minus the sum of the others). Folded in float64 blocks along the stored rows
+    (``map_rows``), so a transposed (ONNX MatMul ``[in, out]``) weight is read and written in
+    memory order. The ``W @ in_shift`` partial sums are added in row order: the result does
+    not depend on the threads."""
     wt = w.T
     transposed = not w.flags.c_contiguous and wt.flags.c_contiguous
     src, rs, cs = (wt, in_scale, out_scale) if transposed else (w, out_scale, in_scale)
     partials: dict[int, np.ndarray] = {}
     shift_out = None if in_shift is None else np.zeros(w.shape[0])
+    last = None  # transposed + drop_last_input: the last stored row (input), scaled
+    if transposed and drop_last_input:
+        k = src.shape[0] - 1
+        last = src[k].astype(np.float64) * (1.0 if rs is None else rs[k])
+        if cs is not None:
+            last *= cs
+        if in_shift is not None:
+            partials[k] = in_shift[k] * src[k].astype(np.float64)
+        src = src[:k]
 
     def fn(block: np.ndarray, rows: slice) -> np.ndarray:
         if in_shift is not None:
@@ -133,9 +145,13 @@ def scale_linear(w: np.ndarray, *, out_scale: np.ndarray | None = None, in_scale
             block *= rs[rows, None]
         if cs is not None:
             block *= cs[None, :]
+        if last is not None:
+            block -= last[None, :]
+        elif drop_last_input:
+            return block[:, :-1] - block[:, -1:]
         return block
 
-    out = map_rows(src, fn, src.shape[1], w.dtype)
+    out = map_rows(src, fn, src.shape[1] - (drop_last_input and not transposed), w.dtype)
     for start in sorted(partials):
         shift_out += partials[start]
     return (out.T if transposed else out), shift_out
