@@ -144,7 +144,7 @@ def verification_feeds(view: GraphView, inputs: Any = None,
     specs = input_specs(view)
     if inputs is None:
         if isinstance(view, FxView):
-            from rewriter.verify import to_numpy
+            from rewriter.ir.dtypes import to_numpy
 
             return {s.name: to_numpy(x) for s, x in zip(specs, view.example_inputs)}, []
         return make_inputs(specs, shapes, seed=seed)

@@ -218,6 +218,7 @@ def _onnx_snapshot(view) -> Snapshot:
 def _fx_snapshot(view) -> Snapshot:
     import torch
 
+    from rewriter.ir.dtypes import to_numpy
     from rewriter.ir.fx_view import _target_name
 
     gm = view.gm
@@ -259,7 +260,7 @@ def _fx_snapshot(view) -> Snapshot:
             if a.name in params_of:
                 t = params_of[a.name].detach()
                 params[i] = Param(tuple(t.shape), str(t.dtype).replace("torch.", ""),
-                                  lambda t=t: t.float().cpu().numpy() if t.dtype == torch.bfloat16 else t.cpu().numpy(),
+                                  lambda t=t: to_numpy(t),
                                   int(t.numel()), int(t.numel() * t.element_size()))
         other = [repr(a) for a in torch.utils._pytree.tree_leaves((n.args, n.kwargs)) if not isinstance(a, torch.fx.Node)]
         shapes[n.name] = meta_shape(n)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from rewriter.errors import BadInput
-from rewriter.ir.dtypes import to_numpy, to_torch  # noqa: F401 - re-exported
+from rewriter.ir.dtypes import to_numpy, to_torch
 from rewriter.ir.fx_view import FxView
 from rewriter.ir.onnx_view import OnnxView
 from rewriter.ir.view import GraphView

@@ -40,8 +40,8 @@ from __future__ import annotations
 import abc
 import collections
 import concurrent.futures
-import os
 import dataclasses
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
