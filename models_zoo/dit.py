@@ -42,15 +42,14 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models_zoo import register
+from models_zoo.gpt import MLP, SelfAttention
 
 __all__ = [
     "AdaLNBlock",
     "DiTConfig",
-    "DiTMLP",
     "PreNormBlock",
     "SelfAttention",
     "TimestepEmbedder",
@@ -118,47 +117,6 @@ class TimestepEmbedder(nn.Module):
         return self.fc_out(self.act(self.fc_in(torch.cat([args.cos(), args.sin()], dim=-1))))
 
 
-class SelfAttention(nn.Module):
-    """Multi-head full self-attention (SDPA) with separate q/k/v/out projections."""
-
-    def __init__(self, d_model: int, n_head: int):
-        super().__init__()
-        if d_model % n_head:
-            raise ValueError("d_model must be divisible by n_head")
-        self.n_head = n_head
-        self.head_dim = d_model // n_head
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
-        self.v_proj = nn.Linear(d_model, d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
-
-    def _heads(self, x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
-        b, n, _ = x.shape
-        return proj(x).view(b, n, self.n_head, self.head_dim).transpose(1, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self._heads(x, self.q_proj), self._heads(x, self.k_proj), self._heads(x, self.v_proj)
-        y = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(y.transpose(1, 2).reshape(b, n, d))
-
-    def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """Attention probabilities ``[B, H, N, N]`` that ``forward(x)`` uses."""
-        q, k = self._heads(x, self.q_proj), self._heads(x, self.k_proj)
-        return (q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)).softmax(dim=-1)
-
-
-class DiTMLP(nn.Module):
-    def __init__(self, d_model: int, hidden: int):
-        super().__init__()
-        self.fc_in = nn.Linear(d_model, hidden)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc_out = nn.Linear(hidden, d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc_out(self.act(self.fc_in(x)))
-
-
 class AdaLNBlock(nn.Module):
     """adaLN-Zero block: ``x + gate * branch(LN(x) * (1 + scale) + shift)`` twice."""
 
@@ -168,7 +126,7 @@ class AdaLNBlock(nn.Module):
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(d, cfg.n_head)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.mlp = DiTMLP(d, cfg.mlp_ratio * d)
+        self.mlp = MLP(d, cfg.mlp_ratio * d)
         self.ada_act = nn.SiLU()
         self.ada_proj = nn.Linear(d, 6 * d)
 
@@ -188,7 +146,7 @@ class PreNormBlock(nn.Module):
         self.ln_1 = nn.LayerNorm(d, eps=1e-6)
         self.attn = SelfAttention(d, cfg.n_head)
         self.ln_2 = nn.LayerNorm(d, eps=1e-6)
-        self.mlp = DiTMLP(d, cfg.mlp_ratio * d)
+        self.mlp = MLP(d, cfg.mlp_ratio * d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))

@@ -41,6 +41,7 @@ from models_zoo.corpus import VOCAB_SIZE, load_split
 
 __all__ = [
     "CausalSelfAttention",
+    "SelfAttention",
     "GPTBlock",
     "GPTConfig",
     "MLP",
@@ -67,15 +68,17 @@ class GPTConfig:
     ln_eps: float = 1e-5
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with separate q/k/v/out projections."""
+class SelfAttention(nn.Module):
+    """Multi-head self-attention (SDPA) with separate q/k/v/out projections; causal or full
+    (the DiT's, ``models_zoo.dit``)."""
 
-    def __init__(self, d_model: int, n_head: int):
+    def __init__(self, d_model: int, n_head: int, causal: bool = False):
         super().__init__()
         if d_model % n_head:
             raise ValueError("d_model must be divisible by n_head")
         self.n_head = n_head
         self.head_dim = d_model // n_head
+        self.causal = causal
         self.q_proj = nn.Linear(d_model, d_model)
         self.k_proj = nn.Linear(d_model, d_model)
         self.v_proj = nn.Linear(d_model, d_model)
@@ -88,16 +91,25 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self._heads(x, self.q_proj), self._heads(x, self.k_proj), self._heads(x, self.v_proj)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
 
     def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
         """Attention probabilities ``[B, H, T, T]`` that ``forward(x)`` uses."""
         q, k = self._heads(x, self.q_proj), self._heads(x, self.k_proj)
-        t = x.shape[1]
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
-        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-        return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        if self.causal:
+            t = x.shape[1]
+            mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(dim=-1)
+
+
+class CausalSelfAttention(SelfAttention):
+    """Multi-head causal self-attention with separate q/k/v/out projections."""
+
+    def __init__(self, d_model: int, n_head: int):
+        super().__init__(d_model, n_head, causal=True)
 
 
 class MLP(nn.Module):

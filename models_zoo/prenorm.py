@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models_zoo import register
+from models_zoo.gpt import MLP, SelfAttention
 
 __all__ = ["AdaLNTransformer", "PreLNConfig", "PreLNGPT", "PreLNViT", "randomize_norms"]
 
@@ -47,46 +48,15 @@ class PreLNConfig:
     output_hidden: bool = False
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention (SDPA) with separate q/k/v/out projections."""
-
-    def __init__(self, d: int, n_head: int, causal: bool):
-        super().__init__()
-        self.n_head, self.head_dim, self.causal = n_head, d // n_head, causal
-        self.q = nn.Linear(d, d)
-        self.k = nn.Linear(d, d)
-        self.v = nn.Linear(d, d)
-        self.out = nn.Linear(d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-
-        def heads(p):
-            return p(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
-
-        y = F.scaled_dot_product_attention(heads(self.q), heads(self.k), heads(self.v), is_causal=self.causal)
-        return self.out(y.transpose(1, 2).reshape(b, t, d))
-
-
-class FeedForward(nn.Module):
-    def __init__(self, d: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(d, hidden)
-        self.fc2 = nn.Linear(hidden, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
 class Block(nn.Module):
     def __init__(self, d: int, n_head: int, hidden: int, eps: float, *, causal: bool = True,
                  parallel: bool = False, post_ln: bool = False):
         super().__init__()
         self.parallel, self.post_ln = parallel, post_ln
         self.ln_1 = nn.LayerNorm(d, eps=eps)
-        self.attn = Attention(d, n_head, causal)
+        self.attn = SelfAttention(d, n_head, causal)
         self.ln_2 = nn.LayerNorm(d, eps=eps)
-        self.mlp = FeedForward(d, hidden)
+        self.mlp = MLP(d, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.post_ln:
