@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 
 from rewriter.ir import view as view_mod
-from rewriter.ir.view import map_rows
+from rewriter.ir.view import map_rows, scale_linear
+
+
+def _split_across_threads(monkeypatch, workers: int) -> None:
+    """Make small arrays take map_rows' threaded path, with ``workers`` threads."""
+    monkeypatch.setattr(view_mod, "_THREAD_ELEMS", 1 << 10)
+    monkeypatch.setattr(view_mod.os, "cpu_count", lambda: workers)
 
 
 @pytest.mark.parametrize("threads", [False, True])
@@ -15,8 +21,7 @@ from rewriter.ir.view import map_rows
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_map_rows_equals_whole_array_float64(monkeypatch, threads, transposed, dtype):
     if threads:
-        monkeypatch.setattr(view_mod, "_THREAD_ELEMS", 1 << 10)
-        monkeypatch.setattr(view_mod.os, "cpu_count", lambda: 4)
+        _split_across_threads(monkeypatch, 4)
     rng = np.random.default_rng(0)
     a = rng.standard_normal((300, 257)).astype(dtype)
     a = a.T if transposed else a
@@ -43,10 +48,7 @@ def test_scale_linear_equals_float64_formula(monkeypatch, threads, transposed):
     """diag(o) W diag(i) in W's dtype and layout, and W @ c in float64, whichever way W is
     stored and however many threads run."""
     if threads:
-        monkeypatch.setattr(view_mod, "_THREAD_ELEMS", 1 << 10)
-        monkeypatch.setattr(view_mod.os, "cpu_count", lambda: 3)
-    from rewriter.ir.view import scale_linear
-
+        _split_across_threads(monkeypatch, 3)
     rng = np.random.default_rng(1)
     stored = rng.standard_normal((190, 230)).astype(np.float32)
     w = stored.T if transposed else stored  # [out, in]
@@ -67,10 +69,7 @@ def test_scale_linear_equals_float64_formula(monkeypatch, threads, transposed):
 def test_scale_linear_drop_last_input(monkeypatch, threads, transposed):
     """crms' reader fold: (W diag(i))[:, :-1] - (W diag(i))[:, -1:] and W @ c, either layout."""
     if threads:
-        monkeypatch.setattr(view_mod, "_THREAD_ELEMS", 1 << 10)
-        monkeypatch.setattr(view_mod.os, "cpu_count", lambda: 3)
-    from rewriter.ir.view import scale_linear
-
+        _split_across_threads(monkeypatch, 3)
     rng = np.random.default_rng(2)
     stored = rng.standard_normal((210, 170)).astype(np.float32)
     w = stored.T if transposed else stored  # [out, in]
