@@ -29,8 +29,8 @@ linear's input, from one run of the model before the pass. Without it ``H = I``
 
 Declined: the output head (a linear writing a graph output) and embedding tables unless
 ``include`` names them (``--set shiftadd.include=head``; embeddings are never quantized,
-only linears); every linear of an ONNX model below opset 18 (the unpacking needs
-BitwiseAnd).
+only linears); every linear of an ONNX model below opset 15 (the decode needs
+``Shape(start=)`` and ``CastLike``).
 """
 
 from __future__ import annotations
@@ -87,7 +87,9 @@ class ShiftAdd(Pass):
         if opt.bits <= 0 or (opt.bits != int(opt.bits) and not opt.candidates):
             raise BadInput(f"--set shiftadd.bits={opt.bits}: expected a positive width")
         sites: list[Site] = []
-        low_opset = view.ir == "onnx" and getattr(view, "opset", 18) < 18
+        from backends.ort.shiftadd import MIN_OPSET
+
+        low_opset = view.ir == "onnx" and getattr(view, "opset", MIN_OPSET) < MIN_OPSET
         for node in view.nodes():
             if node.op == "embedding":
                 try:
@@ -105,8 +107,8 @@ class ShiftAdd(Pass):
                 sites.append(Site(node.name, False, str(why)))
                 continue
             if low_opset:
-                sites.append(Site(node.name, False, f"ONNX opset {view.opset} < 18: the bit unpacking needs "
-                                                    "BitwiseAnd (re-export at opset 18)"))
+                sites.append(Site(node.name, False, f"ONNX opset {view.opset} < {MIN_OPSET}: the decode needs "
+                                                    f"Shape(start=) and CastLike (re-export at opset {MIN_OPSET}+)"))
                 continue
             if self._is_head(view, node) and "head" not in opt.include:
                 sites.append(Site(node.name, False, "output head (writes a graph output): include it with "

@@ -90,6 +90,11 @@ class Packed:
         """Bytes of the packed planes and scale terms (what the file stores)."""
         return int(self.planes.nbytes + self.exps.nbytes + self.signs.nbytes)
 
+    @property
+    def bits_per_weight(self) -> float:
+        """All-in bits per weight: planes (with their K padding) and scale terms."""
+        return 8.0 * self.nbytes / (self.n_out * self.n_in)
+
     def alpha(self) -> np.ndarray:
         """Scales ``sum_t s_t 2^{p_t}``, float64 ``[qa, Kb, Ng]``."""
         return (self.signs.astype(np.float64) * np.ldexp(1.0, self.exps.astype(np.int64))).sum(0)
@@ -425,6 +430,44 @@ def rtn(w: np.ndarray, bits: int, group: int = 128) -> np.ndarray:
         qv = np.clip(np.round(blk / scale) + zero, 0, levels)
         out[:, c0 : c0 + group] = (qv - zero) * scale
     return out
+
+
+def rtn_bits(bits: int, group: int = 128) -> float:
+    """Bits per weight of ``rtn`` / ``gptq_uniform`` all-in: the codes, one fp16 scale and
+    one ``bits``-wide zero point per ``group`` weights (GPTQ's packing)."""
+    return bits + (16 + bits) / group
+
+
+def gptq_uniform(w: np.ndarray, h: np.ndarray | None, bits: int, group: int = 128,
+                 damp: float = 0.01, block: int = 128) -> np.ndarray:
+    """GPTQ with the ``rtn`` grid (per row, ``group`` input columns, asymmetric min/max,
+    the group's range taken from the *compensated* weights at the group's first column),
+    columns in natural order, lazy blocks of ``block``: the uniform baseline at the same
+    bits/weight as ``rtn``. Returns the dequantized weight."""
+    wt, ht = _prepare(w, h)
+    n, k = wt.shape
+    u = _chol_inv_upper(ht, damp)
+    levels = 2**bits - 1
+    q = torch.zeros_like(wt)
+    scale = zero = None
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        errs = wt.new_zeros(n, b1 - b0)
+        for i in range(b0, b1):
+            if i % group == 0:
+                g = wt[:, i : i + group]
+                lo, hi = g.min(1).values.clamp(max=0), g.max(1).values.clamp(min=0)
+                scale = torch.where(hi > lo, (hi - lo) / levels, torch.ones_like(hi))
+                zero = torch.round(-lo / scale)
+            col = wt[:, i]
+            qv = (torch.clamp(torch.round(col / scale) + zero, 0, levels) - zero) * scale
+            q[:, i] = qv
+            e = (col - qv) / u[i, i]
+            errs[:, i - b0] = e
+            wt[:, i + 1 : b1] -= e[:, None] * u[i, i + 1 : b1][None, :]
+        if b1 < k:
+            wt[:, b1:] -= errs @ u[b0:b1, b1:]
+    return q.numpy()
 
 
 # --------------------------------------------------------------------------- bit allocation

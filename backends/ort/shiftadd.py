@@ -7,7 +7,7 @@ torch op's format code, for the reader) compute ``X @ W^T`` for the packed
 format of ``passes/shiftadd_quant.py`` (planes uint32 ``[q, ceil(K/32), N]``, scale
 terms int8 ``[T, qa, Kb, Ng]``; ``K`` is read from ``X``'s last dim, ``N`` from the planes)::
 
-    bits[k, c, n]  = (Planes[k, c // 32, n] >> (c % 32)) & 1         BitShift, BitwiseAnd
+    bits[k, c, n]  = (Planes[k, c // 32, n] >> (c % 32)) mod 2       BitShift, Mod
     alpha          = sum_t Signs_t * 2^Exps_t                         Gather from a table of
                                                                       2^-126 .. 2^127 (exact)
     BCQ:        W^T[c, n] = sum_k alpha[k, c // 8, n // G] * (2 bits[k, c, n] - 1)
@@ -15,8 +15,9 @@ terms int8 ``[T, qa, Kb, Ng]``; ``K`` is read from ``X``'s last dim, ``N`` from 
     Y = X @ W^T                                                       MatMul
 
 The weight is decoded in float32 (then CastLike X), as the torch kernel does; a bias stays
-an ``Add`` after the call. The bodies need opset 18 (BitwiseAnd) and are declared at the
-model's own opset.
+an ``Add`` after the call. The bodies need opset 15 (``Shape(start=)``, ``CastLike``; the bit
+test is ``Mod`` by 2 rather than opset-18 ``BitwiseAnd``, so TorchScript exports at opset
+15-17 qualify) and are declared at the model's own opset.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import onnx_ir as ir
 DOMAIN = "rewriter"
 SHIFTADD_NAME = "ShiftAddMatMul"
 DENSESHIFT_NAME = "DenseShiftMatMul"
-MIN_OPSET = 18
+MIN_OPSET = 15
 _POW2_LO = -126  # table index 0 holds 2^-126
 
 
@@ -54,10 +55,10 @@ class _Body:
 def _bits(f: _Body, planes: ir.Value, k: ir.Value) -> ir.Value:
     """0/1 float32 ``[q, K, N]`` of the uint32 planes ``[q, Kw, N]``."""
     shifts = f.const("shifts", np.arange(32, dtype=np.uint32).reshape(1, 1, 32, 1))
-    one = f.const("one_u32", np.array([1], dtype=np.uint32))
+    two = f.const("two_u32", np.array([2], dtype=np.uint32))
     p4 = f("Unsqueeze", [planes, f.i64("axis2", [2])])  # [q, Kw, 1, N]
     sh = f("BitShift", [p4, shifts], [ir.AttrString("direction", "RIGHT")])  # [q, Kw, 32, N]
-    bit = f("BitwiseAnd", [sh, one])
+    bit = f("Mod", [sh, two])  # (p >> t) & 1
     n = f("Shape", [planes], [ir.AttrInt64("start", -1)])
     flat = f("Reshape", [bit, f("Concat", [f.i64("shape_q_k", [0, -1]), n], [ir.AttrInt64("axis", 0)])])  # [q, Kw*32, N]
     zero, axis1 = f.i64("zero", [0]), f.i64("axis1", [1])

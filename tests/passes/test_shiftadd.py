@@ -151,12 +151,22 @@ def test_onnx_denseshift_mode():
     assert max_rel(run_ort(ref, {"x": x})[0], run_ort(res.model, {"x": x})[0]) <= 1e-5
 
 
-def test_onnx_below_opset18_declined():
-    """An opset-17 model: every linear declined (BitwiseAnd needs 18); nothing applied."""
-    res = rewriter.rewrite(mlp_onnx(opset=17), ["shiftadd"], options={"shiftadd": {"include": "head"}})
+def test_onnx_below_opset15_declined():
+    """An opset-14 model: every linear declined (the decode needs opset 15); nothing applied."""
+    res = rewriter.rewrite(mlp_onnx(opset=14), ["shiftadd"], options={"shiftadd": {"include": "head"}})
     assert res.report["passes"][0]["applied"] == 0
     reasons = declined(res)
-    assert set(reasons) == {"fc1", "head"} and all("opset 17 < 18" in r for r in reasons.values())
+    assert set(reasons) == {"fc1", "head"} and all("opset 14 < 15" in r for r in reasons.values())
+
+
+def test_onnx_opset17_model_quantized():
+    """An opset-17 model (TorchScript exports) is rewritten: the body's bit test is Mod, not BitwiseAnd."""
+    res = rewriter.rewrite(mlp_onnx(opset=17), ["shiftadd"], options={"shiftadd": FAST})
+    assert res.passed and len(calls(res.model)) == 1
+    body_ops = {n.op_type for n in res.model.functions[(DOMAIN, SHIFTADD_NAME, "")]}
+    assert "Mod" in body_ops and "BitwiseAnd" not in body_ops
+    x = np.random.default_rng(6).standard_normal((2, 4, 40)).astype(np.float32)
+    assert max_rel(run_ort(dense_reference(res.model), {"x": x})[0], run_ort(res.model, {"x": x})[0]) <= 1e-5
 
 
 def test_gpt_onnx_blocks_quantized_with_calibration():
