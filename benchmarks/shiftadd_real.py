@@ -150,6 +150,29 @@ def task(name: str) -> Task:
     raise SystemExit(f"unknown model {name!r}")
 
 
+def export_encoder(t: "Encoder", path: Path, opset: int = 17) -> dict[str, np.ndarray]:
+    """Export the encoder as users do (TorchScript exporter, opset 17, dynamic batch and
+    sequence, input_ids + attention_mask + token_type_ids -> last_hidden_state, pooler_output)
+    and return the calibration feeds (int64, padded)."""
+    enc = t.cal
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    args = tuple(enc[n][:2] for n in names)
+    dyn = {n: {0: "batch", 1: "sequence"} for n in names}
+    dyn.update({"last_hidden_state": {0: "batch", 1: "sequence"}, "pooler_output": {0: "batch"}})
+    class _Io(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            out = self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+            return out.last_hidden_state, out.pooler_output
+
+    torch.onnx.export(_Io(t.model), args, str(path), input_names=names, output_names=["last_hidden_state", "pooler_output"],
+                      dynamic_axes=dyn, opset_version=opset, dynamo=False)
+    return {n: enc[n].numpy().astype(np.int64) for n in names}
+
+
 # --------------------------------------------------------------------------- layer-sequential quantization
 
 
@@ -278,11 +301,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--no-sequential", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--export", default=None, metavar="DIR",
+                    help="write DIR/model.onnx (opset 17), DIR/calib.npz and DIR/eval.npz, then stop")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     torch.set_num_threads(1)
     t = task(args.model)
+    if args.export:
+        out = Path(args.export)
+        out.mkdir(parents=True, exist_ok=True)
+        np.savez(out / "calib.npz", **export_encoder(t, out / "model.onnx"))
+        np.savez(out / "eval.npz", **{k: v.numpy().astype(np.int64) for k, v in t.ev.items()})
+        print(f"wrote {out}/model.onnx, calib.npz, eval.npz")
+        return
     base = {} if args.rounds is None else {"rounds": args.rounds}
     seq = not args.no_sequential
     rows = []

@@ -23,9 +23,18 @@ and int8 (sign, exponent) scale terms, then the bias ``Add``; torch, the custom 
 ``torch.ops.rewriter.shiftadd_linear`` (``backends/triton/shiftadd.py``). Both decode the
 same tensors to the same dense ``sum_k alpha_k B_k``.
 
-Calibration (``--calib F.npz``: model inputs by name): the activations at every selected
-linear's input, from one run of the model before the pass. Without it ``H = I``
-(data-free; no output-aware compensation), and the sites say so.
+Calibration (``--calib F.npz``: model inputs by name): layer-sequential, as GPTQ and
+ShiftAddLLM do. The linears are visited in graph order, grouped by the tensor they read;
+each group's ``H`` comes from a run of the model whose earlier linears are already
+quantized, so a layer compensates the error of the layers before it; only one group's
+input is held at a time. Without it ``H = I`` (data-free; no output-aware compensation),
+and the sites say so. Each site's reason gives its all-in bits/weight (planes, scale
+terms, padding) and the calibration-weighted error beside RTN-g128's at the same width.
+
+Budget (``budget``): ``fro:X`` (default ``fro:0.5``; a bare number means this): relative
+Frobenius error ``||a - b||_F / ||a||_F`` of each output; ``cos:X``: mean cosine along
+the last axis (per token or embedding) >= X; ``max:X``: the max relative error. With
+``--calib`` (and no ``--inputs``) verification runs on the calibration data.
 
 Declined: the output head (a linear writing a graph output) and embedding tables unless
 ``include`` names them (``--set shiftadd.include=head``; embeddings are never quantized,
@@ -45,6 +54,7 @@ from passes import shiftadd_quant as sq
 from rewriter.errors import BadInput
 from rewriter.ir.view import Declined, GraphView, LinearOp, Node
 from rewriter.pass_api import Kind, Pass, Site, register
+from rewriter.verify import Budget
 
 log = logging.getLogger(__name__)
 
@@ -67,23 +77,27 @@ class ShiftAdd(Pass):
         mode: Literal["bcq", "denseshift"] = "bcq"
         terms: int = 3  # powers of two per scale
         group_rows: int = 0  # output rows per scale block (0: all rows)
+        row_scale: bool = True  # a power-of-two scale per output row (applied after the call)
         rounds: int = 20  # alternating refinement rounds
         act_order: bool = True
         compensate: bool = True  # GPTQ-style output error compensation
         candidates: list[int] = dataclasses.field(default_factory=lambda: [2, 3, 4])
         include: list[str] = dataclasses.field(default_factory=list)  # "head"
-        budget: float = 0.5  # max relative output error accepted by verification
+        # accepted output error: fro:X (relative Frobenius error of each output, a bare
+        # number means this), cos:X (mean cosine along the last axis), max:X (max rel. error)
+        budget: str = "fro:0.5"
 
     def __init__(self, options=None, context=None):
         super().__init__(options, context)
         self.layers: list[dict] = []  # per applied site: name, shape, bits, bytes, error
 
-    def error_budget(self) -> float | None:
-        return float(self.options.budget)
+    def error_budget(self) -> Budget:
+        return Budget.parse(self.options.budget, "shiftadd.budget")
 
     # -- match -------------------------------------------------------------------------
     def match(self, view: GraphView) -> list[Site]:
         opt = self.options
+        Budget.parse(opt.budget, "shiftadd.budget")  # a malformed budget is a BadInput now
         if opt.bits <= 0 or (opt.bits != int(opt.bits) and not opt.candidates):
             raise BadInput(f"--set shiftadd.bits={opt.bits}: expected a positive width")
         sites: list[Site] = []
@@ -137,61 +151,84 @@ class ShiftAdd(Pass):
         return False
 
     # -- apply -------------------------------------------------------------------------
-    def _hessians(self, view: GraphView, nodes: list[Node]) -> list[np.ndarray | None]:
-        calib = self.context.calib
-        if not calib:
-            log.warning("shiftadd: no calibration data: H = I (data-free, no output-aware compensation)")
-            return [None] * len(nodes)
+    def _hessian(self, view: GraphView, value) -> np.ndarray:
+        """``H = X^T X / n`` of one value on the calibration data, run on ``view`` as it is
+        now (earlier linears already quantized: layer-sequential calibration)."""
         try:
-            acts = view.capture([n.inputs[0] for n in nodes], calib)
+            (acts,) = view.capture([value], self.context.calib)
         except KeyError as err:
             raise BadInput(f"--calib: missing model input {err}; calibration arrays are named after "
                            "the model inputs") from None
-        return [sq.hessian(a) for a in acts]
+        return sq.hessian(acts)
 
     def _quantize(self, w: np.ndarray, h: np.ndarray | None, bits: int) -> sq.Packed:
         o = self.options
         return sq.quantize(w, h, mode=o.mode, bits=bits, terms=o.terms, group_rows=o.group_rows,
-                           rounds=o.rounds, act_order=o.act_order, compensate=o.compensate)
+                           rounds=o.rounds, act_order=o.act_order, compensate=o.compensate,
+                           row_scale=o.row_scale)
 
     def apply(self, view: GraphView, sites: list[Site]) -> None:
+        """Sites are visited in graph order, grouped by the tensor they read (q/k/v share
+        one capture). With ``--calib`` each group's Hessian comes from a run of the model
+        whose earlier linears are already quantized (as GPTQ and ShiftAddLLM calibrate),
+        and only that group's input is held at a time."""
         if not sites:
             return
         o = self.options
+        calib = bool(self.context.calib)
+        if not calib:
+            log.warning("shiftadd: no calibration data: H = I (data-free, no output-aware compensation)")
         nodes = [s.plan.node for s in sites]
         params = [view.linear(n) for n in nodes]
-        hs = self._hessians(view, nodes)
-        cache: list[dict[int, sq.Packed]] = [{} for _ in sites]
-        if float(o.bits) == int(o.bits):
-            widths = [int(o.bits)] * len(sites)
-        else:
-            errors = []
-            for i, (p, h) in enumerate(zip(params, hs)):
-                errs = {}
-                for b in sorted(set(int(c) for c in o.candidates)):
-                    cache[i][b] = self._quantize(p.weight, h, b)
-                    errs[b] = sq.weighted_error(p.weight, cache[i][b].dense(), h)
-                errors.append(errs)
-                log.info("shiftadd: %s errors by width %s", sites[i].site, errs)
+        groups: dict[int, list[int]] = {}
+        for i, n in enumerate(nodes):
+            groups.setdefault(id(n.inputs[0]), []).append(i)
+        order = list(groups.values())
+        widths = [int(o.bits)] * len(sites)
+        if float(o.bits) != int(o.bits):  # mixed widths: DP on errors under the fp32 model's H
+            errors: list[dict[int, float]] = [{} for _ in sites]
+            for grp in order:
+                h = self._hessian(view, nodes[grp[0]].inputs[0]) if calib else None
+                for i in grp:
+                    for b in sorted(set(int(c) for c in o.candidates)):
+                        errors[i][b] = sq.weighted_error(params[i].weight, self._quantize(params[i].weight, h, b).dense(), h)
+                    log.info("shiftadd: %s errors by width %s", sites[i].site, errors[i])
             widths = sq.allocate_bits(errors, [p.weight.size for p in params], float(o.bits))
         from backends.ort.shiftadd import function_for
         from backends.triton.shiftadd import MODES, shiftadd_linear_op
 
-        for site, node, p, h, b, cached in zip(sites, nodes, params, hs, widths, cache):
-            packed = cached.get(b) or self._quantize(p.weight, h, b)
-            err = sq.weighted_error(p.weight, packed.dense(), h)
-            rel = err / max(sq.weighted_error(p.weight, np.zeros_like(p.weight), h), 1e-300)
-            fp16 = p.weight.size * 2
-            op = LinearOp(consts={"planes": packed.planes, "exps": packed.exps, "signs": packed.signs},
-                          attrs={"group_rows": packed.group_rows, "mode": MODES[packed.mode]},
-                          onnx_function=function_for(packed.mode), torch_op=shiftadd_linear_op)
-            new = view.replace_linear(node, op, p.bias)
-            view.tag(new, self.name, [node.name])
-            for u in view.users(new.output) if p.bias is not None and view.ir == "onnx" else []:
-                view.tag(u, self.name, [node.name])
-            site.reason = (f"{packed.n_out}x{packed.n_in}, {b} bits {packed.mode}, {packed.nbytes} B packed "
-                           f"vs {fp16} B fp16 (-{100 * (1 - packed.nbytes / fp16):.1f}%), "
-                           f"rel. output error {rel:.2e}" + ("" if h is not None else ", data-free"))
-            self.layers.append({"site": site.site, "shape": [packed.n_out, packed.n_in], "bits": b,
-                                "bytes": packed.nbytes, "fp16_bytes": fp16, "rel_error": rel})
-            log.info("shiftadd: %s: %s", site.site, site.reason)
+        for grp in order:
+            h = self._hessian(view, nodes[grp[0]].inputs[0]) if calib else None
+            for i in grp:
+                site, node, p, b = sites[i], nodes[i], params[i], widths[i]
+                packed = self._quantize(p.weight, h, b)
+                dense = packed.dense()
+                err = sq.weighted_error(p.weight, dense, h)
+                rel = err / max(sq.weighted_error(p.weight, np.zeros_like(p.weight), h), 1e-300)
+                rtn = sq.rtn(p.weight, b)
+                rtn_rel = sq.weighted_error(p.weight, rtn, h) / max(
+                    sq.weighted_error(p.weight, np.zeros_like(p.weight), h), 1e-300)
+                fp16 = p.weight.size * 2
+                op = LinearOp(consts={"planes": packed.planes, "exps": packed.exps, "signs": packed.signs},
+                              attrs={"group_rows": packed.group_rows, "mode": MODES[packed.mode]},
+                              onnx_function=function_for(packed.mode), torch_op=shiftadd_linear_op)
+                rows = packed.row_scale
+                new = view.replace_linear(node, op, p.bias if rows is None else None)
+                view.tag(new, self.name, [node.name])
+                if rows is not None:  # y = row_scale * call(x) + b
+                    view.insert(new.output, "scale_shift", weight=rows.astype(np.float64), bias=p.bias)
+                for u in view.users(new.output) if (p.bias is not None or rows is not None) and view.ir == "onnx" else []:
+                    view.tag(u, self.name, [node.name])
+                bpw = packed.bits_per_weight
+                site.reason = (f"{packed.n_out}x{packed.n_in}, {b} bits {packed.mode}, {bpw:.3f} bits/weight all-in "
+                               f"({packed.nbytes} B vs {fp16} B fp16), rel. output error {rel:.2e} "
+                               f"(RTN-g128 {b} bits, {sq.rtn_bits(b):.3f} bits/weight: {rtn_rel:.2e})"
+                               + ("" if h is not None else ", data-free"))
+                self.layers.append({"site": site.site, "shape": [packed.n_out, packed.n_in], "bits": b,
+                                    "bits_per_weight": bpw, "bytes": packed.nbytes, "fp16_bytes": fp16,
+                                    "rel_error": rel, "rtn_g128_rel_error": rtn_rel})
+                log.info("shiftadd: %s: %s", site.site, site.reason)
+        if self.layers:
+            n = sum(L["shape"][0] * L["shape"][1] for L in self.layers)
+            log.info("shiftadd: %.3f bits/weight all-in over %d quantized weights",
+                     sum(L["bits_per_weight"] * L["shape"][0] * L["shape"][1] for L in self.layers) / n, n)

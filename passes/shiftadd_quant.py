@@ -80,6 +80,7 @@ class Packed:
     exps: np.ndarray  # int8 [T, qa, Kb, Ng]
     signs: np.ndarray  # int8 [T, qa, Kb, Ng]
     group_rows: int  # rows per scale group (DenseShift: 1)
+    row_scale: np.ndarray | None = None  # float32 [N] powers of two: W = diag(row_scale) sum_k alpha_k B_k
 
     @property
     def bits(self) -> int:
@@ -88,7 +89,8 @@ class Packed:
     @property
     def nbytes(self) -> int:
         """Bytes of the packed planes and scale terms (what the file stores)."""
-        return int(self.planes.nbytes + self.exps.nbytes + self.signs.nbytes)
+        rows = 0 if self.row_scale is None else self.row_scale.size * 4
+        return int(self.planes.nbytes + self.exps.nbytes + self.signs.nbytes + rows)
 
     @property
     def bits_per_weight(self) -> float:
@@ -107,7 +109,11 @@ class Packed:
         return bits.reshape(q, kw * WORD, n)[:, : self.n_in].astype(np.uint8)
 
     def dense(self) -> np.ndarray:
-        """The reference weight ``[N, K]`` (float64)."""
+        """The reference weight ``[N, K]`` (float64), row scale included."""
+        w = self._dense()
+        return w if self.row_scale is None else w * self.row_scale.astype(np.float64)[:, None]
+
+    def _dense(self) -> np.ndarray:
         bits = self.bits_array().astype(np.float64)  # [q, K, N]
         a = self.alpha()
         if self.mode == "bcq":
@@ -281,12 +287,29 @@ def weighted_error(w: np.ndarray, q: np.ndarray, h: np.ndarray | None) -> float:
 # --------------------------------------------------------------------------- quantizers
 
 
+def row_scales(w: np.ndarray) -> np.ndarray:
+    """The power of two nearest (in log) to each row's RMS (1 for a zero row), float32 ``[N]``."""
+    rms = np.sqrt(np.mean(np.square(np.asarray(w, np.float64)), axis=1))
+    e = np.where(rms > 0, np.round(np.log2(np.where(rms > 0, rms, 1.0))), 0.0)
+    return np.ldexp(np.float32(1.0), np.clip(e, MIN_EXP, MAX_EXP).astype(np.int32)).astype(np.float32)
+
+
 def quantize_bcq(w: np.ndarray, h: np.ndarray | None = None, *, bits: int = 3, terms: int = 3,
                  group_rows: int = 0, rounds: int = 20, act_order: bool = True,
-                 compensate: bool = True, damp: float = 0.01,
+                 compensate: bool = True, damp: float = 0.01, row_scale: bool = True,
                  progress: Progress | None = None) -> Packed:
     """BCQ with 8-column x row-group power-of-two-sum scales, GPTQ-compensated (see the
-    module docstring). ``w`` ``[N, K]``, ``h`` ``[K, K]`` or None (identity)."""
+    module docstring). ``w`` ``[N, K]``, ``h`` ``[K, K]`` or None (identity).
+    ``row_scale``: rows are first divided by a power of two near their RMS (kept in
+    ``Packed.row_scale``), so that a block scale shared by rows of very different
+    magnitude (real models' outlier channels) does not leave the small rows coarse."""
+    if row_scale:
+        rs = row_scales(w)
+        p = quantize_bcq(np.asarray(w, np.float64) / rs[:, None], h, bits=bits, terms=terms,
+                         group_rows=group_rows, rounds=rounds, act_order=act_order, compensate=compensate,
+                         damp=damp, row_scale=False, progress=progress)
+        p.row_scale = rs
+        return p
     n, k = w.shape
     q = int(bits)
     g = group_rows if 0 < group_rows < n else n
@@ -406,6 +429,7 @@ def quantize(w: np.ndarray, h: np.ndarray | None = None, *, mode: str = "bcq", *
         if mode == "denseshift":
             kw.pop("group_rows", None)
             kw.pop("rounds", None)
+            kw.pop("row_scale", None)
             return quantize_denseshift(w, h, **kw)
         raise ValueError(f"unknown shiftadd mode {mode!r}")
     finally:

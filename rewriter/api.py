@@ -7,6 +7,7 @@ The CLI is a thin layer over this function; ``Result.report`` is the same JSON d
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,6 +26,8 @@ from rewriter.loader import Source, load_onnx, resolve, save, to_view
 from rewriter.manager import PassRecord, run_passes
 from rewriter.pass_api import Context, Pass, get_pass, make_options
 from rewriter.verify import Runner, compare, input_specs, load_inputs, make_inputs
+
+log = logging.getLogger(__name__)
 
 SCHEMA = "rewriter.report/1"
 
@@ -186,6 +189,8 @@ def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, A
 
         check_runnable(view, source or "model")
     feeds, notes = (verification_feeds(view, inputs, shapes) if verify else (None, []))
+    if verify and inputs is None:
+        feeds, notes = _calib_or_random(view, feeds, notes, calib_data, pass_objs)
     records, reference = run_passes(view, pass_objs, feeds=feeds, progress=progress)
     if feeds is not None and records and all(r.verification is None or r.verification["passed"] for r in records):
         final = compare(reference, Runner(view)(feeds), _final_tolerance(pass_objs))
@@ -216,6 +221,44 @@ def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, A
     return Result(view, records, final, report, forced=force)
 
 
-def _final_tolerance(passes: list[Pass]) -> float | None:
+VERIFY_CALIB_SAMPLES = 64  # calibration samples used for verification (first ones)
+
+
+def _calib_or_random(view: GraphView, feeds, notes: list[str], calib: Mapping[str, Any] | None,
+                     passes: list[Pass]) -> tuple[dict | None, list[str]]:
+    """Without ``--inputs``: verify on the calibration data when there is some (the first
+    ``VERIFY_CALIB_SAMPLES`` samples, or one static batch), else keep the random / example
+    inputs and say that approximate passes are judged on them."""
+    from rewriter.pass_api import Kind
+
+    approximate = [p.name for p in passes if p.kind is Kind.APPROXIMATE]
+    if calib:
+        specs = {s.name: s for s in input_specs(view)}
+        if set(calib) == set(specs):
+            n = min(len(np.asarray(v)) for v in calib.values())
+            take = min(n, VERIFY_CALIB_SAMPLES)
+            static = [s.shape[0] for s in specs.values() if s.shape and isinstance(s.shape[0], int)]
+            if static:
+                take = min(static)
+            out = {k: np.asarray(v)[:take] for k, v in calib.items()}
+            return out, [f"verified on the calibration data ({take} of {n} samples, --calib)"]
+    if approximate and isinstance(view, OnnxView):
+        msg = (f"approximate pass(es) {', '.join(approximate)} judged on random inputs: "
+               "give --inputs or --calib to verify on your data")
+        log.warning(msg)
+        notes = notes + [msg]
+    return feeds, notes
+
+
+def _final_tolerance(passes: list[Pass]):
+    """The final comparison's budget: the approximate passes' (a ``Budget`` when one
+    states a metric, the loosest of that metric), else the largest float budget."""
+    from rewriter.verify import Budget
+
     budgets = [p.error_budget() for p in passes if p.error_budget() is not None]
+    metric = [b for b in budgets if isinstance(b, Budget)]
+    if metric:
+        first = metric[0].metric
+        same = [b.value for b in metric if b.metric == first]
+        return Budget(first, min(same) if first == "cos" else max(same))
     return max(budgets) if budgets else None

@@ -255,9 +255,76 @@ class Runner:
         return {f"output_{i}": to_numpy(t) for i, t in enumerate(flat) if isinstance(t, torch.Tensor)}
 
 
+# --------------------------------------------------------------------------- budgets and metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """An approximate pass's error budget, stated as a metric a user can reason about.
+
+    ``fro``: relative Frobenius error ``||a - b||_F / ||a||_F`` of each float output <= value.
+    ``cos``: mean cosine along the last axis (per token / per embedding row) of each float
+    output >= value. ``max``: ``max|a - b| / max|a|`` <= value (the exact passes' measure).
+    Written ``fro:0.3``, ``cos:0.98``, ``max:0.5``; a bare number means ``fro``."""
+
+    metric: str
+    value: float
+
+    METRICS = ("fro", "cos", "max")
+
+    @classmethod
+    def parse(cls, text: str | float, where: str = "budget") -> Budget:
+        if isinstance(text, Budget):
+            return text
+        if isinstance(text, (int, float)):
+            return cls("fro", float(text))
+        metric, sep, value = str(text).strip().partition(":")
+        if not sep:
+            metric, value = "fro", metric
+        try:
+            v = float(value)
+        except ValueError:
+            v = float("nan")
+        if metric not in cls.METRICS or not np.isfinite(v) or v < 0 or (metric == "cos" and v > 1):
+            raise BadInput(f"--set {where}={text}: expected fro:X (relative Frobenius error), cos:X "
+                           "(mean cosine, 0..1) or max:X (max relative error)")
+        return cls(metric, v)
+
+    def ok(self, record: Mapping[str, Any]) -> bool:
+        if self.metric == "max":
+            return record["max_rel_error"] <= self.value
+        if self.metric == "fro":
+            return record["rel_fro_error"] <= self.value
+        cos = record.get("cosine")
+        return cos is None or cos >= self.value  # no cosine (integer / scalar output): not judged
+
+    def __str__(self) -> str:
+        return f"{self.metric}{'>=' if self.metric == 'cos' else '<='}{self.value:g}"
+
+
+def metrics(a64: np.ndarray, b64: np.ndarray) -> dict[str, float]:
+    """Relative Frobenius error and (float outputs with a last axis of 2+) mean cosine along
+    the last axis."""
+    out: dict[str, float] = {}
+    norm = float(np.sqrt(np.nansum(a64 * a64)))
+    err = float(np.sqrt(np.nansum((a64 - b64) ** 2)))
+    out["rel_fro_error"] = err / norm if norm > 0 else err
+    if a64.ndim >= 1 and a64.shape[-1] >= 2 and a64.size:
+        a2, b2 = a64.reshape(-1, a64.shape[-1]), b64.reshape(-1, a64.shape[-1])
+        na, nb = np.linalg.norm(a2, axis=1), np.linalg.norm(b2, axis=1)
+        live = (na > 0) & (nb > 0)
+        if live.any():
+            cos = (a2[live] * b2[live]).sum(1) / (na[live] * nb[live])
+            out["cosine"] = float(np.mean(cos))
+            out["min_cosine"] = float(np.min(cos))
+    return out
+
+
 def compare(reference: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray],
-            tol: float | None) -> dict[str, Any]:
-    """Per-output errors and the overall verdict (``tol`` None: dtype tolerance)."""
+            tol: float | Budget | None) -> dict[str, Any]:
+    """Per-output errors and the overall verdict (``tol`` None: dtype tolerance; a float:
+    max relative error; a ``Budget``: its metric). Every record carries the max relative
+    error, the relative Frobenius error and, where it applies, the mean cosine."""
     outputs = []
     worst_abs = worst_rel = 0.0
     passed = True
@@ -277,12 +344,20 @@ def compare(reference: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray
         max_abs = float(np.nanmax(diff)) if diff.size else 0.0
         scale = float(np.nanmax(np.abs(a64))) if a64.size else 0.0
         max_rel = float("inf") if nan_mismatch else (max_abs / scale if scale > 0 else max_abs)
-        t = tol if tol is not None else tolerance(a.dtype)
-        ok = max_rel <= t
+        rec = {"name": name, "max_abs_error": max_abs, "max_rel_error": max_rel}
+        if isinstance(tol, Budget):
+            rec.update(metrics(a64, b64) if not nan_mismatch else {"rel_fro_error": float("inf")})
+            rec["budget"] = str(tol)
+            rec["tolerance"] = tol.value
+            ok = bool(tol.ok(rec))
+        else:
+            t = tol if tol is not None else tolerance(a.dtype)
+            rec["tolerance"] = t
+            ok = max_rel <= t
+        rec["passed"] = ok
         passed &= ok
         worst_abs, worst_rel = max(worst_abs, max_abs), max(worst_rel, max_rel)
-        outputs.append({"name": name, "max_abs_error": max_abs, "max_rel_error": max_rel,
-                        "tolerance": t, "passed": ok})
+        outputs.append(rec)
     result = {"passed": passed, "max_abs_error": worst_abs, "max_rel_error": worst_rel, "outputs": outputs}
     through = getattr(actual, "shadow", None) or getattr(reference, "shadow", None)
     if through:  # a bfloat16 model run through its float32 shadow (rewriter.shadow)

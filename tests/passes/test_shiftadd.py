@@ -107,7 +107,7 @@ def test_onnx_mlp_hidden_linear_replaced_head_declined():
     res = rewriter.rewrite(model, ["shiftadd"], options={"shiftadd": FAST})
     assert res.passed, res.verification
     ops = [n.op_type for n in res.model.graph]
-    assert ops == [SHIFTADD_NAME, "Add", "Relu", "MatMul"]
+    assert ops == [SHIFTADD_NAME, "Mul", "Add", "Relu", "MatMul"]  # call, power-of-two row scale, bias
     assert "w1" not in res.model.graph.initializers and "w2" in res.model.graph.initializers
     assert (DOMAIN, SHIFTADD_NAME, "") in res.model.functions and res.model.opset_imports[DOMAIN] == 1
     (call,) = calls(res.model)
@@ -127,7 +127,7 @@ def test_onnx_include_head_and_file_size():
     """include=head quantizes both layers; the saved file shrinks with the packing."""
     model = mlp_onnx()
     res = rewriter.rewrite(model, ["shiftadd"], options={"shiftadd": {**FAST, "include": "head"}})
-    assert [n.op_type for n in res.model.graph] == [SHIFTADD_NAME, "Add", "Relu", SHIFTADD_NAME]
+    assert [n.op_type for n in res.model.graph] == [SHIFTADD_NAME, "Mul", "Add", "Relu", SHIFTADD_NAME, "Mul"]
     assert not declined(res)
     before = sum(i.raw_data.__len__() for i in model.graph.initializer)
     after = sum(v.const_value.nbytes for v in res.model.graph.initializers.values())
