@@ -58,6 +58,16 @@ def render(report: dict[str, Any], console: Console | None = None) -> None:
         pt.add_row(p["name"], p["kind"], str(p["applied"]), str(len(p["declined"])),
                    f"{p['seconds']:.3f}", _fmt_err(v.get("max_rel_error")), verdict)
     console.print(pt)
+    metric_rows = [(p["name"], o) for p in report["passes"] for o in ((p.get("verification") or {}).get("outputs") or [])
+                   if "budget" in o]
+    if metric_rows:  # approximate passes judged by a budget metric: the metric per output and pass
+        mt = Table(title="approximate passes: error per output", title_justify="left")
+        for col in ("pass", "output", "rel Frobenius err", "mean cosine", "min cosine", "budget", "ok"):
+            mt.add_column(col)
+        for name, o in metric_rows:
+            mt.add_row(name, o["name"], _fmt_err(o.get("rel_fro_error")), _cos(o.get("cosine")),
+                       _cos(o.get("min_cosine")), o["budget"], "[green]yes[/]" if o["passed"] else "[red]NO[/]")
+        console.print(mt)
     if any(p.get("sites") or p.get("declined") for p in report["passes"]):
         console.print(sites_table(report["passes"]))
     ops = report["diff"]["op_counts"]
@@ -81,6 +91,10 @@ def render(report: dict[str, Any], console: Console | None = None) -> None:
     console.print(nt)
     for note in v.get("notes", []):
         console.print(f"[dim]note: {note}[/]")
+
+
+def _cos(x: Any) -> str:
+    return "-" if x is None else f"{x:.4f}"
 
 
 def _ms(x: Any) -> str:

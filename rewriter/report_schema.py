@@ -33,7 +33,9 @@ _SITE = {"type": "object", "required": ["site", "accepted"],
 _OUTPUT_ERR = {
     "type": "object", "required": ["name"],
     "properties": {"name": _STR, "max_abs_error": _NUM, "max_rel_error": _NUM, "tolerance": _NUM,
-                   "passed": {"type": "boolean"}, "error": _STR},
+                   "passed": {"type": "boolean"}, "error": _STR,
+                   # approximate passes judged by a budget metric (rewriter.verify.Budget)
+                   "rel_fro_error": _NUM, "cosine": _NUM, "min_cosine": _NUM, "budget": _STR},
 }
 
 _VERIFICATION = {

@@ -290,3 +290,78 @@ def test_partial_row_groups(group_rows):
         assert p.exps.shape == (3, bits, 9, -(-40 // group_rows)) and p.planes.shape == (bits, 3, 40)
         errs.append(sq.weighted_error(w, p.dense(), None) / (w * w).sum())
     assert errs[0] > errs[1] > errs[2] and errs[2] < 0.05
+
+
+# --------------------------------------------------------------------------- verification on the user's data
+
+
+def _mlp_files(tmp_path):
+    import onnx
+
+    onnx.save(mlp_onnx(), tmp_path / "m.onnx")
+    x = np.random.default_rng(7).standard_normal((8, 4, 40)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    return x
+
+
+def test_budget_metrics_and_parsing():
+    """Budget: bare number = relative Frobenius; cos:X judges mean cosine; malformed -> BadInput."""
+    from rewriter.errors import BadInput
+    from rewriter.verify import Budget, compare
+
+    a = np.random.default_rng(0).standard_normal((4, 16))
+    b = a + 0.1 * np.random.default_rng(1).standard_normal((4, 16))
+    fro = np.linalg.norm(a - b) / np.linalg.norm(a)
+    cos = np.mean((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1))
+    assert Budget.parse("0.3") == Budget("fro", 0.3) and Budget.parse("cos:0.9") == Budget("cos", 0.9)
+    rec = compare({"y": a}, {"y": b}, Budget.parse(f"fro:{fro * 1.01}"))
+    assert rec["passed"] and rec["outputs"][0]["rel_fro_error"] == pytest.approx(fro)
+    assert rec["outputs"][0]["cosine"] == pytest.approx(cos)
+    assert not compare({"y": a}, {"y": b}, Budget("fro", fro * 0.99))["passed"]
+    assert compare({"y": a}, {"y": b}, Budget("cos", cos - 1e-6))["passed"]
+    assert not compare({"y": a}, {"y": b}, Budget("cos", cos + 1e-6))["passed"]
+    for bad in ("cos:2", "kl:0.1", "fro:x", "-1"):
+        with pytest.raises(BadInput):
+            Budget.parse(bad)
+
+
+def test_calib_data_verifies_and_random_warns(tmp_path, monkeypatch, capsys):
+    """With --calib the report says verification ran on it; without, approximate passes warn of random data."""
+    from rewriter.cli import main
+
+    _mlp_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["m.onnx", "--passes", "shiftadd", "--set", "shiftadd.rounds=4", "--calib", "calib.npz",
+                 "-o", "a.onnx", "--json", "a.json"]) == 0
+    import json
+
+    rep = json.loads((tmp_path / "a.json").read_text())
+    assert any("calibration data (2 of 8" in n for n in rep["verification"]["notes"])
+    (out,) = rep["passes"][0]["verification"]["outputs"]
+    assert out["budget"] == "fro<=0.5" and 0 < out["rel_fro_error"] < 0.5 and out["cosine"] > 0.8
+    assert "bits/weight all-in" in rep["passes"][0]["sites"][0]["reason"]
+    assert main(["m.onnx", "--passes", "shiftadd", "--set", "shiftadd.rounds=4", "-o", "b.onnx", "--json", "b.json"]) == 0
+    rep = json.loads((tmp_path / "b.json").read_text())
+    assert any("judged on random inputs" in n for n in rep["verification"]["notes"])
+    capsys.readouterr()
+
+
+def test_corrupted_packed_weight_fails_verification(tmp_path, monkeypatch, capsys):
+    """A broken quantization (sign plane of the packed weight inverted) fails verification on the calibration data: exit 1, no file."""
+    from passes.shiftadd import ShiftAdd
+    from rewriter.cli import main
+
+    _mlp_files(tmp_path)
+    good = ShiftAdd._quantize
+
+    def broken(self, w, h, bits):
+        p = good(self, w, h, bits)
+        p.planes[0] = ~p.planes[0]  # every weight's leading +-alpha_0 flipped
+        return p
+
+    monkeypatch.setattr(ShiftAdd, "_quantize", broken)
+    monkeypatch.chdir(tmp_path)
+    rc = main(["m.onnx", "--passes", "shiftadd", "--set", "shiftadd.rounds=4", "--calib", "calib.npz", "-o", "c.onnx"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "verification failed after pass 'shiftadd'" in err
+    assert not (tmp_path / "c.onnx").exists()
