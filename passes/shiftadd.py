@@ -76,8 +76,9 @@ class ShiftAdd(Pass):
         bits: float = 3.0  # average bits per weight; fractional: DP over `candidates`
         mode: Literal["bcq", "denseshift"] = "bcq"
         terms: int = 3  # powers of two per scale
-        group_rows: int = 0  # output rows per scale block (0: all rows)
-        row_scale: bool = True  # a power-of-two scale per output row (applied after the call)
+        group_rows: int = 128  # output rows per scale block (0: all rows)
+        row_scale: bool = False  # a power-of-two scale per output row (applied after the call)
+        static_scales: bool = True  # block scales fitted to the original weights (GPTQ static groups)
         rounds: int = 20  # alternating refinement rounds
         act_order: bool = True
         compensate: bool = True  # GPTQ-style output error compensation
@@ -165,7 +166,7 @@ class ShiftAdd(Pass):
         o = self.options
         return sq.quantize(w, h, mode=o.mode, bits=bits, terms=o.terms, group_rows=o.group_rows,
                            rounds=o.rounds, act_order=o.act_order, compensate=o.compensate,
-                           row_scale=o.row_scale)
+                           row_scale=o.row_scale, static_scales=o.static_scales)
 
     def apply(self, view: GraphView, sites: list[Site]) -> None:
         """Sites are visited in graph order, grouped by the tensor they read (q/k/v share
@@ -211,7 +212,8 @@ class ShiftAdd(Pass):
                 fp16 = p.weight.size * 2
                 op = LinearOp(consts={"planes": packed.planes, "exps": packed.exps, "signs": packed.signs},
                               attrs={"group_rows": packed.group_rows, "mode": MODES[packed.mode]},
-                              onnx_function=function_for(packed.mode), torch_op=shiftadd_linear_op)
+                              onnx_function=function_for(packed.mode), torch_op=shiftadd_linear_op,
+                              onnx_attrs={"n_in": packed.n_in})
                 rows = packed.row_scale
                 new = view.replace_linear(node, op, p.bias if rows is None else None)
                 view.tag(new, self.name, [node.name])

@@ -295,9 +295,9 @@ def row_scales(w: np.ndarray) -> np.ndarray:
 
 
 def quantize_bcq(w: np.ndarray, h: np.ndarray | None = None, *, bits: int = 3, terms: int = 3,
-                 group_rows: int = 0, rounds: int = 20, act_order: bool = True,
-                 compensate: bool = True, damp: float = 0.01, row_scale: bool = True,
-                 progress: Progress | None = None) -> Packed:
+                 group_rows: int = 128, rounds: int = 20, act_order: bool = True,
+                 compensate: bool = True, damp: float = 0.01, row_scale: bool = False,
+                 static_scales: bool = True, progress: Progress | None = None) -> Packed:
     """BCQ with 8-column x row-group power-of-two-sum scales, GPTQ-compensated (see the
     module docstring). ``w`` ``[N, K]``, ``h`` ``[K, K]`` or None (identity).
     ``row_scale``: rows are first divided by a power of two near their RMS (kept in
@@ -307,7 +307,7 @@ def quantize_bcq(w: np.ndarray, h: np.ndarray | None = None, *, bits: int = 3, t
         rs = row_scales(w)
         p = quantize_bcq(np.asarray(w, np.float64) / rs[:, None], h, bits=bits, terms=terms,
                          group_rows=group_rows, rounds=rounds, act_order=act_order, compensate=compensate,
-                         damp=damp, row_scale=False, progress=progress)
+                         damp=damp, row_scale=False, static_scales=static_scales, progress=progress)
         p.row_scale = rs
         return p
     n, k = w.shape
@@ -321,6 +321,7 @@ def quantize_bcq(w: np.ndarray, h: np.ndarray | None = None, *, bits: int = 3, t
         blocks = sorted(blocks, key=lambda cols: -float(diag[cols].sum()))
     perm = [c for cols in blocks for c in cols]
     wp = wt[:, perm].clone()
+    w0p = wt[:, perm]
     u = _chol_inv_upper(ht[perm][:, perm], damp) if compensate else None
     pad = ng * g - n
     codes = torch.zeros(n, k, dtype=torch.int64)  # in permuted column order
@@ -328,7 +329,10 @@ def quantize_bcq(w: np.ndarray, h: np.ndarray | None = None, *, bits: int = 3, t
     pos = 0
     for bi, cols in enumerate(blocks):
         width = len(cols)
-        blk = wp[:, pos : pos + width]
+        # static scales: alphas fitted to the block's original weights, so compensation can
+        # only move codes; fitted to the compensated weights, a block scale shared by many
+        # rows follows the rows the compensation inflates and the loop can run away
+        blk = (w0p if static_scales else wp)[:, pos : pos + width]
         grp = torch.cat([blk, blk.new_zeros(pad, width)]) if pad else blk
         grp = grp.reshape(ng, g, width)
         if pad:  # padded rows must not pull the fit: refit the last group on its real rows
@@ -430,6 +434,7 @@ def quantize(w: np.ndarray, h: np.ndarray | None = None, *, mode: str = "bcq", *
             kw.pop("group_rows", None)
             kw.pop("rounds", None)
             kw.pop("row_scale", None)
+            kw.pop("static_scales", None)
             return quantize_denseshift(w, h, **kw)
         raise ValueError(f"unknown shiftadd mode {mode!r}")
     finally:

@@ -5,7 +5,8 @@
 ``rewriter::DenseShiftMatMul(X, Planes, Exps, Signs)`` (both also carry ``mode``, the
 torch op's format code, for the reader) compute ``X @ W^T`` for the packed
 format of ``passes/shiftadd_quant.py`` (planes uint32 ``[q, ceil(K/32), N]``, scale
-terms int8 ``[T, qa, Kb, Ng]``; ``K`` is read from ``X``'s last dim, ``N`` from the planes)::
+terms int8 ``[T, qa, Kb, Ng]``; ``K`` is the call's ``n_in`` attribute, a constant, so ONNX
+Runtime's constant folding can decode the weight once at load; ``N`` from the planes)::
 
     bits[k, c, n]  = (Planes[k, c // 32, n] >> (c % 32)) mod 2       BitShift, Mod
     alpha          = sum_t Signs_t * 2^Exps_t                         Gather from a table of
@@ -81,11 +82,18 @@ def _pm1(f: _Body, bits: ir.Value) -> ir.Value:
     return f("Sub", [f("Mul", [bits, two]), one])
 
 
+def _attr_vector(f: _Body, attr: str) -> ir.Value:
+    """The int attribute ``attr`` of the call as a 1-element int64 tensor (a constant)."""
+    c = ir.Node("", "Constant", [], [ir.RefAttr("value_int", attr, ir.AttributeType.INT)], name=f"attr_{attr}")
+    f.nodes.append(c)
+    return f("Reshape", [c.outputs[0], f.i64(f"shape1_{attr}", [1])])
+
+
 def shiftadd_function(opset: int = MIN_OPSET) -> ir.Function:
     """``rewriter::ShiftAddMatMul`` (BCQ, 8-column x ``group_rows`` blocks)."""
     x, planes, exps, signs = (ir.Value(name=n) for n in ("X", "Planes", "Exps", "Signs"))
     f = _Body()
-    k = f("Shape", [x], [ir.AttrInt64("start", -1)])
+    k = _attr_vector(f, "n_in")  # a constant (not Shape(X)), so ORT can fold the decode
     n = f("Shape", [planes], [ir.AttrInt64("start", -1)])
     b = _pm1(f, _bits(f, planes, k))  # [q, K, N] in {-1, +1}
     a = _alpha(f, exps, signs)  # [q, Kb, Ng]
@@ -105,14 +113,15 @@ def shiftadd_function(opset: int = MIN_OPSET) -> ir.Function:
     y.name = "Y"
     graph = ir.Graph([x, planes, exps, signs], [y], nodes=f.nodes, opset_imports={"": max(opset, MIN_OPSET)},
                      name=SHIFTADD_NAME)
-    return ir.Function(DOMAIN, SHIFTADD_NAME, graph=graph, attributes=[ir.AttrInt64("group_rows", 1), ir.AttrInt64("mode", 0)])
+    return ir.Function(DOMAIN, SHIFTADD_NAME, graph=graph, attributes=[ir.AttrInt64("group_rows", 1), ir.AttrInt64("mode", 0),
+                                                                      ir.AttrInt64("n_in", 0)])
 
 
 def denseshift_function(opset: int = MIN_OPSET) -> ir.Function:
     """``rewriter::DenseShiftMatMul`` (sign plane + exponent planes, per-row scale)."""
     x, planes, exps, signs = (ir.Value(name=n) for n in ("X", "Planes", "Exps", "Signs"))
     f = _Body()
-    k = f("Shape", [x], [ir.AttrInt64("start", -1)])
+    k = _attr_vector(f, "n_in")
     bits = _bits(f, planes, k)  # [b, K, N]
     sign = _pm1(f, f("Gather", [bits, f.i64("zero_s", 0)], [ir.AttrInt64("axis", 0)]))  # [K, N]
     ebits = f("Slice", [bits, f.i64("one_e", [1]), f.i64("big_e", [1 << 30]), f.i64("axis0_e", [0])])
@@ -130,7 +139,7 @@ def denseshift_function(opset: int = MIN_OPSET) -> ir.Function:
     graph = ir.Graph([x, planes, exps, signs], [y], nodes=f.nodes, opset_imports={"": max(opset, MIN_OPSET)},
                      name=DENSESHIFT_NAME)
     return ir.Function(DOMAIN, DENSESHIFT_NAME, graph=graph,
-                       attributes=[ir.AttrInt64("group_rows", 1), ir.AttrInt64("mode", 1)])
+                       attributes=[ir.AttrInt64("group_rows", 1), ir.AttrInt64("mode", 1), ir.AttrInt64("n_in", 0)])
 
 
 def function_for(mode: str):

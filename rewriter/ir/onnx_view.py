@@ -889,7 +889,8 @@ class OnnxView(GraphView):
         self.model.opset_imports.setdefault(fn.domain, 1)
         raw, x, out = node.raw[0], node.inputs[0], node.output
         inits = [self._new_initializer(f"{node.name}.{k}", np.ascontiguousarray(a)) for k, a in op.consts.items()]
-        call = ir.Node(fn.domain, fn.name, [x, *inits], [ir.AttrInt64(k, int(v)) for k, v in op.attrs.items()],
+        attrs = {**op.attrs, **getattr(op, "onnx_attrs", {})}
+        call = ir.Node(fn.domain, fn.name, [x, *inits], [ir.AttrInt64(k, int(v)) for k, v in attrs.items()],
                        name=f"{node.name}_{fn.name}__rw{next(self._names)}")
         nodes, last = [call], call.outputs[0]
         if bias is not None:

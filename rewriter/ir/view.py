@@ -241,6 +241,7 @@ class LinearOp:
     attrs: dict[str, int]
     onnx_function: Any
     torch_op: Any
+    onnx_attrs: dict[str, int] = dataclasses.field(default_factory=dict)  # ONNX call only (after attrs)
 
 
 class Declined(Exception):
