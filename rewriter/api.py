@@ -140,28 +140,35 @@ def as_view(model: Any, *, example_inputs: Sequence[Any] | None = None, ir_kind:
 
 
 def verification_feeds(view: GraphView, inputs: Any = None,
-                       shapes: Mapping[str, list[int]] | None = None, seed: int = 0) -> tuple[dict, list[str]]:
+                       shapes: Mapping[str, list[int]] | None = None, seed: int = 0,
+                       max_input_bytes: int | None = None) -> tuple[dict, list[str]]:
+    """The inputs verification runs on: ``inputs`` (a ``.npz`` path or ``{name: array}``),
+    else the example inputs of a torch model, else seeded inputs from the signature
+    (``rewriter.verify.make_inputs``); ``max_input_bytes`` bounds their total size."""
     specs = input_specs(view)
     if inputs is None:
         if isinstance(view, FxView):
             from rewriter.ir.dtypes import to_numpy
 
             return {s.name: to_numpy(x) for s, x in zip(specs, view.example_inputs)}, []
-        return make_inputs(specs, shapes, seed=seed)
+        return make_inputs(specs, shapes, seed=seed, max_bytes=max_input_bytes)
     if isinstance(inputs, (str, os.PathLike)):
-        return load_inputs(str(inputs), specs), []
+        return load_inputs(str(inputs), specs, max_input_bytes), []
     return {k: np.asarray(v) for k, v in dict(inputs).items()}, []
 
 
 def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, Any] | None = None,
             inputs: Any = None, calib: Any = None, example_inputs: Sequence[Any] | None = None,
             shapes: Mapping[str, list[int]] | None = None, verify: bool = True, force: bool = False,
-            ir_kind: str | None = None, progress=None, source: str | None = None) -> Result:
+            ir_kind: str | None = None, progress=None, source: str | None = None,
+            max_input_bytes: int | None = None) -> Result:
     """Apply ``passes`` in order to ``model`` and verify each one.
 
     ``options``: ``{"foldnorm": {"direction": "next"}}`` (strings are parsed like ``--set``).
     ``inputs``: a ``.npz`` path or ``{name: array}`` for verification (default: seeded
-    random inputs, or the example inputs of a torch module). Returns a ``Result``; a
+    random inputs, or the example inputs of a torch module); ``max_input_bytes`` bounds
+    their total size (default ``rewriter.verify.DEFAULT_MAX_INPUT_BYTES``, checked before
+    anything is allocated). Returns a ``Result``; a
     failed verification is recorded in it and ``Result.save`` refuses it unless forced.
     """
     if not passes:
@@ -185,7 +192,8 @@ def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, A
         from rewriter.loader import check_runnable
 
         check_runnable(view, source or "model")
-    feeds, notes = (verification_feeds(view, inputs, shapes) if verify else (None, []))
+    feeds, notes = (verification_feeds(view, inputs, shapes, max_input_bytes=max_input_bytes)
+                    if verify else (None, []))
     records, reference = run_passes(view, pass_objs, feeds=feeds, progress=progress)
     if feeds is not None and records and all(r.verification is None or r.verification["passed"] for r in records):
         final = compare(reference, Runner(view)(feeds), _final_tolerance(pass_objs))

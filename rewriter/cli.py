@@ -56,6 +56,12 @@ def _split_passes(text: str) -> list[str]:
     return names
 
 
+def _parse_bytes(text: str | None) -> int | None:
+    from rewriter.verify import parse_bytes
+
+    return None if text is None else parse_bytes(text)
+
+
 def _parse_shapes(items: list[str]) -> dict[str, list[int]]:
     shapes = {}
     for item in items:
@@ -190,6 +196,8 @@ def run_cmd(
     inputs: Optional[str] = typer.Option(None, "--inputs", help=".npz of verification inputs"),
     calib: Optional[str] = typer.Option(None, "--calib", help=".npz of calibration inputs"),
     shape: list[str] = typer.Option([], "--shape", help="NAME=D0,D1,... for dynamic input dims"),
+    max_input_bytes: Optional[str] = typer.Option(None, "--max-input-bytes",
+                                                  help="largest total size of verification inputs (e.g. 4G; default 1G)"),
     no_verify: bool = typer.Option(False, "--no-verify", help="skip verification"),
     force: bool = typer.Option(False, "--force", help="write even if verification fails"),
     json_out: Optional[str] = typer.Option(None, "--json", help="write the JSON report here"),
@@ -209,6 +217,7 @@ def run_cmd(
     pass_names = _split_passes(passes)
     options = _options(set_, pass_names)
     shapes = _parse_shapes(shape)
+    max_bytes = _parse_bytes(max_input_bytes)
     bench = bench or per_pass
     _check_report_path(json_out, "--json")
     _check_report_path(html_out, "--html")
@@ -230,12 +239,12 @@ def run_cmd(
 
         result = api.rewrite(view, pass_names, options=options, inputs=inputs, calib=calib,
                              shapes=shapes, verify=not no_verify, force=force, progress=progress,
-                             source=model)
+                             source=model, max_input_bytes=max_bytes)
     report = result.report
     snaps = _attach_diff(report, view, result.view)
     if bench:
         if result.passed or force:
-            feeds, _ = api.verification_feeds(view, inputs, shapes)
+            feeds, _ = api.verification_feeds(view, inputs, shapes, max_input_bytes=max_bytes)
             prefixes = _prefix_views(view, pass_names, options, calib) if per_pass and len(pass_names) > 1 else []
             report["latency"] = _bench(view, result.view, feeds, runs=runs, warmup=warmup, threads=threads,
                                        profile=not no_profile, quiet=quiet,
@@ -379,6 +388,8 @@ def bench_cmd(
     warmup: int = typer.Option(5, "--warmup", help="warm-up calls per model"),
     threads: Optional[int] = typer.Option(None, "--threads", help="ORT intra-op threads (default: ORT's)"),
     shape: list[str] = typer.Option([], "--shape", help="NAME=D0,D1,... for dynamic input dims"),
+    max_input_bytes: Optional[str] = typer.Option(None, "--max-input-bytes",
+                                                  help="largest total size of verification inputs (e.g. 4G; default 1G)"),
     inputs: Optional[str] = typer.Option(None, "--inputs", help=".npz of inputs"),
     no_profile: bool = typer.Option(False, "--no-profile", help="skip the per-op-type ORT profile"),
     json_out: Optional[str] = typer.Option(None, "--json", help="write the bench document here"),
@@ -396,12 +407,13 @@ def bench_cmd(
     pass_names = _split_passes(passes) if passes else []
     options = _options(set_, pass_names) if passes else {}
     shapes = _parse_shapes(shape)
+    max_bytes = _parse_bytes(max_input_bytes)
     if inputs is not None and not Path(inputs).is_file():
         raise BadInput(f"--inputs {inputs}: no such file")
     _check_report_path(json_out, "--json")
     _check_report_path(html_out, "--html")
     view = _load_view(model)
-    feeds, _ = api.verification_feeds(view, inputs, shapes)
+    feeds, _ = api.verification_feeds(view, inputs, shapes, max_input_bytes=max_bytes)
     other, prefixes, labels, snaps = None, [], (model, against or "rewritten"), None
     if against:
         other = _load_view(against, "--against")
@@ -410,7 +422,7 @@ def bench_cmd(
     elif pass_names:
         with err.status("rewriting...") as status:
             result = api.rewrite(view, pass_names, options=options, inputs=inputs, shapes=shapes,
-                                 progress=lambda m: status.update(m + "..."))
+                                 progress=lambda m: status.update(m + "..."), max_input_bytes=max_bytes)
         if not result.passed:
             raise VerificationFailed(f"verification failed after pass {result.verification.get('failed_pass')!r}; "
                                      "not timing a wrong model")
@@ -475,6 +487,8 @@ def check_cmd(
     inputs: Optional[str] = typer.Option(None, "--inputs", help=".npz of verification inputs"),
     calib: Optional[str] = typer.Option(None, "--calib", help=".npz of calibration inputs"),
     shape: list[str] = typer.Option([], "--shape", help="NAME=D0,D1,... for dynamic input dims"),
+    max_input_bytes: Optional[str] = typer.Option(None, "--max-input-bytes",
+                                                  help="largest total size of verification inputs (e.g. 4G; default 1G)"),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="write the model here when every goal is met"),
     runs: int = typer.Option(100, "--runs", help="timed samples per model (with --min-speedup)"),
     warmup: int = typer.Option(5, "--warmup", help="warm-up calls per model"),
@@ -490,6 +504,7 @@ def check_cmd(
     pass_names = _split_passes(passes)
     options = _options(set_, pass_names)
     shapes = _parse_shapes(shape)
+    max_bytes = _parse_bytes(max_input_bytes)
     for val, flag in ((max_rel_error, "--max-rel-error"), (min_speedup, "--min-speedup")):
         if val is not None and not (val >= 0):
             raise BadInput(f"{flag} {val}: must be a non-negative number")
@@ -506,11 +521,12 @@ def check_cmd(
     with err.status("loading model...") as status:
         view = loader.to_view(source, ir_kind)
         result = api.rewrite(view, pass_names, options=options, inputs=inputs, calib=calib, shapes=shapes,
-                             verify=True, progress=lambda m: status.update(m + "..."), source=model)
+                             verify=True, progress=lambda m: status.update(m + "..."), source=model,
+                             max_input_bytes=max_bytes)
     report = result.report
     snaps = _attach_diff(report, view, result.view)
     if min_speedup is not None:
-        feeds, _ = api.verification_feeds(view, inputs, shapes)
+        feeds, _ = api.verification_feeds(view, inputs, shapes, max_input_bytes=max_bytes)
         report["latency"] = _bench(view, result.view, feeds, runs=runs, warmup=warmup, threads=threads,
                                    profile=html_out is not None, quiet=quiet)
     goals = _goals(report, pass_names, max_rel_error, min_speedup)

@@ -121,6 +121,87 @@ def check_model(view: OnnxView, where: str) -> None:
     if dups:
         raise BadInput(f"{where}: duplicate node name(s) {', '.join(repr(d) for d in dups[:3])}"
                        f"{' ...' if len(dups) > 3 else ''}: node names must be unique")
+    check_dataflow(view.graph, where)
+
+
+def _label(node: ir.Node) -> str:
+    return repr(node.name) if node.name else f"<unnamed {node.op_type}>"
+
+
+def _reads(node: ir.Node) -> list[ir.Value]:
+    """The values ``node`` reads: its inputs and, for control flow, what its subgraphs read
+    from enclosing scopes (a subgraph node reading its own graph's values is not counted)."""
+    vals = [v for v in node.inputs if v is not None]
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            graphs = [attr.value]
+        elif attr.type == ir.AttributeType.GRAPHS:
+            graphs = list(attr.value)
+        else:
+            continue
+        for g in graphs:
+            inner = set(g.inputs) | set(g.initializers.values())
+            for sub in g.all_nodes():
+                inner.update(sub.outputs)
+                if sub.graph is not None:
+                    inner.update(sub.graph.inputs)
+                    inner.update(sub.graph.initializers.values())
+            vals.extend(v for sub in g.all_nodes() for v in sub.inputs if v is not None and v not in inner)
+    return vals
+
+
+def check_dataflow(graph: ir.Graph, where: str) -> None:
+    """Every tensor a node reads is defined (a graph input, an initializer or a node's
+    output), and the nodes form no cycle. A graph whose nodes are merely out of order is
+    sorted (ONNX requires topological order; the passes rely on it)."""
+    unsorted = False
+    for g in [graph, *(a.value for n in graph.all_nodes() for a in n.attributes.values()
+                       if a.type == ir.AttributeType.GRAPH)]:
+        defined = set(g.inputs) | set(g.initializers.values())
+        seen: set[ir.Node] = set()
+        for node in g:
+            for v in _reads(node):
+                if v in defined:
+                    continue
+                p = v.producer()
+                if p is None and not v.is_graph_input() and not v.is_initializer():
+                    raise BadInput(f"{where}: node {_label(node)} ({node.op_type}) reads tensor {v.name!r}, "
+                                   "which no node, graph input or initializer defines")
+                if p is not None and p.graph is g and p not in seen:
+                    unsorted = True
+            seen.add(node)
+            defined.update(node.outputs)
+    if not unsorted:
+        return
+    try:
+        graph.sort()
+    except ValueError:
+        raise BadInput(f"{where}: the graph has a cycle ({_cycle(graph)}): an ONNX graph must be acyclic") from None
+
+
+def _cycle(graph: ir.Graph) -> str:
+    """One cycle of ``graph``'s nodes, as ``'a' -> 'b' -> 'a'``."""
+    import networkx as nx
+
+    dg = nx.DiGraph()
+    for g in [graph, *(a.value for n in graph.all_nodes() for a in n.attributes.values()
+                       if a.type == ir.AttributeType.GRAPH)]:
+        for node in g:
+            for v in _reads(node):
+                p = v.producer()
+                if p is not None and p.graph is g:
+                    dg.add_edge(p, node)
+    try:
+        edges = nx.find_cycle(dg)
+    except nx.NetworkXNoCycle:  # pragma: no cover - sort() said there is one
+        return "through a subgraph"
+    ring = [e[0] for e in edges]
+    order = {n: i for i, n in enumerate(graph.all_nodes())}
+    first = min(range(len(ring)), key=lambda i: order.get(ring[i], len(order)))
+    ring = ring[first:] + ring[:first]  # start at the node the file lists first
+    path = ring + ring[:1]
+    shown = " -> ".join(_label(n) for n in path[:8])
+    return f"nodes {shown}{' -> ...' if len(path) > 8 else ''}"
 
 
 def check_runnable(view: OnnxView, where: str) -> None:
