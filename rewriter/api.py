@@ -161,19 +161,26 @@ def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, A
             inputs: Any = None, calib: Any = None, example_inputs: Sequence[Any] | None = None,
             shapes: Mapping[str, list[int]] | None = None, verify: bool = True, force: bool = False,
             ir_kind: str | None = None, progress=None, source: str | None = None,
-            max_input_bytes: int | None = None) -> Result:
+            max_input_bytes: int | None = None, freeze_initializer_inputs: bool = False) -> Result:
     """Apply ``passes`` in order to ``model`` and verify each one.
 
     ``options``: ``{"foldnorm": {"direction": "next"}}`` (strings are parsed like ``--set``).
     ``inputs``: a ``.npz`` path or ``{name: array}`` for verification (default: seeded
     random inputs, or the example inputs of a torch module); ``max_input_bytes`` bounds
     their total size (default ``rewriter.verify.DEFAULT_MAX_INPUT_BYTES``, checked before
-    anything is allocated). Returns a ``Result``; a
+    anything is allocated). ``freeze_initializer_inputs``: initializers that are also graph
+    inputs (IR v3 files) become constants and leave the inputs (``--freeze-initializer-inputs``).
+    Returns a ``Result``; a
     failed verification is recorded in it and ``Result.save`` refuses it unless forced.
     """
     if not passes:
         raise BadInput("no passes given")
     view = as_view(model, example_inputs=example_inputs, ir_kind=ir_kind)
+    frozen = []
+    if freeze_initializer_inputs:
+        from rewriter.loader import freeze_initializer_inputs as freeze
+
+        frozen = freeze(view)
     calib_data = None
     if calib is not None:
         if isinstance(calib, (str, os.PathLike)):
@@ -194,6 +201,7 @@ def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, A
         check_runnable(view, source or "model")
     feeds, notes = (verification_feeds(view, inputs, shapes, max_input_bytes=max_input_bytes)
                     if verify else (None, []))
+    assumed = _specialise(view, shapes, inputs, feeds)
     records, reference = run_passes(view, pass_objs, feeds=feeds, progress=progress)
     if feeds is not None and records and all(r.verification is None or r.verification["passed"] for r in records):
         final = compare(reference, Runner(view)(feeds), _final_tolerance(pass_objs))
@@ -208,6 +216,14 @@ def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, A
     if feeds is not None:
         final["inputs"] = {k: list(np.shape(v)) for k, v in feeds.items()}
         final["notes"] = notes + final.get("notes", [])  # + verification notes (bfloat16 shadow)
+    if frozen:
+        final.setdefault("notes", []).append(
+            f"{len(frozen)} initializer(s) listed as graph inputs treated as constants "
+            "(--freeze-initializer-inputs): they are not inputs of the output")
+    if assumed:
+        final.setdefault("notes", []).append(
+            "shapes assumed for the analysis: " + ", ".join(f"{k}={v}" for k, v in assumed["inputs"].items())
+            + "; the output keeps the file's dynamic signature")
     report = {
         "schema": SCHEMA,
         "model": {"source": source or (str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__),
@@ -221,7 +237,28 @@ def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, A
         },
         "output": None,
     }
+    if assumed:
+        report["assumed_shapes"] = assumed
+    if frozen:
+        report["frozen_initializer_inputs"] = frozen
     return Result(view, records, final, report, forced=force)
+
+
+def _specialise(view: GraphView, shapes: Mapping[str, list[int]] | None, inputs: Any,
+                feeds: Mapping[str, np.ndarray] | None) -> dict | None:
+    """Concrete dims for the analysis from ``--shape`` and the arrays of ``--inputs``
+    (``rewriter.shapes.specialise``); the report's ``assumed_shapes``, or None."""
+    if not isinstance(view, OnnxView):
+        return None
+    given = {k: list(v) for k, v in (shapes or {}).items()}
+    if inputs is not None and feeds is not None:
+        given.update({k: list(np.shape(v)) for k, v in feeds.items()})
+    from rewriter.shapes import resolve_static, specialise
+
+    if not given:
+        resolve_static(view)  # a fixed-shape file whose inner shapes onnx's inference left open
+        return None
+    return specialise(view, given)
 
 
 def _final_tolerance(passes: list[Pass]) -> float | None:

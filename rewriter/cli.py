@@ -175,7 +175,7 @@ def _bench(before, after, feeds: dict, *, runs: int, warmup: int, threads: int |
     return sec
 
 
-def _prefix_views(view, pass_names: list[str], options: dict, calib) -> list:
+def _prefix_views(view, pass_names: list[str], options: dict, calib, freeze: bool = False) -> list:
     """The model after each proper prefix of the pass list (for --per-pass), unverified."""
     from rewriter import api
 
@@ -183,7 +183,8 @@ def _prefix_views(view, pass_names: list[str], options: dict, calib) -> list:
     for k in range(1, len(pass_names)):
         names = pass_names[:k]
         opts = {n: o for n, o in options.items() if n in names}
-        out.append(api.rewrite(view, names, options=opts, calib=calib, verify=False).view)
+        out.append(api.rewrite(view, names, options=opts, calib=calib, verify=False,
+                               freeze_initializer_inputs=freeze).view)
     return out
 
 
@@ -198,6 +199,8 @@ def run_cmd(
     shape: list[str] = typer.Option([], "--shape", help="NAME=D0,D1,... for dynamic input dims"),
     max_input_bytes: Optional[str] = typer.Option(None, "--max-input-bytes",
                                                   help="largest total size of verification inputs (e.g. 4G; default 1G)"),
+    freeze: bool = typer.Option(False, "--freeze-initializer-inputs",
+                                help="treat initializers that are also graph inputs (IR v3 files) as constants"),
     no_verify: bool = typer.Option(False, "--no-verify", help="skip verification"),
     force: bool = typer.Option(False, "--force", help="write even if verification fails"),
     json_out: Optional[str] = typer.Option(None, "--json", help="write the JSON report here"),
@@ -239,13 +242,13 @@ def run_cmd(
 
         result = api.rewrite(view, pass_names, options=options, inputs=inputs, calib=calib,
                              shapes=shapes, verify=not no_verify, force=force, progress=progress,
-                             source=model, max_input_bytes=max_bytes)
+                             source=model, max_input_bytes=max_bytes, freeze_initializer_inputs=freeze)
     report = result.report
     snaps = _attach_diff(report, view, result.view)
     if bench:
         if result.passed or force:
             feeds, _ = api.verification_feeds(view, inputs, shapes, max_input_bytes=max_bytes)
-            prefixes = _prefix_views(view, pass_names, options, calib) if per_pass and len(pass_names) > 1 else []
+            prefixes = _prefix_views(view, pass_names, options, calib, freeze) if per_pass and len(pass_names) > 1 else []
             report["latency"] = _bench(view, result.view, feeds, runs=runs, warmup=warmup, threads=threads,
                                        profile=not no_profile, quiet=quiet,
                                        pass_names=pass_names if prefixes else (), prefixes=prefixes)
@@ -303,20 +306,31 @@ def explain_cmd(
     passes: str = typer.Option(..., "--passes", "-p"),
     set_: list[str] = typer.Option([], "--set"),
     torch_ir: bool = typer.Option(False, "--torch", help="explain on the torch.export graph (torch models)"),
+    shape: list[str] = typer.Option([], "--shape", help="NAME=D0,D1,... for dynamic input dims"),
+    freeze: bool = typer.Option(False, "--freeze-initializer-inputs",
+                                help="treat initializers that are also graph inputs (IR v3 files) as constants"),
     json_out: Optional[str] = typer.Option(None, "--json"),
     debug: bool = typer.Option(False, "--debug"),
 ) -> int:
     from rewriter import loader
-    from rewriter.api import _instantiate
+    from rewriter.api import _instantiate, _specialise
     from rewriter.manager import explain
     from rewriter.pass_api import Context
     from rewriter.report import sites_table
 
     pass_names = _split_passes(passes)
     options = _options(set_, pass_names)
+    shapes = _parse_shapes(shape)
     source = loader.resolve(model)
     with err.status("loading model..."):
         view = loader.to_view(source, "torch" if torch_ir and source.kind != "onnx" else "onnx")
+        if freeze:
+            loader.freeze_initializer_inputs(view)
+        if shapes:
+            from rewriter.verify import input_specs, resolve_shapes
+
+            resolve_shapes(input_specs(view), shapes)  # names and ranks checked as in a run
+        _specialise(view, shapes, None, None)
         records = explain(view, _instantiate(pass_names, options, Context()))
     docs = [r.to_json() for r in records]
     out.print(sites_table(docs))
@@ -390,6 +404,8 @@ def bench_cmd(
     shape: list[str] = typer.Option([], "--shape", help="NAME=D0,D1,... for dynamic input dims"),
     max_input_bytes: Optional[str] = typer.Option(None, "--max-input-bytes",
                                                   help="largest total size of verification inputs (e.g. 4G; default 1G)"),
+    freeze: bool = typer.Option(False, "--freeze-initializer-inputs",
+                                help="treat initializers that are also graph inputs (IR v3 files) as constants"),
     inputs: Optional[str] = typer.Option(None, "--inputs", help=".npz of inputs"),
     no_profile: bool = typer.Option(False, "--no-profile", help="skip the per-op-type ORT profile"),
     json_out: Optional[str] = typer.Option(None, "--json", help="write the bench document here"),
@@ -422,14 +438,15 @@ def bench_cmd(
     elif pass_names:
         with err.status("rewriting...") as status:
             result = api.rewrite(view, pass_names, options=options, inputs=inputs, shapes=shapes,
-                                 progress=lambda m: status.update(m + "..."), max_input_bytes=max_bytes)
+                                 progress=lambda m: status.update(m + "..."), max_input_bytes=max_bytes,
+                                 freeze_initializer_inputs=freeze)
         if not result.passed:
             raise VerificationFailed(f"verification failed after pass {result.verification.get('failed_pass')!r}; "
                                      "not timing a wrong model")
         other = result.view
         labels = (model, f"{model} + {','.join(pass_names)}")
         if per_pass and len(pass_names) > 1:
-            prefixes = _prefix_views(view, pass_names, options, None)
+            prefixes = _prefix_views(view, pass_names, options, None, freeze)
     sec = _bench(view, other, feeds, runs=runs, warmup=warmup, threads=threads, profile=not no_profile,
                  quiet=quiet, pass_names=pass_names if prefixes else (), prefixes=prefixes, labels=labels)
     doc = {"schema": "rewriter.bench/1", "model": model, "against": against, "latency": sec}
@@ -489,6 +506,8 @@ def check_cmd(
     shape: list[str] = typer.Option([], "--shape", help="NAME=D0,D1,... for dynamic input dims"),
     max_input_bytes: Optional[str] = typer.Option(None, "--max-input-bytes",
                                                   help="largest total size of verification inputs (e.g. 4G; default 1G)"),
+    freeze: bool = typer.Option(False, "--freeze-initializer-inputs",
+                                help="treat initializers that are also graph inputs (IR v3 files) as constants"),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="write the model here when every goal is met"),
     runs: int = typer.Option(100, "--runs", help="timed samples per model (with --min-speedup)"),
     warmup: int = typer.Option(5, "--warmup", help="warm-up calls per model"),
@@ -522,7 +541,7 @@ def check_cmd(
         view = loader.to_view(source, ir_kind)
         result = api.rewrite(view, pass_names, options=options, inputs=inputs, calib=calib, shapes=shapes,
                              verify=True, progress=lambda m: status.update(m + "..."), source=model,
-                             max_input_bytes=max_bytes)
+                             max_input_bytes=max_bytes, freeze_initializer_inputs=freeze)
     report = result.report
     snaps = _attach_diff(report, view, result.view)
     if min_speedup is not None:

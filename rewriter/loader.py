@@ -343,3 +343,33 @@ def save(view: GraphView, target: str | os.PathLike) -> Path:
             p.unlink()
         tmpdir.rmdir()
     return target
+
+
+# -- initializers listed as graph inputs (IR v3 files) --------------------------------------
+FREEZE_FLAG = "--freeze-initializer-inputs"
+FREEZE_HINT = (f"the model lists initializers as graph inputs (IR v3 style), so they are overridable, not "
+               f"constants: {FREEZE_FLAG} (API: freeze_initializer_inputs=True) treats them as constants")
+
+
+def initializer_inputs(view: GraphView) -> list[ir.Value]:
+    """Graph inputs that carry an initializer (a default the caller may override)."""
+    if not isinstance(view, OnnxView):
+        return []
+    return [v for v in view.graph.inputs if v.is_initializer()]
+
+
+def freeze_initializer_inputs(view: GraphView) -> list[str]:
+    """Make initializers that are also graph inputs plain constants: they leave the graph's
+    inputs (the IR version goes to 4 if it was older: IR 3 requires every initializer to be
+    an input). Returns their names. ``--freeze-initializer-inputs``; opt-in, because a
+    caller that fed those inputs can no longer."""
+    frozen = initializer_inputs(view)
+    if not frozen:
+        return []
+    for v in frozen:
+        view.graph.inputs.remove(v)
+    if view.model.ir_version is not None and view.model.ir_version < 4:
+        view.model.ir_version = 4
+    view._const_cache.clear()
+    view.invalidate()
+    return [v.name for v in frozen]
