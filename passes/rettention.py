@@ -56,6 +56,11 @@ from rewriter.pass_api import Kind, Pass, Site, register
 log = logging.getLogger(__name__)
 
 
+# find_attention's reasons that better shape inference may lift (rewriter.shapes.resolve_static)
+_SHAPE_PROBLEMS = ("the shapes of Q, K, V are unknown", "heads, tokens and head width must be static",
+                   "Q, K, V are not [B, H, N, Dh]")
+
+
 @dataclasses.dataclass
 class _Plan:
     site: AttentionSite
@@ -108,7 +113,13 @@ class Rettention(Pass):
     def match(self, view: GraphView) -> list[Site]:
         sites: list[Site] = []
         problem = self._problem()
-        for s in find_attention(view):
+        found = find_attention(view)
+        if isinstance(view, OnnxView) and any(p in s.reason for s in found for p in _SHAPE_PROBLEMS):
+            from rewriter.shapes import resolve_static
+
+            if resolve_static(view):  # static inputs: infer the inner shapes onnx's inference left open
+                found = find_attention(view)
+        for s in found:
             if s.reason and not (self.options.cross and not s.self_attention and s.tokens
                                  and view.shape(s.v) and s.reason.startswith(f"{s.name}: cross-attention (keys are")):
                 sites.append(Site(s.name, False, s.reason))

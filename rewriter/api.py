@@ -253,11 +253,10 @@ def _specialise(view: GraphView, shapes: Mapping[str, list[int]] | None, inputs:
     given = {k: list(v) for k, v in (shapes or {}).items()}
     if inputs is not None and feeds is not None:
         given.update({k: list(np.shape(v)) for k, v in feeds.items()})
-    from rewriter.shapes import resolve_static, specialise
-
     if not given:
-        resolve_static(view)  # a fixed-shape file whose inner shapes onnx's inference left open
         return None
+    from rewriter.shapes import specialise
+
     return specialise(view, given)
 
 

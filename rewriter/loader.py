@@ -155,21 +155,23 @@ def check_dataflow(graph: ir.Graph, where: str) -> None:
     output), and the nodes form no cycle. A graph whose nodes are merely out of order is
     sorted (ONNX requires topological order; the passes rely on it)."""
     unsorted = False
+    graph_attr = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
     for g in [graph, *(a.value for n in graph.all_nodes() for a in n.attributes.values()
                        if a.type == ir.AttributeType.GRAPH)]:
-        defined = set(g.inputs) | set(g.initializers.values())
-        seen: set[ir.Node] = set()
+        defined = set(g.inputs)
+        defined.update(g.initializers.values())
         for node in g:
-            for v in _reads(node):
-                if v in defined:
+            reads = (_reads(node) if node.attributes and any(a.type in graph_attr for a in node.attributes.values())
+                     else node.inputs)
+            for v in reads:
+                if v is None or v in defined:
                     continue
                 p = v.producer()
                 if p is None and not v.is_graph_input() and not v.is_initializer():
                     raise BadInput(f"{where}: node {_label(node)} ({node.op_type}) reads tensor {v.name!r}, "
                                    "which no node, graph input or initializer defines")
-                if p is not None and p.graph is g and p not in seen:
-                    unsorted = True
-            seen.add(node)
+                if p is not None and p.graph is g:
+                    unsorted = True  # read before the node that makes it
             defined.update(node.outputs)
     if not unsorted:
         return
