@@ -149,6 +149,21 @@ LATENCY_SECTION: dict[str, Any] = {
     },
 }
 
+#: The ``samples`` section (optional): a generative model sampled with the same seeds by the
+#: original model (``reference``) and by variants of the rewritten one; each variant's mean
+#: PSNR (dB) / SSIM against the reference, and the worst seed's.
+SAMPLES_SECTION: dict[str, Any] = {
+    "type": "object", "required": ["reference", "steps", "seeds", "variants"],
+    "properties": {
+        "description": _STR, "reference": _STR, "steps": _INT,
+        "seeds": {"type": "array", "items": {"type": "integer"}}, "images_per_seed": _INT,
+        "variants": {"type": "array", "items": {
+            "type": "object", "required": ["name", "psnr", "ssim"],
+            "properties": {"name": _STR, "label": _STR, "psnr": _NUM_OR_NULL, "ssim": _NUM_OR_NULL,
+                           "psnr_min": _NUM_OR_NULL, "ssim_min": _NUM_OR_NULL}}},
+    },
+}
+
 _GOAL = {
     "type": "object", "required": ["goal", "target", "measured", "passed"],
     "properties": {"goal": _STR, "target": {}, "measured": {}, "passed": {"type": "boolean"}, "why": _STR},
@@ -169,6 +184,7 @@ REPORT_SCHEMA: dict[str, Any] = {
         "diff": DIFF_SECTION,
         "latency": LATENCY_SECTION,
         "goals": {"type": "array", "items": _GOAL},
+        "samples": SAMPLES_SECTION,
         "passed": {"type": "boolean"},  # check: every goal met
         "output": {"type": ["string", "null"]},
     },
