@@ -100,8 +100,9 @@ def samples_section(images: dict[str, torch.Tensor], *, seeds: list[int], steps:
 
 
 def run_demo(out_dir: str | Path, *, seeds: list[int] = (0, 1), steps: int = 25, runs: int = 30,
-             check_steps_n: int = 12, html: str | Path | None = None, progress=None) -> dict[str, Any]:
-    """Run the headline job into ``out_dir``; returns ``{result, images, check, timings}``."""
+             check_steps_n: int = 8, html: str | Path | None = None, progress=None) -> dict[str, Any]:
+    """Run the headline job into ``out_dir``; returns ``{result, images (PNG bytes per variant),
+    samples (image tensors per variant), check (per-step formula check), timings}``."""
     import rewriter
     from models_zoo.dit import _example_inputs, load_trained_dit
     from passes.rettention import check_steps
@@ -125,7 +126,7 @@ def run_demo(out_dir: str | Path, *, seeds: list[int] = (0, 1), steps: int = 25,
     result = rewriter.rewrite(str(onnx_path), PASSES, inputs=feeds, source=str(onnx_path))
     timings["rewrite_s"] = time.perf_counter() - t
     if not result.passed:
-        return {"result": result, "images": None, "check": None, "timings": timings}
+        return {"result": result, "images": None, "samples": None, "check": None, "timings": timings}
 
     say("checking refresh and sparse steps against the float64 formula")
     t = time.perf_counter()
@@ -144,6 +145,7 @@ def run_demo(out_dir: str | Path, *, seeds: list[int] = (0, 1), steps: int = 25,
     images = sample_variants(str(onnx_path), result.view.model, model.cfg, seeds=list(seeds), steps=steps)
     result.report["samples"] = samples_section(images, seeds=list(seeds), steps=steps,
                                                schedule=site_configs(result.view.model)[0].schedule)
+    result.report["samples"]["step_check"] = {k: check[k] for k in ("passed", "tolerance", "steps")}
     timings["sampling_s"] = time.perf_counter() - t
 
     say("graph diff and latency")
@@ -161,7 +163,7 @@ def run_demo(out_dir: str | Path, *, seeds: list[int] = (0, 1), steps: int = 25,
     if html is not None:
         result.html(html, images=pngs)
     timings["total_s"] = time.perf_counter() - t0
-    return {"result": result, "images": pngs, "check": check, "timings": timings}
+    return {"result": result, "images": pngs, "samples": images, "check": check, "timings": timings}
 
 
 def main(argv: list[str] | None = None) -> int:

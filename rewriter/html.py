@@ -65,9 +65,14 @@ def layout(g: nx.DiGraph) -> dict[str, tuple[float, float]]:
         while not nx.is_directed_acyclic_graph(g):
             g.remove_edge(*nx.find_cycle(g)[0])
     layer: dict[str, int] = {}
-    for n in nx.topological_sort(g):
+    order = list(nx.topological_sort(g))
+    for n in order:
         preds = list(g.predecessors(n))
         layer[n] = 1 + max((layer[p] for p in preds), default=-1)
+    for n in reversed(order):  # a source sits right above its first reader, not all in the top row
+        succ = list(g.successors(n))
+        if succ and not any(True for _ in g.predecessors(n)):
+            layer[n] = max(0, min(layer[m] for m in succ) - 1)
     layers: dict[int, list[str]] = {}
     for n in g.nodes:  # insertion order = graph order: a stable first ordering
         layers.setdefault(layer.get(n, 0), []).append(n)
@@ -326,6 +331,15 @@ def _samples(samples: dict | None, images: Mapping[str, bytes] | None) -> str:
     head = (f"<h2>Samples</h2><p>{_e(samples.get('description', ''))} Seeds {_e(samples.get('seeds'))}, "
             f"{samples.get('images_per_seed', '?')} images each, {samples.get('steps')} sampler steps; "
             f"PSNR / SSIM against <b>{_e(ref)}</b> sampling with the same seeds.</p>")
+    chk = samples.get("step_check")
+    if chk:
+        by_phase: dict[str, float] = {}
+        for r in chk["steps"]:
+            by_phase[r["phase"]] = max(by_phase.get(r["phase"], 0.0), r["max_rel_error"])
+        verdict = '<span class="ok">passed</span>' if chk["passed"] else '<span class="bad">FAILED</span>'
+        head += (f'<p id="step-check">Per-step check of every rewritten site against its float64 formula, '
+                 f'steps 0-{len(chk["steps"]) - 1}: {verdict} (tolerance {chk["tolerance"]:.0e}; worst '
+                 + ", ".join(f"{_e(k)} {v:.1e}" for k, v in by_phase.items()) + ").</p>")
     return head + '<div class="samples" id="samples">' + "".join(figs) + "</div>"
 
 

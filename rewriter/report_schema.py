@@ -161,6 +161,12 @@ SAMPLES_SECTION: dict[str, Any] = {
             "type": "object", "required": ["name", "psnr", "ssim"],
             "properties": {"name": _STR, "label": _STR, "psnr": _NUM_OR_NULL, "ssim": _NUM_OR_NULL,
                            "psnr_min": _NUM_OR_NULL, "ssim_min": _NUM_OR_NULL}}},
+        # per denoising step: every rewritten site against its float64 formula
+        "step_check": {"type": "object", "required": ["passed", "tolerance", "steps"],
+                       "properties": {"passed": {"type": "boolean"}, "tolerance": _NUM,
+                                      "steps": {"type": "array", "items": {
+                                          "type": "object", "required": ["step", "phase", "max_rel_error"],
+                                          "properties": {"step": _INT, "phase": _STR, "max_rel_error": _NUM}}}}},
     },
 }
 
