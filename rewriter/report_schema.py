@@ -1,8 +1,10 @@
 """The JSON documents the CLI writes, as JSON-Schema (draft 2020-12) dicts.
 
 - ``REPORT_SCHEMA``: ``rewrite MODEL --passes ... --json F`` and ``rewrite check --json F``
-  (``"schema": "rewriter.report/1"``). ``latency`` is present with ``--bench`` (and in
-  ``check`` with ``--min-speedup``); ``goals`` only in ``check``.
+  (``"schema": "rewriter.report/1"``), and ``Result.report`` of the Python API.
+  ``latency`` is present with ``--bench`` / ``Result.bench()`` (and in ``check`` with
+  ``--min-speedup``); ``goals`` only in ``check``; ``samples`` only where a caller adds it
+  (``make demo``: ``models_zoo.demo``).
 - ``DIFF_SCHEMA``: ``rewrite diff A B --json F`` (``"schema": "rewriter.diff/1"``).
 - ``BENCH_SCHEMA``: ``rewrite bench MODEL --json F`` (``"schema": "rewriter.bench/1"``).
 
