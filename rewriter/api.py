@@ -109,6 +109,10 @@ class Result:
         force = self.forced if force is None else force
         if not self.passed and not force:
             raise VerificationFailed("refusing to save a model that failed verification (use force=True)")
+        src = self._run.get("model")
+        if (self._original is None and isinstance(src, (str, os.PathLike)) and _onnx_file(str(src))
+                and Path(src).resolve() == Path(path).resolve()):
+            self._original = self.original  # overwriting the input: keep what diff()/bench() compare with
         out = save(self.view, path)
         self.report["output"] = str(out)
         return out
@@ -346,22 +350,32 @@ def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, A
         "output": None,
     }
     run = {"passes": list(passes), "options": dict(options or {}), "calib": calib, "inputs": inputs,
-           "shapes": shapes}
+           "shapes": shapes, "model": model}
     return Result(view, records, final, report, forced=force, original_factory=original_factory,
                   feeds=feeds, _run=run)
 
 
 def _original_factory(model: Any, view: GraphView, **kw) -> Callable[[], GraphView]:
-    """How ``Result.original`` gets the model before the passes, without holding a second
-    copy of the weights: the caller's GraphView itself (never modified); for ONNX a clone
-    made now (onnx-ir clones share tensors and pass edits are copy-on-write); otherwise
-    (torch) the model is loaded or captured again on first use."""
+    """How ``Result.original`` gets the model before the passes without holding the
+    replaced weights through the run (the passes edit copy-on-write, so old tensors can be
+    freed): the caller's GraphView itself (never modified); a file, proto, onnx-ir model or
+    torch module is loaded, converted or captured again from the caller's (unmodified)
+    object on first use. Only a model built by code (``zoo:NAME``, ``module:factory``)
+    exported to ONNX is kept as a clone made now (onnx-ir clones share the tensors)."""
     if isinstance(model, GraphView):
         return lambda: model
-    if isinstance(view, OnnxView):
+    if isinstance(model, (str, os.PathLike)) and isinstance(view, OnnxView) and not _onnx_file(str(model)):
         snapshot = view.copy()
         return lambda: snapshot
     return lambda: as_view(model, **kw)
+
+
+def _onnx_file(spec: str) -> bool:
+    """``spec`` names an ONNX file (``loader.resolve``'s rule, without building anything)."""
+    if spec.startswith("zoo:"):
+        return False
+    path = Path(spec)
+    return path.suffix.lower() == ".onnx" or path.exists() or ":" not in spec
 
 
 def _final_tolerance(passes: list[Pass]) -> float | None:
