@@ -101,3 +101,21 @@ def test_original_is_untouched_for_torch_input(tmp_path):
     assert any("batch_norm" in e["op"] for e in d["nodes"]["removed"])
     with torch.no_grad():
         assert np.array_equal(module(*ex).numpy(), want)
+
+
+def test_original_survives_saving_over_the_input_file(tmp_path):
+    """The original of a file input is read again only when needed, but saving the result
+    over the input first keeps it: diff() still sees the BatchNorm the pass removed."""
+    from tests._report_models import conv_bn
+
+    path = conv_bn(tmp_path / "m.onnx")
+    res = rewriter.rewrite(str(path), ["foldnorm"])
+    res.save(path)
+    d = res.diff()
+    assert [e["op"] for e in d["nodes"]["removed"]] == ["BatchNormalization"]
+    assert d["op_counts"]["before"]["BatchNormalization"] == 1
+
+    other = conv_bn(tmp_path / "n.onnx")
+    lazy = rewriter.rewrite(str(other), ["foldnorm"])
+    assert lazy._original is None  # nothing held until asked for
+    assert lazy.original.op_counts()["BatchNormalization"] == 1 and lazy.view.op_counts().get("BatchNormalization", 0) == 0
