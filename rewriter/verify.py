@@ -2,9 +2,12 @@
 
 Inputs are the user's ``--inputs FILE.npz`` or seeded random tensors drawn from the model's
 input signature: floats from N(0, 1); integer inputs read by a constant-table ``Gather`` /
-``embedding`` (token ids) uniformly in ``[0, rows)``, other integers in ``[0, 2)``. Dynamic
-dims come from ``--shape NAME=D0,D1,...``; a dim still unknown defaults to
-``DEFAULT_DYNAMIC_DIM`` and the report says so.
+``embedding`` (token ids) uniformly in ``[0, rows)``, other integers in ``[0, 2)``; inputs
+named like masks 0/1 with a prefix of ones in every row; ``position_ids`` as aranges; a KV
+cache's ``past_*`` inputs N(0, 1) of one past length, the mask past + current long. Dynamic
+dims come from ``--shape NAME=D0,D1,...``, one value per symbol across the inputs; a dim
+still unknown defaults to ``DEFAULT_DYNAMIC_DIM`` and the report says so. The total size is
+checked against ``--max-input-bytes`` before anything is allocated.
 
 The error measure is per output: ``max|a - b|`` and ``max|a - b| / max|a|``. Exact passes
 must stay within ``tolerance(dtype)``.
@@ -126,7 +129,7 @@ def _eval_dim(expr: str, bound: Mapping[str, int]) -> int | None:
 
     try:
         value = ev(ast.parse(expr, mode="eval").body)
-    except (SyntaxError, KeyError, ZeroDivisionError):
+    except (SyntaxError, KeyError, ZeroDivisionError, ValueError, RecursionError):
         return None
     return value if isinstance(value, int) and value > 0 else None
 
