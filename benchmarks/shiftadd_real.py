@@ -231,9 +231,9 @@ class _Stop(Exception):
 def quantize_layer(method: str, w: np.ndarray, h: np.ndarray | None, bits: int, opts: dict):
     """(dense weight, all-in bits per weight, weighted error)."""
     if method == "rtn":
-        q, bpw = sq.rtn(w, bits), sq.rtn_bits(bits)
+        q, bpw = sq.rtn(w, bits), sq.rtn_bits(bits, n_in=w.shape[1])
     elif method == "gptq":
-        q, bpw = sq.gptq_uniform(w, h, bits), sq.rtn_bits(bits)
+        q, bpw = sq.gptq_uniform(w, h, bits), sq.rtn_bits(bits, n_in=w.shape[1])
     elif method in ("shiftadd", "denseshift"):
         p = sq.quantize(w, h, mode="bcq" if method == "shiftadd" else "denseshift", bits=bits, **opts)
         q, bpw = p.dense(), p.bits_per_weight

@@ -224,7 +224,7 @@ class ShiftAdd(Pass):
                 bpw = packed.bits_per_weight
                 site.reason = (f"{packed.n_out}x{packed.n_in}, {b} bits {packed.mode}, {bpw:.3f} bits/weight all-in "
                                f"({packed.nbytes} B vs {fp16} B fp16), rel. output error {rel:.2e} "
-                               f"(RTN-g128 {b} bits, {sq.rtn_bits(b):.3f} bits/weight: {rtn_rel:.2e})"
+                               f"(RTN-g128 {b} bits, {sq.rtn_bits(b, n_in=packed.n_in):.3f} bits/weight: {rtn_rel:.2e})"
                                + ("" if h is not None else ", data-free"))
                 self.layers.append({"site": site.site, "shape": [packed.n_out, packed.n_in], "bits": b,
                                     "bits_per_weight": bpw, "bytes": packed.nbytes, "fp16_bytes": fp16,

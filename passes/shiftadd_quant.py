@@ -461,10 +461,12 @@ def rtn(w: np.ndarray, bits: int, group: int = 128) -> np.ndarray:
     return out
 
 
-def rtn_bits(bits: int, group: int = 128) -> float:
+def rtn_bits(bits: int, group: int = 128, n_in: int | None = None) -> float:
     """Bits per weight of ``rtn`` / ``gptq_uniform`` all-in: the codes, one fp16 scale and
-    one ``bits``-wide zero point per ``group`` weights (GPTQ's packing)."""
-    return bits + (16 + bits) / group
+    one ``bits``-wide zero point per row and group of ``group`` input columns (GPTQ's
+    packing; a last partial group costs a whole one)."""
+    n_in = group if n_in is None else n_in
+    return bits + -(-n_in // group) * (16 + bits) / n_in
 
 
 def gptq_uniform(w: np.ndarray, h: np.ndarray | None, bits: int, group: int = 128,
