@@ -1,6 +1,7 @@
 """shiftadd run-time memory (not a test): peak resident memory and latency of ONNX Runtime
 CPU sessions of an original and a shiftadd-rewritten model, each in its own process, and
-the peak memory of the torch CPU op against a dense linear.
+the peak resident-memory growth of one call of the torch CPU op against a dense linear
+(``--torch-op NxK``, each in a fresh process).
 
 ORT sessions
     ``full``: ORT's default (all graph optimizations). Constant folding evaluates the
@@ -58,43 +59,35 @@ def child_ort(path: str, mode: str, inputs: str, runs: int) -> dict:
             "load_s": load_s, "p50_ms": 1e3 * statistics.median(times)}
 
 
-def child_torch(shape: str, tokens: int) -> dict:
+def child_torch(shape: str, tokens: int, which: str) -> dict:
+    """Peak RSS growth of one call (``ru_maxrss`` after minus before), in a fresh process:
+    ``dense`` F.linear on the fp32 weight vs the ``shiftadd_op`` (3 random bit planes,
+    3-term scales, 128-row groups)."""
     import numpy as np
     import torch
 
-    from backends.triton.shiftadd import shiftadd_linear_op  # noqa: F401 - registers the op
-    from passes import shiftadd_quant as sq
+    from backends.triton.shiftadd import shiftadd_linear_op
 
+    torch.set_num_threads(1)
     n, k = (int(v) for v in shape.split("x"))
     rng = np.random.default_rng(0)
-    w = rng.standard_normal((n, k)) * 0.05
-    p = sq.quantize(w, None, bits=3, rounds=2)
     x = torch.randn(tokens, k)
-    planes = torch.from_numpy(p.planes.view(np.int32))
-    exps, signs = torch.from_numpy(p.exps), torch.from_numpy(p.signs)
-    wd = torch.from_numpy(p.dense().astype(np.float32))
-    out = {"shape": [n, k], "tokens": tokens, "dense_weight_mib": wd.numel() * 4 / 2**20,
-           "packed_mib": p.nbytes / 2**20}
-    from torch.profiler import ProfilerActivity, profile
-
-    for label, fn in (("dense", lambda: torch.nn.functional.linear(x, wd)),
-                      ("shiftadd_op", lambda: torch.ops.rewriter.shiftadd_linear(x, planes, exps, signs, None,
-                                                                                 p.group_rows, 0))):
-        fn()
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-        peak = cur = 0
-        events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
-        for e in events:  # self allocations in time order; frees are negative
-            cur += e.self_cpu_memory_usage
-            peak = max(peak, cur)
-        times = []
-        for _ in range(10):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        out[label] = {"peak_alloc_mib": peak / 2**20, "p50_ms": 1e3 * statistics.median(times)}
-    return out
+    kb, ng = -(-k // 8), -(-n // 128)
+    planes = torch.from_numpy(rng.integers(0, 2**32, size=(3, -(-k // 32), n), dtype=np.uint32).view(np.int32))
+    exps = torch.from_numpy(rng.integers(-8, -2, size=(3, 3, kb, ng)).astype(np.int8))
+    signs = torch.from_numpy(rng.choice([-1, 1], size=(3, 3, kb, ng)).astype(np.int8))
+    wd = torch.randn(n, k) if which == "dense" else None
+    op = shiftadd_linear_op()
+    fn = (lambda: torch.nn.functional.linear(x, wd)) if which == "dense" else (
+        lambda: op(x, planes, exps, signs, None, 128, 0))
+    before = _rss_mib()
+    fn()
+    peak = _rss_mib() - before
+    t0 = time.perf_counter()
+    fn()
+    return {"op": which, "shape": [n, k], "tokens": tokens, "fp32_weight_mib": n * k * 4 / 2**20,
+            "packed_mib": (planes.numel() * 4 + exps.numel() * 2) / 2**20, "peak_rss_growth_mib": peak,
+            "ms": 1e3 * (time.perf_counter() - t0)}
 
 
 def main() -> None:
@@ -105,15 +98,22 @@ def main() -> None:
     ap.add_argument("--torch-op", default=None, metavar="NxK")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--child", nargs=2, metavar=("PATH", "MODE"), help=argparse.SUPPRESS)
+    ap.add_argument("--torch-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.torch_child:
+        print(json.dumps(child_torch(args.torch_op, args.tokens, args.torch_child)))
+        return
     if args.child:
         print(json.dumps(child_ort(args.child[0], args.child[1], args.inputs, args.runs)))
         return
     rows = []
     if args.torch_op:
-        rows.append(child_torch(args.torch_op, args.tokens))
-        print(json.dumps(rows[-1], indent=1))
+        for which in ("dense", "shiftadd_op"):
+            out = subprocess.run([sys.executable, __file__, "--torch-op", args.torch_op, "--tokens", str(args.tokens),
+                                  "--torch-child", which], capture_output=True, text=True, check=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
     configs = [(m, "full") for m in args.models] + [(m, "packed") for m in args.models[1:]]
     for path, mode in configs:
         out = subprocess.run([sys.executable, __file__, "--child", path, mode, "--inputs", args.inputs,
