@@ -85,12 +85,29 @@ def dequantize(planes: torch.Tensor, exps: torch.Tensor, signs: torch.Tensor, n_
     return a.reshape(-1)[None, :n] * (2 * bits[0] - 1) * torch.exp2(e)
 
 
+CHUNK_WORDS = 8  # CPU kernel: input columns decoded per step = 32 * CHUNK_WORDS
+
+
 def reference(x: torch.Tensor, planes: torch.Tensor, exps: torch.Tensor, signs: torch.Tensor,
               bias: torch.Tensor | None, group_rows: int, mode: int) -> torch.Tensor:
     """The plain-torch kernel: dequantize in float32, then ``x @ W^T + b`` (float32
-    accumulation, result in ``x``'s dtype)."""
-    wt = dequantize(planes, exps, signs, x.shape[-1], group_rows, mode)
-    y = x.to(torch.float32) @ wt
+    accumulation, result in ``x``'s dtype). BCQ weights are decoded ``32 * CHUNK_WORDS``
+    input columns at a time (chunks align with the 8-column scale blocks), so the transient
+    memory is a slice of the layer, not several dense copies of it."""
+    k = x.shape[-1]
+    xf = x.to(torch.float32)
+    step = WORD * CHUNK_WORDS
+    if mode != 0 or k <= step:
+        y = xf @ dequantize(planes, exps, signs, k, group_rows, mode)
+    else:
+        y = None
+        for w0 in range(0, planes.shape[1], CHUNK_WORDS):
+            c0 = w0 * WORD
+            c1 = min(c0 + step, k)
+            wt = dequantize(planes[:, w0 : w0 + CHUNK_WORDS], exps[:, :, c0 // BLOCK_COLS : -(-c1 // BLOCK_COLS)],
+                            signs[:, :, c0 // BLOCK_COLS : -(-c1 // BLOCK_COLS)], c1 - c0, group_rows, mode)
+            part = xf[..., c0:c1] @ wt
+            y = part if y is None else y + part
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(x.dtype)

@@ -134,3 +134,18 @@ def test_triton_kernel_matches_reference_under_interpreter():
     assert len(results) == 6
     bad = {key: v for key, v in results.items() if not (v[0] <= 1e-6 and v[1] <= 1e-6)}
     assert not bad, bad
+
+
+def test_cpu_op_decodes_in_chunks():
+    """K = 600 (> 256 columns: three chunks, the last partial): CPU op == float64 dense reference within fp32 summation error."""
+    rng = np.random.default_rng(11)
+    n, k = 10, 600
+    p = random_packed(rng, n, k, 3, group_rows=4)
+    planes, exps, signs = as_tensors(p)
+    x = torch.from_numpy(rng.standard_normal((3, k)).astype(np.float32))
+    w = p.dense()
+    want = x.double().numpy() @ w.T
+    got = shiftadd_linear(x, planes, exps, signs, None, p.group_rows, 0).double().numpy()
+    # fp32 dot products of length k: |error| <= k * 2^-24 * sum_c |x_c w_c| (plus the chunk adds)
+    bound = (k + 3) * 2.0**-24 * (np.abs(x.double().numpy()) @ np.abs(w).T)
+    assert np.all(np.abs(got - want) <= bound)
