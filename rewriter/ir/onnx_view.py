@@ -1018,7 +1018,7 @@ class OnnxView(GraphView):
         self.invalidate()
 
     def capture(self, values, feeds) -> list[np.ndarray]:
-        from backends.ort import make_session, run_onnx
+        from backends.ort import run_onnx
 
         model = self.model.clone()
         by_name = {v.name: v for v in model.graph.inputs}
@@ -1032,7 +1032,10 @@ class OnnxView(GraphView):
             if cv.dtype is None:
                 cv.dtype = ir.DataType.FLOAT
             model.graph.outputs.append(cv)
-        sess = make_session(inline_proto(model), optimize=False)
+        from rewriter.verify import Runner
+
+        # external data (a dynamo export's .onnx.data) or > 2 GB: the session reads a copy on disk
+        sess = Runner(self)._onnx_session(model)
         specs = {i.name: i.shape for i in sess.get_inputs()}
         feeds = {k: np.asarray(v) for k, v in feeds.items() if k in specs}
         # a static batch dim smaller than the data's: run in chunks of it
