@@ -65,7 +65,9 @@ class Crms(_StreamPass):
             out.append(f"{r}: narrowing the stream would change what it reads")
         # Shape / sym_size reads of every value that narrows: what they compute must follow
         seen: set[int] = set()
-        for value in list(narrowed.values()):
+        # the readers of a writer without parameters read the slice inserted after it
+        sliced = [w.value for w in stream.writers if w.kind not in _PARAM_WRITERS]
+        for value in list(narrowed.values()) + sliced:
             for u in view.users(value):
                 if view.is_shape_reader(u) and id(u.raw[0]) not in seen:
                     seen.add(id(u.raw[0]))
@@ -95,8 +97,7 @@ def _narrowed_values(view: GraphView, stream: ResidualStream) -> dict[int, objec
     """Every value whose channel axis goes from d to d - 1 (keyed by id): the stream, the
     writers' outputs and their layout paths, the outputs of the norms whose readers are all
     linear (a re-expanded norm output keeps d) and the layouts between them and their
-    readers. A writer without parameters is followed by an inserted slice that its other
-    readers read too."""
+    readers. A writer without parameters keeps d: an inserted slice follows it."""
     out: dict[int, object] = {}
 
     def add(v) -> None:
@@ -106,7 +107,8 @@ def _narrowed_values(view: GraphView, stream: ResidualStream) -> dict[int, objec
     for v in stream.values:
         add(v)
     for w in stream.writers:
-        add(w.value)
+        if w.kind in _PARAM_WRITERS:
+            add(w.value)
         if w.kind in _PARAM_WRITERS and w.node is not None:
             add(w.node.output)
             for n, _ in w.path:

@@ -270,7 +270,7 @@ def _exclusive(view: GraphView, w: Writer) -> bool:
     for v in vals:
         if view.is_graph_output(v):
             return False
-        users = [u for u in view.users(v) if not view.is_harmless_reader(u)]
+        users = view.data_users(v)  # a read of the shape alone is not a read of the values
         if len(users) > 1:
             return False
     return True

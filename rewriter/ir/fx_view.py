@@ -601,7 +601,7 @@ class FxView(GraphView):
             t = self.shape_target(self.node_of(u)) if self.node_of(u) is not None else None
             if t is not None and u.args[0] is not raw:
                 where = [i for i, a in enumerate(u.args[1]) if a is raw]
-                if where == [len(t) - 1] and narrowed(u.args[0]):
+                if where == [len(t) - 1] and narrowed(u):
                     continue
             problems.append(f"{_target_name(u)} ({u.name}) computes from the width of {x.name} "
                             f"(read by {node.name}): narrowing would change its result")

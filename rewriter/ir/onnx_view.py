@@ -772,12 +772,12 @@ class OnnxView(GraphView):
             for use in t.uses():
                 u = use.node
                 op = u.op_type if u.domain in ("", "ai.onnx") else f"{u.domain}::{u.op_type}"
-                if op in ("Reshape", "Expand") and use.idx == 1:
+                if op in ("Reshape", "Expand", "ConstantOfShape") and use.idx == (0 if op == "ConstantOfShape" else 1):
                     entries = self.shape_entries(t)
                     where = [i for i, e in enumerate(entries or [None]) if tainted(e)]
-                    if entries is not None and where == [len(entries) - 1] and narrowed(u.inputs[0]):
-                        continue  # the width of a value that narrows, reshaping a value that narrows
-                    problems.append(f"{op} ({u.name}) builds its target shape from the width of "
+                    if entries is not None and where == [len(entries) - 1] and narrowed(u.outputs[0]):
+                        continue  # the width of a value that narrows, as the last axis of one that narrows too
+                    problems.append(f"{op} ({u.name}) builds its shape from the width of "
                                     f"{self.value_name(x)} (read by {node.name}), but not as the last axis "
                                     "of a tensor that narrows with it")
                     continue
