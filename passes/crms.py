@@ -67,11 +67,12 @@ class Crms(_StreamPass):
         seen: set[int] = set()
         # the readers of a writer without parameters read the slice inserted after it
         sliced = [w.value for w in stream.writers if w.kind not in _PARAM_WRITERS]
-        for value in list(narrowed.values()) + sliced:
+        changed = {**narrowed, **{id(v): v for v in sliced}}
+        for value in list(changed.values()):
             for u in view.users(value):
                 if view.is_shape_reader(u) and id(u.raw[0]) not in seen:
                     seen.add(id(u.raw[0]))
-                    out += view.shape_read_problems(u, narrows)
+                    out += view.shape_read_problems(u, narrows, lambda v: id(v) in changed)
         for w in stream.writers:
             if w.kind == "input":
                 out.append(f"{w.note}: cannot narrow it")

@@ -583,7 +583,7 @@ class FxView(GraphView):
         raw.args = (raw.args[0], target, *raw.args[2:])
         self.invalidate()
 
-    def shape_read_problems(self, node: Node, narrowed) -> list[str]:
+    def shape_read_problems(self, node: Node, narrowed, changes=None) -> list[str]:
         raw = node.raw[0]
         x = raw.args[0] if raw.args else None
         if raw.op == "call_function" and raw.target is aten.sym_size.int:

@@ -747,12 +747,14 @@ class OnnxView(GraphView):
         self._const_cache.clear()
         self.invalidate()
 
-    def shape_read_problems(self, node: Node, narrowed) -> list[str]:
+    def shape_read_problems(self, node: Node, narrowed, changes=None) -> list[str]:
         raw = node.raw[0]
         x = raw.inputs[0]
 
+        changes = changes or narrowed
+
         def tainted(e) -> bool:
-            return e is None or (isinstance(e, Dim) and e.axis == -1 and narrowed(e.value))
+            return e is None or (isinstance(e, Dim) and e.axis == -1 and changes(e.value))
 
         out = raw.outputs[0]
         if raw.op_type == "Shape":
