@@ -25,9 +25,18 @@ opset 23, a ReduceSumSquare/ReduceSum chain below). FX: the custom op
 ``torch.ops.rewriter.crms_norm`` (Triton kernel on CUDA, plain torch on CPU;
 ``backends/triton/crms_norm.py``).
 
+Dynamic axes: a reshape / expand target built at run time (``Concat`` of constants and
+``Shape`` reads, a torch.export ``view`` of ``sym_size`` reads and ints) is narrowed where a
+constant states the width (the ``Concat`` is copied for that op); a run-time read of the
+width of a value that narrows is left to read ``d - 1``, which is right wherever it
+reshapes a value that narrows along the same axis. Every other use of a narrowed value's
+width (a ``Size``, the width used as a number, a mask of another tensor's shape, a target
+computed in a way that cannot be followed) is found by following each ``Shape`` read
+forward (``GraphView.shape_read_problems``) and declines the pass, naming the op.
+
 Declined, besides every reason of ``rms``: a norm on the stream that cannot be replaced
 (every reader of the stream must take the narrow width), a width-carrying op on the
-stream whose target cannot be narrowed.
+stream whose target cannot be narrowed, a use of the width that would change meaning.
 """
 
 from __future__ import annotations
@@ -54,8 +63,8 @@ class Crms(_StreamPass):
         out = []
         narrowed = _narrowed_values(view, stream)
 
-        def narrows(value) -> bool:
-            return id(value) in narrowed
+        def narrows(value) -> int | None:
+            return narrowed[id(value)][1] if id(value) in narrowed else None
 
         for node, axis in _width_carriers(view, stream):
             why = _target_problem(view, node, axis, d, narrows)
@@ -67,12 +76,16 @@ class Crms(_StreamPass):
         seen: set[int] = set()
         # the readers of a writer without parameters read the slice inserted after it
         sliced = [w.value for w in stream.writers if w.kind not in _PARAM_WRITERS]
-        changed = {**narrowed, **{id(v): v for v in sliced}}
-        for value in list(changed.values()):
+        changed = {**narrowed, **{id(v): (v, -1) for v in sliced}}
+
+        def changes(value) -> int | None:
+            return changed[id(value)][1] if id(value) in changed else None
+
+        for value, _ in list(changed.values()):
             for u in view.users(value):
                 if view.is_shape_reader(u) and id(u.raw[0]) not in seen:
                     seen.add(id(u.raw[0]))
-                    out += view.shape_read_problems(u, narrows, lambda v: id(v) in changed)
+                    out += view.shape_read_problems(u, narrows, changes)
         for w in stream.writers:
             if w.kind == "input":
                 out.append(f"{w.note}: cannot narrow it")
@@ -94,16 +107,17 @@ class Crms(_StreamPass):
 _PARAM_WRITERS = ("embedding", "linear", "conv", "const")
 
 
-def _narrowed_values(view: GraphView, stream: ResidualStream) -> dict[int, object]:
-    """Every value whose channel axis goes from d to d - 1 (keyed by id): the stream, the
-    writers' outputs and their layout paths, the outputs of the norms whose readers are all
-    linear (a re-expanded norm output keeps d) and the layouts between them and their
-    readers. A writer without parameters keeps d: an inserted slice follows it."""
-    out: dict[int, object] = {}
+def _narrowed_values(view: GraphView, stream: ResidualStream) -> dict[int, tuple[object, int]]:
+    """Every value whose channel axis goes from d to d - 1, keyed by id, with that axis
+    (negative): the stream, the writers' outputs and their layout paths (a conv writer's
+    channel axis is 1), the outputs of the norms whose readers are all linear (a
+    re-expanded norm output keeps d) and the layouts between them and their readers. A
+    writer without parameters keeps d: an inserted slice follows it."""
+    out: dict[int, tuple[object, int]] = {}
 
-    def add(v) -> None:
+    def add(v, axis: int = -1) -> None:
         if v is not None:
-            out[id(v)] = v
+            out[id(v)] = (v, axis)
 
     for v in stream.values:
         add(v)
@@ -111,9 +125,10 @@ def _narrowed_values(view: GraphView, stream: ResidualStream) -> dict[int, objec
         if w.kind in _PARAM_WRITERS:
             add(w.value)
         if w.kind in _PARAM_WRITERS and w.node is not None:
-            add(w.node.output)
-            for n, _ in w.path:
-                add(n.output)
+            rank = view.rank(w.node.output)
+            add(w.node.output, 1 - rank if w.kind == "conv" and rank else -1)
+            for n, axis in w.path:
+                add(n.output, axis)
     for sn in stream.norms:
         if sn.foldable:
             add(sn.node.output)
@@ -159,7 +174,7 @@ def _target_problem(view: GraphView, node: Node, axis: int, d: int, narrows) -> 
             return ""
         return f"{raw_op} ({node.name}) reshapes the stream to {_show(t)}: its width cannot be narrowed"
     if isinstance(e, Dim):
-        if e.axis == -1 and narrows(e.value):
+        if narrows(e.value) is not None and e.axis == narrows(e.value):
             return ""
         return (f"{raw_op} ({node.name}) takes the width of its target from {view.value_name(e.value)}, "
                 "which does not narrow with the stream")

@@ -586,22 +586,22 @@ class FxView(GraphView):
     def shape_read_problems(self, node: Node, narrowed, changes=None) -> list[str]:
         raw = node.raw[0]
         x = raw.args[0] if raw.args else None
-        if raw.op == "call_function" and raw.target is aten.sym_size.int:
-            r = self.rank(x)
-            if r is not None and int(raw.args[1]) % r != r - 1:
-                return []  # the batch or sequence size
-        elif raw.target in ("dim", "ndim", "dtype", "device") or (raw.target is getattr and raw.args[1] != "shape"):
+        changes = changes or narrowed
+        axis = changes(x) if isinstance(x, fx.Node) else None
+        r = self.rank(x) if isinstance(x, fx.Node) else None
+        if raw.target in ("dim", "ndim", "dtype", "device") or (raw.target is getattr and raw.args[1] != "shape"):
             return []
-        elif raw.op == "call_method" and raw.target == "size" and len(raw.args) > 1:
-            r = self.rank(x)
-            if r is not None and int(raw.args[1]) % r != r - 1:
-                return []
+        if (raw.target is aten.sym_size.int or (raw.op == "call_method" and raw.target == "size"
+                                                 and len(raw.args) > 1)):
+            if r is not None and axis is not None and int(raw.args[1]) % r != axis % r:
+                return []  # the batch or sequence size
         problems = []
         for u in raw.users:
             t = self.shape_target(self.node_of(u)) if self.node_of(u) is not None else None
             if t is not None and u.args[0] is not raw:
                 where = [i for i, a in enumerate(u.args[1]) if a is raw]
-                if where == [len(t) - 1] and narrowed(u):
+                out_axis = narrowed(u)
+                if out_axis is not None and where == [len(t) + out_axis]:
                     continue
             problems.append(f"{_target_name(u)} ({u.name}) computes from the width of {x.name} "
                             f"(read by {node.name}): narrowing would change its result")

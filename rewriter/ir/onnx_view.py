@@ -754,7 +754,7 @@ class OnnxView(GraphView):
         changes = changes or narrowed
 
         def tainted(e) -> bool:
-            return e is None or (isinstance(e, Dim) and e.axis == -1 and changes(e.value))
+            return e is None or (isinstance(e, Dim) and changes(e.value) == e.axis)
 
         out = raw.outputs[0]
         if raw.op_type == "Shape":
@@ -777,10 +777,11 @@ class OnnxView(GraphView):
                 if op in ("Reshape", "Expand", "ConstantOfShape") and use.idx == (0 if op == "ConstantOfShape" else 1):
                     entries = self.shape_entries(t)
                     where = [i for i, e in enumerate(entries or [None]) if tainted(e)]
-                    if entries is not None and where == [len(entries) - 1] and narrowed(u.outputs[0]):
-                        continue  # the width of a value that narrows, as the last axis of one that narrows too
+                    axis = narrowed(u.outputs[0])
+                    if entries is not None and axis is not None and where == [len(entries) + axis]:
+                        continue  # the width of a value that narrows, as the channel axis of one that narrows too
                     problems.append(f"{op} ({u.name}) builds its shape from the width of "
-                                    f"{self.value_name(x)} (read by {node.name}), but not as the last axis "
+                                    f"{self.value_name(x)} (read by {node.name}), but not as the channel axis "
                                     "of a tensor that narrows with it")
                     continue
                 if op in _SHAPE_PASS_OPS and (use.idx == 0 or op == "Concat"):

@@ -462,13 +462,14 @@ class GraphView(abc.ABC):
         self.set_layout_target(node, t)
 
     def shape_read_problems(self, node: Node, narrowed, changes=None) -> list[str]:
-        """``node`` reads the shape of a value whose last axis is about to narrow
-        (``narrowed(value) -> bool`` tells which values narrow): what, downstream of it,
-        would compute a wrong result from the new width. The size may only reach the last
-        entry of reshape / expand targets whose data input narrows too; reads of other
-        axes (batch, sequence) are harmless. ``changes(value)``: whether a read of the
-        value's width changes (default ``narrowed``; a value followed by an inserted slice
-        changes for its readers without narrowing itself)."""
+        """``node`` reads the shape of a value whose channel axis is about to narrow:
+        what, downstream of it, would compute a wrong result from the new width.
+        ``narrowed(value)`` is the channel axis (negative) of a value that narrows, else
+        None; ``changes(value)`` the same for the values whose shape reads change (default
+        ``narrowed``; a value followed by an inserted slice changes for its readers without
+        narrowing itself). The width may only reach the channel entry of the target of a
+        reshape / expand whose output narrows along that axis; reads of other axes (batch,
+        sequence) are harmless."""
         return [f"{node.op} ({node.name}) reads the shape of a narrowed value: not followed"]
 
     def is_harmless_reader(self, node: Node) -> bool:
