@@ -730,6 +730,12 @@ class OnnxView(GraphView):
         clone.outputs[0].dtype, clone.outputs[0].shape = p.outputs[0].dtype, p.outputs[0].shape
         clone.outputs[0].name = self._free_name(f"{self.value_name(value)}_narrow")
         self.graph.insert_after(p, clone)  # beside the original: every later reader may share it
+        if self._nodes is not None:  # keep the semantic-node cache in graph order
+            orig = self._by_raw.get(id(p))
+            fresh = self._classify(clone, set())
+            at = self._nodes.index(orig) + 1 if orig is not None else len(self._nodes)
+            self._nodes.insert(at, fresh)
+            self._by_raw[id(clone)] = fresh
         self._retargeted[key] = clone.outputs[0]
         return clone.outputs[0]
 
@@ -744,8 +750,7 @@ class OnnxView(GraphView):
     def narrow_target(self, node: Node, index: int, size: int) -> None:
         raw = node.raw[0]
         raw.replace_input_with(1, self._retarget(raw.inputs[1], index, size, raw))
-        self._const_cache.clear()
-        self.invalidate()
+        # no regrouping: only new shape nodes (copies, beside their originals) joined the graph
 
     def shape_read_problems(self, node: Node, narrowed, changes=None) -> list[str]:
         raw = node.raw[0]
