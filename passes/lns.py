@@ -162,8 +162,9 @@ class LayerNormScaling(Pass):
                 p = view.norm(cur)
                 gamma = p.weight if p.weight is not None else np.ones(p.width)
                 view.set_norm(cur, weight=gamma * f, bias=None if p.bias is None else p.bias * f)
-                view.tag(view.node_of(node.raw[0]) or cur, self.name, [node.name])
-                after_name = before_name
+                now = view.node_of(node.raw[0]) or cur
+                view.tag(now, self.name, [node.name])
+                after_name = view.value_name(now.output)  # a chain norm may have gained a scale op
             self.applied.append({"site": site.site, "l": plan.layer, "factor": f, "mode": mode, "op": node.op,
                                  "input": view.value_name(node.inputs[0]), "norm": before_name,
                                  "after": after_name, "params": plan.norm.params})

@@ -320,7 +320,8 @@ def analyze(view: GraphView) -> ResidualStream:
     other_norms: list[tuple[Node, str]] = []
     for n in norms:
         start, chain = a.back(n.inputs[0])
-        if id(start) in a.values or id(start) in a.leaves:
+        walked = [n.inputs[0]] + [c.inputs[0] for c in chain]  # a writer value may sit on the walk
+        if id(start) in a.values or any(id(u) in a.leaves for u in walked):
             for c in chain:
                 a.layouts[id(c.raw[0])] = c
                 a.values[id(c.output)] = c.output

@@ -167,7 +167,8 @@ class _StreamPass(Pass):
         if not sites:
             return
         if getattr(view, "ir", "") == "onnx" and self.options.upgrade_opset and hasattr(view, "upgrade_opset"):
-            why = view.upgrade_opset(23)
+            replaced = [r for s in sites if s.plan is not None and s.plan.role == "norm" for r in s.plan.item.node.raw]
+            why = view.upgrade_opset(23, ignore=replaced)
             if why:
                 log.info("%s: staying at opset %d (%s): RMSNorm becomes a standard-op chain",
                          self.name, view.opset, why)

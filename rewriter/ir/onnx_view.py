@@ -43,6 +43,15 @@ _SIMPLE = {
     "RMSNormalization": "rms_norm",
     "Attention": "attention",
 }
+# ONNX Runtime's own norms (contrib ops; SimplifiedLayerNormalization also in the default
+# domain): the same inputs and attributes as LayerNormalization / RMSNormalization
+_ORT_NORMS = {
+    ("com.microsoft", "LayerNormalization"): "layer_norm",
+    ("com.microsoft", "SimplifiedLayerNormalization"): "rms_norm",
+    ("", "SimplifiedLayerNormalization"): "rms_norm",
+}
+# ONNX Runtime norms that fuse the residual add into the norm (see ``norm``)
+_ORT_SKIP_NORMS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
 # Ops cheap and safe to evaluate when all their inputs are constant.
 _MAX_CONST_ELEMS = 1 << 24
 
@@ -85,6 +94,7 @@ class OnnxView(GraphView):
         # never change what an existing value computes, so the cache survives them
         self._const_cache: dict[ir.Value, np.ndarray | None] = {}
         self._names = itertools.count()
+        self.canon_near_misses: list[tuple[str, str]] = []  # norm-like chains not recognised, why
 
     @property
     def graph(self) -> ir.Graph:
@@ -98,12 +108,42 @@ class OnnxView(GraphView):
     def _build_nodes(self) -> list[Node]:
         nodes: list[Node] = []
         taken: set[int] = set()
+        chains = self._norm_chains()
         for raw in self.graph:
+            chain = chains.get(id(raw))
+            if chain is not None:
+                if chain is not True:  # the chain's last node: the norm takes its place
+                    nodes.append(chain)
+                continue
             if id(raw) in taken:
                 continue
             node = self._classify(raw, taken)
             nodes.append(node)
         return nodes
+
+    def _norm_chains(self) -> dict[int, Node | bool]:
+        """Norms spelled as chains of standard ops (``rewriter.canon``), as semantic nodes
+        over the chain's IR nodes; the graph itself is not changed. Maps the id of each
+        chain's last IR node to its Node and the other members to True."""
+        from rewriter.canon.norms import find_norms
+        from rewriter.canon.onnx_adapter import OnnxNormAdapter
+
+        search = find_norms(OnnxNormAdapter(self))
+        self.canon_near_misses = [(r.name or r.op_type, why) for r, why in search.near_misses]
+        if not search.matches:
+            return {}
+        pos = {id(r): i for i, r in enumerate(self.graph)}
+        out: dict[int, Node | bool] = {}
+        for m in search.matches:
+            raws = sorted(m.nodes, key=lambda r: pos[id(r)])
+            m.nodes = raws
+            anchor = m.core.producer()
+            name = anchor.name or f"{anchor.op_type}_{id(anchor)}"
+            node = Node(m.kind, name, [m.x], m.out, raws, {"canon": m, "rule": m.rule})
+            for r in raws:
+                out[id(r)] = True
+            out[id(raws[-1])] = node
+        return out
 
     def _classify(self, raw: ir.Node, taken: set[int]) -> Node:
         name = raw.name or f"{raw.op_type}_{id(raw)}"
@@ -128,6 +168,8 @@ class OnnxView(GraphView):
                 return Node("embedding", name, [raw.inputs[1]], out, [raw])
             if raw.op_type in _SIMPLE:
                 return Node(_SIMPLE[raw.op_type], name, [raw.inputs[0]], out, [raw])
+        if (raw.domain, raw.op_type) in _ORT_NORMS:
+            return Node(_ORT_NORMS[(raw.domain, raw.op_type)], name, [raw.inputs[0]], out, [raw])
         data = [v for v in raw.inputs if v is not None and not v.is_initializer()]
         return Node(f"other:{op_type}", name, data, out, [raw])
 
@@ -437,6 +479,9 @@ class OnnxView(GraphView):
 
     # -- residual-stream queries -------------------------------------------------------
     def norm(self, node: Node) -> NormParams:
+        m = node.attrs.get("canon")
+        if m is not None:
+            return self._chain_norm(node, m)
         raw = node.raw[0]
         x = raw.inputs[0]
         rank = self.rank(x)
@@ -466,7 +511,26 @@ class OnnxView(GraphView):
             width = params[0].size
         return NormParams(int(width), raw.attributes.get_float("epsilon", 1e-5), params[0], params[1])
 
+    def _chain_norm(self, node: Node, m) -> NormParams:
+        shape = self.shape(m.x)
+        width = shape[-1] if shape else None
+        params = []
+        for v in (m.weight, m.bias):
+            c = None if v is None else self.const_value(v)
+            if v is not None and c is None:
+                raise Declined(f"{node.name} has a non-constant scale or bias")
+            params.append(None if c is None else c.astype(np.float64).reshape(-1))
+        if width is None:
+            sizes = [p.size for p in params if p is not None and p.size > 1]
+            if not sizes:
+                raise Declined(f"{node.name}: the width of its input is unknown")
+            width = sizes[0]
+        params = [None if p is None else np.broadcast_to(p, (width,)).copy() for p in params]
+        return NormParams(int(width), m.eps, params[0], params[1])
+
     def operands(self, node: Node) -> list[Value]:
+        if "canon" in node.attrs:
+            return list(node.inputs)
         return [v for v in node.raw[0].inputs if v is not None]
 
     def embedding(self, node: Node, *, dtype: Any = np.float64) -> np.ndarray:
@@ -486,6 +550,8 @@ class OnnxView(GraphView):
         self._const_cache.clear()
 
     def layout(self, node: Node) -> Layout | None:
+        if "canon" in node.attrs:
+            return None
         raw = node.raw[0]
         if raw.domain not in ("", "ai.onnx") or not raw.inputs or raw.inputs[0] is None:
             return None
@@ -685,15 +751,20 @@ class OnnxView(GraphView):
         self.invalidate()
         return out
 
-    def upgrade_opset(self, version: int) -> str | None:
+    def upgrade_opset(self, version: int, ignore: Iterable[ir.Node] = ()) -> str | None:
         """Bump the default-domain opset to ``version`` when no op in the model changed
-        meaning on the way; returns None on success, else the reason it was not done."""
-        from backends.ort.functions import OPSET_UPGRADE_BLOCKERS
+        meaning on the way; returns None on success, else the reason it was not done.
+        ``ignore``: nodes the caller is about to remove (the norm chains it replaces)."""
+        from backends.ort.functions import OPSET18_CHANGED, OPSET_UPGRADE_BLOCKERS, OPSET_UPGRADE_MIN
 
         if self.opset >= version:
             return None
+        if self.opset < OPSET_UPGRADE_MIN:
+            return f"opset {self.opset} < {OPSET_UPGRADE_MIN}: too many ops changed meaning since"
+        changed = OPSET_UPGRADE_BLOCKERS | (OPSET18_CHANGED if self.opset < 18 else frozenset())
+        skip = {id(n) for n in ignore}
         blockers = sorted({n.op_type for n in self.graph.all_nodes()
-                           if n.domain in ("", "ai.onnx") and n.op_type in OPSET_UPGRADE_BLOCKERS})
+                           if n.domain in ("", "ai.onnx") and n.op_type in changed and id(n) not in skip})
         if blockers:
             return f"the model uses {', '.join(blockers)}, whose meaning changed after opset {self.opset}"
         if any(n.version is not None for n in self.graph.all_nodes()):
@@ -706,7 +777,7 @@ class OnnxView(GraphView):
         from backends.ort import functions as F
 
         raw = node.raw[0]
-        x, out = raw.inputs[0], raw.outputs[0]
+        x, out = node.inputs[0], node.output
         shape = self.shape(x)
         width = shape[-1] if shape else None
         dt = self._dtype_of(x)
@@ -715,14 +786,28 @@ class OnnxView(GraphView):
         if kind == "rms_norm":
             if width is None and weight is None:
                 raise Declined(f"{name}: the width of its input is unknown")
-            scale = weight if weight is not None else np.ones(width)
-            scale_v = self._new_initializer(f"{name}.scale", scale.astype(dt))
+            xin, cdt = x, dt
+            if self.opset < 23 and dt.itemsize < 4:
+                # the standard-op chain runs in float32, as the exporters' fp16/bf16 chains do
+                # (RMSNormalization computes in float32 itself: stash_type=1)
+                cast_in = ir.Node("", "Cast", [x], [ir.AttrInt64("to", ir.DataType.FLOAT)], name=f"{name}_to_f32")
+                nodes.append(cast_in)
+                xin, cdt = cast_in.outputs[0], np.dtype(np.float32)
+            keep_weight = xin is not x
+            scale = weight if weight is not None and not keep_weight else np.ones(width or weight.size)
+            scale_v = self._new_initializer(f"{name}.scale", scale.astype(cdt))
             consts = {} if self.opset >= 23 else {
                 "axes": self._int64_const(f"{name}_axes", [-1]),
-                "eps": self._new_initializer(f"{name}_eps", np.asarray([eps], dtype=dt)),
-                "two": self._new_initializer(f"{name}_two", np.asarray(2, dtype=dt))}
-            nodes = F.rms_nodes(x, scale_v, eps, self.opset, f"{name}_rms", consts)
-            weight = None
+                "eps": self._new_initializer(f"{name}_eps", np.asarray([eps], dtype=cdt)),
+                "two": self._new_initializer(f"{name}_two", np.asarray(2, dtype=cdt))}
+            nodes += F.rms_nodes(xin, scale_v, eps, self.opset, f"{name}_rms", consts)
+            if keep_weight:
+                for n in nodes:
+                    n.outputs[0].dtype = ir.DataType.FLOAT
+                nodes.append(ir.Node("", "Cast", [nodes[-1].outputs[0]], [ir.AttrInt64("to", out.dtype)],
+                                     name=f"{name}_from_f32"))
+            else:
+                weight = None
         elif kind == "crms_norm":
             if width is None:
                 raise Declined(f"{name}: the width of its input is unknown")
@@ -742,11 +827,12 @@ class OnnxView(GraphView):
             last = nodes[-1].outputs[0]
         for n in nodes:
             for o in n.outputs:
-                o.dtype = out.dtype
+                if o.dtype is None:
+                    o.dtype = out.dtype
                 o.shape = x.shape
         self.graph.insert_before(raw, nodes)
         self._replace_uses(out, last)
-        self.graph.remove(raw, safe=True)
+        self.graph.remove(list(reversed(node.raw)), safe=True)
         self._splice_cache(raw, nodes)
         return self.node_of(norm_node)
 
@@ -853,6 +939,9 @@ class OnnxView(GraphView):
         return [np.asarray(feeds[n]) if n in specs else np.concatenate([c[n] for c in chunks]) for n in names]
 
     def set_norm(self, node: Node, *, weight: np.ndarray | None = None, bias: np.ndarray | None = None) -> None:
+        if "canon" in node.attrs:
+            self._set_chain_norm(node, node.attrs["canon"], weight, bias)
+            return
         raw = node.raw[0]
         x = raw.inputs[0]
         for idx, arr, suffix in ((1, weight, "scale"), (2, bias, "bias")):
@@ -866,6 +955,37 @@ class OnnxView(GraphView):
             if len(raw.inputs) <= idx:
                 raw.resize_inputs(idx + 1)
             raw.replace_input_with(idx, self._new_initializer(base, np.asarray(arr).reshape(-1).astype(dt)))
+        self.invalidate()
+
+    def _set_chain_norm(self, node: Node, m, weight: np.ndarray | None, bias: np.ndarray | None) -> None:
+        """A recognised chain gets new affine constants in its scale / shift ops; a missing
+        one is added (``* gamma`` before the shift, ``+ beta`` at the end): the chain stays
+        the user's ops, only parameters change."""
+        for arr, const, op_node, op in ((weight, m.weight, m.weight_node, "Mul"), (bias, m.bias, m.bias_node, "Add")):
+            if arr is None:
+                continue
+            if op_node is not None:
+                idx = 0 if op_node.inputs[0] is const else 1
+                dt = self._dtype_of(const)
+                base = const.name if const.name else f"{node.name}.{op.lower()}"
+                op_node.replace_input_with(idx, self._new_initializer(base, np.asarray(arr).reshape(-1).astype(dt)))
+                continue
+            if op == "Mul" and m.bias_node is not None:  # y * gamma goes before + beta
+                after, reads = m.bias_node.inputs[0].producer(), m.bias_node.inputs[0]
+            else:
+                after, reads = m.out.producer(), m.out
+            dt = self._dtype_of(reads)
+            const_v = self._new_initializer(f"{node.name}.{'scale' if op == 'Mul' else 'bias'}",
+                                            np.asarray(arr).reshape(-1).astype(dt))
+            new = self._new_node(op, [reads, const_v], (), f"{node.name}_{'scale' if op == 'Mul' else 'shift'}")
+            new.outputs[0].dtype, new.outputs[0].shape = reads.dtype, reads.shape
+            self._splice(after, reads, [new], new.outputs[0])
+            if op == "Mul":
+                m.weight, m.weight_node = const_v, new
+                if m.out is reads:
+                    m.out = new.outputs[0]
+            else:
+                m.bias, m.bias_node, m.out = const_v, new, new.outputs[0]
         self.invalidate()
 
     def insert_scale(self, value: Value, factor: float, name: str) -> Value:

@@ -1,0 +1,17 @@
+"""Canonicalization: exporter spellings of one op recognised as the semantic op the passes
+use, in both IRs (CONVENTIONS 11).
+
+* ``patterns``: a small pattern language (ops, value variables, constants with tests,
+  named alternatives) matched backwards over either IR through an ``Adapter``.
+* ``norms``: the rules for LayerNorm / RMSNorm chains, each with its gloss and the
+  exporters that write it, and ``find_norms``.
+* ``onnx_adapter``: onnx-ir. The ONNX view (``OnnxView``) groups a recognised chain into
+  one ``layer_norm`` / ``rms_norm`` node over the chain's IR nodes without changing the
+  graph; an edit of the norm edits or replaces the chain.
+* ``fx_adapter``: torch.fx. ``canonicalize_norms`` rewrites a recognised chain into
+  ``aten.layer_norm`` / ``aten.rms_norm`` (exact within float rounding).
+"""
+
+from rewriter.canon.norms import NormMatch, NormSearch, find_norms
+
+__all__ = ["NormMatch", "NormSearch", "find_norms"]
