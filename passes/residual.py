@@ -97,6 +97,7 @@ class ResidualStream:
     problems: list[str]
     notes: list[str]
     shape_reads: list[str] = dataclasses.field(default_factory=list)  # ops reading only its shape
+    fused: list[str] = dataclasses.field(default_factory=list)  # ops hiding joins (view.fused_norms)
 
     @property
     def final_norms(self) -> list[StreamNorm]:
@@ -383,9 +384,10 @@ def analyze(view: GraphView) -> ResidualStream:
     for sn in stream_norms:
         _norm_readers(a, sn)
     _depths(view, stream_norms, a)
-    problems = list(dict.fromkeys(problems))
+    fused = view.fused_norms() if hasattr(view, "fused_norms") else []
+    problems = list(dict.fromkeys(problems + fused))
     return ResidualStream(width, list(a.values.values()), list(a.joins.values()), list(a.layouts.values()),
-                          writers, stream_norms, other_norms, problems, notes, shape_reads)
+                          writers, stream_norms, other_norms, problems, notes, shape_reads, fused)
 
 
 def _only_feeds(view: GraphView, value, targets: set[int], depth: int = 8) -> bool:

@@ -173,6 +173,18 @@ class OnnxView(GraphView):
         data = [v for v in raw.inputs if v is not None and not v.is_initializer()]
         return Node(f"other:{op_type}", name, data, out, [raw])
 
+    def fused_norms(self) -> list[str]:
+        """ONNX Runtime contrib ops that fuse a residual add with a norm (SkipLayerNormalization,
+        SkipSimplifiedLayerNormalization): the add the residual analysis needs is inside
+        them, so the stream passes decline the model with this reason, naming the op."""
+        found = [n for n in self.graph if n.op_type in _ORT_SKIP_NORMS and n.domain == "com.microsoft"]
+        if not found:
+            return []
+        ops = sorted({n.op_type for n in found})
+        return [f"{len(found)} com.microsoft {'/'.join(ops)} node(s) ({found[0].name}, ...) fuse a residual add "
+                "into a norm: the residual stream's joins are hidden inside them, so it cannot be analysed "
+                "(rewrite the model before onnxruntime's transformer optimizer)"]
+
     def _is_const(self, v: ir.Value | None) -> bool:
         """``const_value(v) is not None``, from the metadata alone for an initializer."""
         if v is not None and v.const_value is not None:
