@@ -837,11 +837,14 @@ class OnnxView(GraphView):
             nodes.append(ir.Node("", "Add", [last, self._new_initializer(f"{name}.bias", bias.astype(dt))],
                                  name=f"{name}_bias"))
             last = nodes[-1].outputs[0]
+        full = {id(norm_node), id(nodes[-1])} | {id(n) for n in nodes if n.op_type in ("Cast", "Pow")}
         for n in nodes:
             for o in n.outputs:
                 if o.dtype is None:
                     o.dtype = out.dtype
-                o.shape = x.shape
+                # the chain's reduced values ([..., 1]) keep no annotation: ORT trusts them
+                o.shape = x.shape if id(n) in full or n is norm_node or n.op_type in ("Mul", "Add") and \
+                    n.name.endswith(("_weight", "_bias")) else None
         self.graph.insert_before(raw, nodes)
         self._replace_uses(out, last)
         self.graph.remove(list(reversed(node.raw)), safe=True)
