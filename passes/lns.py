@@ -47,6 +47,7 @@ import networkx as nx
 import numpy as np
 
 from passes.residual import StreamNorm, analyze
+from rewriter.canon import near_miss_note
 from rewriter.ir.view import GraphView, NormParams
 from rewriter.pass_api import Kind, Pass, Site, register
 
@@ -120,7 +121,7 @@ class LayerNormScaling(Pass):
         stream = analyze(view)
         sites = [Site(n.name, False, f"{why}: not a pre-norm, not scaled") for n, why in stream.other_norms]
         if not stream.norms:
-            return sites or [Site("model", False, "no norm reads a residual stream")]
+            return sites or [Site("model", False, "no norm reads a residual stream" + near_miss_note(view))]
         post = [p for p in stream.problems if p.startswith("post-LN")] + stream.fused
         if stream.fused:
             return sites + [Site(sn.node.name, False, stream.fused[0]) for sn in stream.norms]

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from passes.residual import NORM_OPS, ResidualStream, StreamNorm, Writer, analyze
+from rewriter.canon import near_miss_note
 from rewriter.ir.view import Declined, GraphView, LinearParams, map_rows, scale_linear
 from rewriter.pass_api import Kind, Pass, Site, register
 
@@ -84,7 +85,7 @@ class _StreamPass(Pass):
     def match(self, view: GraphView) -> list[Site]:
         stream = analyze(view)
         if not stream.norms:
-            why = "no norm reads a residual stream"
+            why = "no norm reads a residual stream" + near_miss_note(view)
             if stream.other_norms:
                 why += f" ({stream.other_norms[0][1]})"
             return [Site("model", False, why)]

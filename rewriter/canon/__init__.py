@@ -14,4 +14,16 @@ use, in both IRs (CONVENTIONS 11).
 
 from rewriter.canon.norms import NormMatch, NormSearch, find_norms
 
-__all__ = ["NormMatch", "NormSearch", "find_norms"]
+
+def near_miss_note(view) -> str:
+    """``"; not recognised as norms: NODE (why), ..."`` for the norm-like chains of ``view``
+    that a condition kept from being a norm, or ``""`` (for a pass's decline reason)."""
+    misses = getattr(view, "canon_near_misses", None) or []
+    if not misses:
+        return ""
+    head = ", ".join(f"{name} ({why})" for name, why in misses[:2])
+    more = f" and {len(misses) - 2} more" if len(misses) > 2 else ""
+    return f"; not recognised as norms: {head}{more}"
+
+
+__all__ = ["NormMatch", "NormSearch", "find_norms", "near_miss_note"]

@@ -400,3 +400,13 @@ def _prenorm_chain_model(affine: bool = True):
     inits.append(init("head", rng.standard_normal((d, 5))))
     nodes.append(helper.make_node("MatMul", [h, "head"], ["y"]))
     return make_model(nodes, [("x", [2, 4, d])], [("y", [2, 4, 5])], inits, opset=14)
+
+
+def test_near_miss_named_in_the_decline():
+    """rms on a model whose only norm-like chain has Pow(x, 3): declined, and the reason
+    names the chain and the broken condition."""
+    model, _ = _ln_chain(exponent=3.0)
+    res = rewriter.rewrite(model, ["rms"])
+    reason = res.report["passes"][0]["declined"][0]["reason"]
+    assert res.report["passes"][0]["applied"] == 0
+    assert "not recognised as norms" in reason and "exponent is 3, not 2" in reason, reason
