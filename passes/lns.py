@@ -122,9 +122,7 @@ class LayerNormScaling(Pass):
         sites = [Site(n.name, False, f"{why}: not a pre-norm, not scaled") for n, why in stream.other_norms]
         if not stream.norms:
             return sites or [Site("model", False, "no norm reads a residual stream" + near_miss_note(view))]
-        post = [p for p in stream.problems if p.startswith("post-LN")] + stream.fused
-        if stream.fused:
-            return sites + [Site(sn.node.name, False, stream.fused[0]) for sn in stream.norms]
+        post = [p for p in stream.problems if p.startswith("post-LN")]
         if post:
             return sites + [Site(sn.node.name, False, f"{post[0]}: LayerNorm Scaling applies to pre-norms only")
                             for sn in stream.norms]

@@ -148,8 +148,6 @@ class OutlierSuppressionPlus(Pass):
         sites = [Site(n.name, False, f"{why}: osplus migrates stream norms only") for n, why in stream.other_norms]
         if not stream.norms:
             return sites or [Site("model", False, "no norm reads a residual stream" + near_miss_note(view))]
-        if stream.fused:
-            return sites + [Site(sn.node.name, False, stream.fused[0]) for sn in stream.norms]
         g = view.to_networkx()
         joins = {j.name for j in stream.joins}
         todo: list[StreamNorm] = []

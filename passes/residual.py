@@ -97,7 +97,6 @@ class ResidualStream:
     problems: list[str]
     notes: list[str]
     shape_reads: list[str] = dataclasses.field(default_factory=list)  # ops reading only its shape
-    fused: list[str] = dataclasses.field(default_factory=list)  # ops hiding joins (view.fused_norms)
 
     @property
     def final_norms(self) -> list[StreamNorm]:
@@ -142,8 +141,8 @@ class _Analysis:
     def _is_join(self, node: Node | None) -> bool:
         if node is None:
             return False
-        if node.op == "add":
-            return len(self.view.operands(node)) == 2
+        if node.op == "add":  # two operands (three: a fused Skip*Norm's input + skip + bias)
+            return len(self.view.operands(node)) in (2, 3) if "skip" in node.attrs else len(self.view.operands(node)) == 2
         lay = self._layout(node)
         if lay is not None and lay.kind == "concat":
             rank = self.view.rank(node.output)
@@ -384,10 +383,9 @@ def analyze(view: GraphView) -> ResidualStream:
     for sn in stream_norms:
         _norm_readers(a, sn)
     _depths(view, stream_norms, a)
-    fused = view.fused_norms() if hasattr(view, "fused_norms") else []
-    problems = list(dict.fromkeys(problems + fused))
+    problems = list(dict.fromkeys(problems))
     return ResidualStream(width, list(a.values.values()), list(a.joins.values()), list(a.layouts.values()),
-                          writers, stream_norms, other_norms, problems, notes, shape_reads, fused)
+                          writers, stream_norms, other_norms, problems, notes, shape_reads)
 
 
 def _only_feeds(view: GraphView, value, targets: set[int], depth: int = 8) -> bool:

@@ -95,6 +95,7 @@ class OnnxView(GraphView):
         self._const_cache: dict[ir.Value, np.ndarray | None] = {}
         self._names = itertools.count()
         self.canon_near_misses: list[tuple[str, str]] = []  # norm-like chains not recognised, why
+        self._skip_joins: dict[ir.Value, Node] = {}  # input_skip_bias_sum of a Skip*Norm -> its join
 
     @property
     def graph(self) -> ir.Graph:
@@ -109,6 +110,7 @@ class OnnxView(GraphView):
         nodes: list[Node] = []
         taken: set[int] = set()
         chains = self._norm_chains()
+        self._skip_joins = {}
         for raw in self.graph:
             chain = chains.get(id(raw))
             if chain is not None:
@@ -117,9 +119,51 @@ class OnnxView(GraphView):
                 continue
             if id(raw) in taken:
                 continue
+            if raw.domain == "com.microsoft" and raw.op_type in _ORT_SKIP_NORMS:
+                nodes.extend(self._skip_nodes(raw))
+                continue
             node = self._classify(raw, taken)
             nodes.append(node)
         return nodes
+
+    def _skip_nodes(self, raw: ir.Node) -> list[Node]:
+        """``SkipLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` (com.microsoft) as
+        what they compute: a residual join ``s = input + skip (+ bias)`` and a norm of ``s``,
+        two semantic nodes over the one IR node. ``s`` is the op's optional fourth output
+        (``input_skip_bias_sum``); when the file leaves it out, the output is declared (named,
+        unread: the op computes it anyway), so that the join has a value to write."""
+        name = raw.name or f"{raw.op_type}_{id(raw)}"
+        if len(raw.outputs) < 4:
+            raw.resize_outputs(4)
+            for o in raw.outputs[1:3]:
+                if o.name is None:
+                    o.name = ""  # left out, as in the file
+        s = raw.outputs[3]
+        if not s.name:
+            s.name = self._free_name(f"{name}_input_skip_bias_sum")
+        if s.dtype is None:
+            s.dtype = raw.inputs[0].dtype or raw.inputs[2].dtype
+        if s.shape is None:
+            s.shape = raw.inputs[0].shape
+        join = Node("add", f"{name}__add", [raw.inputs[0], raw.inputs[1]], s, [raw], {"skip": raw})
+        kind = "layer_norm" if raw.op_type == "SkipLayerNormalization" else "rms_norm"
+        norm = Node(kind, name, [s], raw.outputs[0], [raw], {"skip": raw, "join": join})
+        self._skip_joins[s] = join
+        return [join, norm]
+
+    def _skip_bias(self, raw: ir.Node) -> ir.Value | None:
+        idx = 4 if raw.op_type == "SkipLayerNormalization" else 3
+        return raw.inputs[idx] if len(raw.inputs) > idx else None
+
+    def producer(self, value: Value) -> Node | None:
+        self.nodes()
+        join = self._skip_joins.get(value)
+        return join if join is not None else super().producer(value)
+
+    def users(self, value: Value) -> list[Node]:
+        out = super().users(value)
+        # a Skip norm's IR node reads input / skip / bias as its join, not as its norm
+        return [n.attrs["join"] if "join" in n.attrs and value is not n.inputs[0] else n for n in out]
 
     def _norm_chains(self) -> dict[int, Node | bool]:
         """Norms spelled as chains of standard ops (``rewriter.canon``), as semantic nodes
@@ -172,18 +216,6 @@ class OnnxView(GraphView):
             return Node(_ORT_NORMS[(raw.domain, raw.op_type)], name, [raw.inputs[0]], out, [raw])
         data = [v for v in raw.inputs if v is not None and not v.is_initializer()]
         return Node(f"other:{op_type}", name, data, out, [raw])
-
-    def fused_norms(self) -> list[str]:
-        """ONNX Runtime contrib ops that fuse a residual add with a norm (SkipLayerNormalization,
-        SkipSimplifiedLayerNormalization): the add the residual analysis needs is inside
-        them, so the stream passes decline the model with this reason, naming the op."""
-        found = [n for n in self.graph if n.op_type in _ORT_SKIP_NORMS and n.domain == "com.microsoft"]
-        if not found:
-            return []
-        ops = sorted({n.op_type for n in found})
-        return [f"{len(found)} com.microsoft {'/'.join(ops)} node(s) ({found[0].name}, ...) fuse a residual add "
-                "into a norm: the residual stream's joins are hidden inside them, so it cannot be analysed "
-                "(rewrite the model before onnxruntime's transformer optimizer)"]
 
     def _is_const(self, v: ir.Value | None) -> bool:
         """``const_value(v) is not None``, from the metadata alone for an initializer."""
@@ -385,7 +417,7 @@ class OnnxView(GraphView):
                 add = ir.Node("", "Add", [out, bias], name=f"{node.name}_bias")
                 self._replace_uses(out, add.outputs[0], exclude=add)
                 self.graph.insert_after(raw, add)
-                add.outputs[0].dtype = out.dtype
+                add.outputs[0].dtype = out.dtype if out.dtype is not None else ir.DataType.from_numpy(wdt)
                 add.outputs[0].shape = out.shape
                 node.raw.append(add)
                 node.output = add.outputs[0]
@@ -495,7 +527,9 @@ class OnnxView(GraphView):
         if m is not None:
             return self._chain_norm(node, m)
         raw = node.raw[0]
-        x = raw.inputs[0]
+        x = node.inputs[0]
+        if "skip" in node.attrs:
+            return self._skip_norm(node, raw)
         rank = self.rank(x)
         axis = raw.attributes.get_int("axis", -1)
         if rank is None:
@@ -523,6 +557,25 @@ class OnnxView(GraphView):
             width = params[0].size
         return NormParams(int(width), raw.attributes.get_float("epsilon", 1e-5), params[0], params[1])
 
+    def _skip_norm(self, node: Node, raw: ir.Node) -> NormParams:
+        if any(o.uses() or o.is_graph_output() for o in raw.outputs[1:3]):
+            raise Declined(f"{node.name}: its mean / inverse std outputs are read")
+        shape = self.shape(raw.inputs[0])
+        params = []
+        idxs = (2, 3) if raw.op_type == "SkipLayerNormalization" else (2,)
+        for i in idxs:
+            v = raw.inputs[i] if len(raw.inputs) > i else None
+            c = None if v is None else self.const_value(v)
+            if v is not None and c is None:
+                raise Declined(f"{node.name} ({raw.op_type}) has a non-constant gamma or beta")
+            params.append(None if c is None else c.astype(np.float64).reshape(-1))
+        width = shape[-1] if shape and shape[-1] is not None else (params[0].size if params[0] is not None else None)
+        if width is None:
+            raise Declined(f"{node.name}: the width of its input is unknown")
+        gamma = None if params[0] is None else np.broadcast_to(params[0], (width,)).copy()
+        beta = None if len(params) < 2 or params[1] is None else np.broadcast_to(params[1], (width,)).copy()
+        return NormParams(int(width), raw.attributes.get_float("epsilon", 1e-12), gamma, beta)
+
     def _chain_norm(self, node: Node, m) -> NormParams:
         shape = self.shape(m.x)
         width = shape[-1] if shape else None
@@ -542,6 +595,11 @@ class OnnxView(GraphView):
 
     def operands(self, node: Node) -> list[Value]:
         if "canon" in node.attrs:
+            return list(node.inputs)
+        if "skip" in node.attrs:
+            if node.op == "add":  # input + skip (+ bias)
+                b = self._skip_bias(node.raw[0])
+                return list(node.inputs) + ([b] if b is not None else [])
             return list(node.inputs)
         return [v for v in node.raw[0].inputs if v is not None]
 
@@ -698,9 +756,10 @@ class OnnxView(GraphView):
                 *, shape_last: int | None = None) -> None:
         """Insert ``new_nodes`` after ``anchor`` and make ``old``'s readers read ``new_out``."""
         self.graph.insert_after(anchor, new_nodes)
+        dtype = old.dtype if old.dtype is not None else ir.DataType.from_numpy(self._dtype_of(old))
         for n in new_nodes:
             for o in n.outputs:
-                o.dtype = old.dtype
+                o.dtype = dtype
         new_out.shape = old.shape
         if shape_last is not None:
             self.set_dim(new_out, -1, shape_last)
@@ -795,6 +854,24 @@ class OnnxView(GraphView):
         dt = self._dtype_of(x)
         name = node.name
         nodes: list[ir.Node] = []
+        if "skip" in node.attrs:  # the join comes out of the fused op: s = input + skip (+ bias)
+            add = ir.Node("", "Add", [raw.inputs[0], raw.inputs[1]], name=f"{name}_add")
+            nodes.append(add)
+            skip_bias = self._skip_bias(raw)
+            if skip_bias is not None:
+                nodes.append(ir.Node("", "Add", [add.outputs[0], skip_bias], name=f"{name}_add_bias"))
+            s_new = nodes[-1].outputs[0]
+            for n in nodes:
+                n.outputs[0].dtype, n.outputs[0].shape = x.dtype, raw.inputs[0].shape
+                n.outputs[0].name = self._free_name(f"{n.name}_out")
+            self._replace_uses(x, s_new)
+            x = s_new
+            shape = self.shape(raw.inputs[0])
+            width = shape[-1] if shape else None
+            if width is None:
+                g = self.const_value(raw.inputs[2])
+                width = None if g is None else int(g.size)
+            dt = self._dtype_of(x)
         if kind == "rms_norm":
             if width is None and weight is None:
                 raise Declined(f"{name}: the width of its input is unknown")
@@ -837,18 +914,23 @@ class OnnxView(GraphView):
             nodes.append(ir.Node("", "Add", [last, self._new_initializer(f"{name}.bias", bias.astype(dt))],
                                  name=f"{name}_bias"))
             last = nodes[-1].outputs[0]
-        full = {id(norm_node), id(nodes[-1])} | {id(n) for n in nodes if n.op_type in ("Cast", "Pow")}
+        full = {id(norm_node), id(nodes[-1])} | {id(n) for n in nodes if n.op_type in ("Cast", "Pow")} | \
+            {id(n) for n in nodes if n.name.endswith(("_add", "_add_bias"))}
+        out_dtype = out.dtype if out.dtype is not None else ir.DataType.from_numpy(dt)
         for n in nodes:
             for o in n.outputs:
                 if o.dtype is None:
-                    o.dtype = out.dtype
+                    o.dtype = out_dtype
                 # the chain's reduced values ([..., 1]) keep no annotation: ORT trusts them
                 o.shape = x.shape if id(n) in full or n is norm_node or n.op_type in ("Mul", "Add") and \
                     n.name.endswith(("_weight", "_bias")) else None
         self.graph.insert_before(raw, nodes)
         self._replace_uses(out, last)
         self.graph.remove(list(reversed(node.raw)), safe=True)
-        self._splice_cache(raw, nodes)
+        if "skip" in node.attrs:
+            self.invalidate()  # the join went with the fused op
+        else:
+            self._splice_cache(raw, nodes)
         return self.node_of(norm_node)
 
     # -- edits -------------------------------------------------------------------------
@@ -959,10 +1041,14 @@ class OnnxView(GraphView):
             return
         raw = node.raw[0]
         x = raw.inputs[0]
-        for idx, arr, suffix in ((1, weight, "scale"), (2, bias, "bias")):
+        skip = "skip" in node.attrs
+        if skip and bias is not None and raw.op_type != "SkipLayerNormalization":
+            raise Declined(f"{node.name}: {raw.op_type} has no beta input")
+        for idx, arr, suffix in ((2, weight, "scale"), (3, bias, "bias")) if skip else \
+                ((1, weight, "scale"), (2, bias, "bias")):
             if arr is None:
                 continue
-            if idx == 2 and raw.op_type != "LayerNormalization":
+            if not skip and idx == 2 and raw.op_type != "LayerNormalization":
                 raise Declined(f"{node.name}: {raw.op_type} has no bias input")
             old = raw.inputs[idx] if len(raw.inputs) > idx else None
             dt = self._dtype_of(old) if old is not None else self._dtype_of(x)

@@ -272,20 +272,26 @@ def test_fx_gemma_one_plus_w():
 
 
 # -- ONNX Runtime's fused norms --------------------------------------------------------------
-def test_ort_optimized_gpt2_declined_naming_the_op(files, tmp_path):
-    """After onnxruntime's transformer optimizer: LayerNormalization is a norm;
-    SkipLayerNormalization (a residual add fused into a norm) makes the stream passes
-    decline, naming the op."""
+def test_ort_optimized_gpt2_skip_layernorm_as_join_and_norm(files, tmp_path):
+    """After onnxruntime's transformer optimizer (LayerNormalization + 4 com.microsoft
+    SkipLayerNormalization, one with the fused c_proj bias): each Skip op is a residual
+    join plus a norm, so 5 norms are found; rms splits the Skip ops into Add + RMSNorm and
+    is exact; osplus (exact) and lns apply to the 4 pre-norms."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     out = tmp_path / "opt.onnx"
     optimize_model(str(files("gpt2-ts14")), model_type="gpt2", num_heads=4, hidden_size=32).save_model_to_file(str(out))
     assert ops(onnx.load(str(out)))["SkipLayerNormalization"] == 4
-    assert len(norms(view_of(out))) == 1
-    for p in ("rms", "lns", "osplus"):
-        rep = rewriter.rewrite(str(out), [p]).report["passes"][0]
-        assert rep["applied"] == 0
-        assert any("SkipLayerNormalization" in d["reason"] for d in rep["declined"]), (p, rep["declined"])
+    v = view_of(out)
+    assert len(norms(v)) == 5
+    assert sum(1 for n in v.nodes() if n.op == "add" and "skip" in n.attrs) == 4
+    res, _ = rewrite_checked(out, "rms")
+    after = ops(res.model)
+    assert after["SkipLayerNormalization"] == 0 and after["RMSNormalization"] == 5
+    _, rep = rewrite_checked(out, "osplus")
+    assert rep["applied"] == 4
+    res = rewriter.rewrite(str(out), ["lns"])
+    assert res.passed and res.report["passes"][0]["applied"] == 4
 
 
 def test_ort_contrib_norms_recognised():
