@@ -848,7 +848,11 @@ class OnnxView(GraphView):
         from backends.ort import functions as F
 
         raw = node.raw[0]
-        x, out = node.inputs[0], node.output
+        # read from the IR, not the Node: an edit since it was grouped may have rewired it
+        # (a chain's first op reads x first; its last op writes the output)
+        x, out = raw.inputs[0], node.raw[-1].outputs[0]
+        if "skip" in node.attrs:
+            x = raw.outputs[3]
         shape = self.shape(x)
         width = shape[-1] if shape else None
         dt = self._dtype_of(x)
@@ -901,7 +905,7 @@ class OnnxView(GraphView):
             if width is None:
                 raise Declined(f"{name}: the width of its input is unknown")
             F.ensure_crms_function(self.model, "rms" if self.opset >= 23 else "chain")
-            nodes = [F.crms_call(x, eps, width, f"{name}_crms")]
+            nodes.append(F.crms_call(x, eps, width, f"{name}_crms"))
         else:
             raise ValueError(f"unknown norm kind {kind!r}")
         norm_node = nodes[-1]

@@ -176,6 +176,15 @@ def test_rms_on_gpt2_opset14_without_upgrade(files):
     onnx.checker.check_model(ir.serde.serialize_model(res.model))
 
 
+@pytest.mark.parametrize("key", ["gpt2-ts14", "vit-ts14"])
+def test_crms_on_torchscript_opset14(files, key):
+    """crms through the chains: every LayerNorm chain becomes CRMSNormalization, the
+    stream one channel narrower, exact."""
+    res, _ = rewrite_checked(files(key), "crms")
+    after = ops(res.model)
+    assert after["CRMSNormalization"] == 5 and after["Sqrt"] == 0
+
+
 def test_rms_on_vit_opset14(files):
     """rms on the TorchScript ViT: exact, every LayerNorm chain replaced (one centring
     ReduceMean is inserted after the patch embedding, which its parameters cannot re-centre)."""
@@ -292,6 +301,8 @@ def test_ort_optimized_gpt2_skip_layernorm_as_join_and_norm(files, tmp_path):
     assert rep["applied"] == 4
     res = rewriter.rewrite(str(out), ["lns"])
     assert res.passed and res.report["passes"][0]["applied"] == 4
+    res, _ = rewrite_checked(out, "crms")
+    assert ops(res.model)["CRMSNormalization"] == 5
 
 
 def test_ort_contrib_norms_recognised():
