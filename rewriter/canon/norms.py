@@ -70,8 +70,10 @@ SUFFIX = (
     ("shift", "y + beta, beta constant over the last axis"),
 )
 
-# the core ops whose output may start a chain (the last op of NORMALIZE)
+# the core ops whose output may start a chain (the last op of NORMALIZE), and the ops one
+# of their operands must come from
 ANCHORS = ("div", "mul")
+_ROOT_OPS = ("sqrt", "reciprocal", "div", "rsqrt", "pow")
 
 
 @dataclasses.dataclass
@@ -149,6 +151,9 @@ def find_norms(ad: NormAdapter) -> NormSearch:
     misses: list[tuple[Any, str]] = []
     for raw in ad.nodes():
         if ad.op(raw) not in ANCHORS or id(raw) in taken:
+            continue
+        # cheap pre-filter: the core's last op reads a root (or its inverse)
+        if not any(ad.op(p) in _ROOT_OPS for p in map(ad.producer, ad.operands(raw)) if p is not None):
             continue
         try:
             m = match(ad, NORMALIZE, ad.output(raw))

@@ -22,9 +22,8 @@ class OnnxNormAdapter(NormAdapter):
         return list(self.view.graph)
 
     def op(self, raw: ir.Node) -> str | None:
-        if raw.domain not in ("", "ai.onnx"):
-            return None
-        return _OPS.get(raw.op_type)
+        name = _OPS.get(raw.op_type)
+        return None if name is None or raw.domain not in ("", "ai.onnx") else name
 
     def operands(self, raw: ir.Node) -> list[Any]:
         if raw.op_type == "ReduceMean":
