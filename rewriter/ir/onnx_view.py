@@ -4,6 +4,12 @@ Edits are copy-on-write for parameters: a changed weight becomes a new initializ
 tensor shared by two nodes (a tied embedding, a reused constant) is never changed behind
 the other reader's back. Input/output names, opset imports, metadata and doc strings are
 left as they are.
+
+Norms spelled as chains of standard ops (the TorchScript exporter's LayerNorm, HF
+LlamaRMSNorm, ...) are recognised by ``rewriter.canon`` and grouped into one
+``layer_norm`` / ``rms_norm`` node over the chain's ops (``Node.attrs["canon"]`` holds
+the match), without changing the graph; ONNX Runtime's SkipLayerNormalization /
+SkipSimplifiedLayerNormalization are a join node and a norm node over the one op.
 """
 
 from __future__ import annotations

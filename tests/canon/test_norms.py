@@ -427,3 +427,37 @@ def test_near_miss_named_in_the_decline():
     reason = res.report["passes"][0]["declined"][0]["reason"]
     assert res.report["passes"][0]["applied"] == 0
     assert "not recognised as norms" in reason and "exponent is 3, not 2" in reason, reason
+
+
+class _HandLN(torch.nn.Module):
+    """A LayerNorm written out (as in ConvNeXt's channels-first LayerNorm, over ``dim``)."""
+
+    def __init__(self, d: int, dim: int = -1):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w = torch.nn.Parameter(1 + 0.2 * torch.randn(d, generator=g))
+        self.b = torch.nn.Parameter(0.2 * torch.randn(d, generator=g))
+        self.dim = dim
+
+    def forward(self, x):
+        mu = x.mean(self.dim, keepdim=True)
+        d = x - mu
+        var = d.pow(2).mean(self.dim, keepdim=True)
+        y = d / torch.sqrt(var + 1e-5)
+        return y * self.w + self.b if self.dim == -1 else y
+
+
+@pytest.mark.parametrize("dim, expect", [(-1, 1), (1, 0)])
+def test_fx_decomposed_layernorm(dim, expect):
+    """torch.export of a written-out LayerNorm over the last axis becomes aten.layer_norm
+    (output equal within 1e-5); the same over axis 1 (channels-first) stays as it is."""
+    from rewriter.ir.fx_view import capture
+
+    module = _HandLN(8, dim).eval()
+    x = torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(1))
+    gm = capture(module, (x,))
+    targets = collections.Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+    assert targets["aten.layer_norm.default"] == expect
+    assert targets["aten.sqrt.default"] == 1 - expect
+    with torch.no_grad():
+        assert max_rel(module(x).numpy(), gm(x).numpy()) <= FP32
