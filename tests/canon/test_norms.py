@@ -16,6 +16,7 @@ import collections
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnx_ir as ir
 import pytest
 import torch
@@ -305,6 +306,25 @@ def test_ort_optimized_gpt2_skip_layernorm_as_join_and_norm(files, tmp_path):
     assert ops(res.model)["CRMSNormalization"] == 5
 
 
+def test_ort_optimized_llama_skip_simplified(files, tmp_path):
+    """onnxruntime's optimizer on the dynamo Llama writes 4 com.microsoft
+    SkipSimplifiedLayerNormalization and one default-domain SimplifiedLayerNormalization:
+    5 RMSNorms; osplus exact and lns applied on the 4 pre-norms."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    out = tmp_path / "opt.onnx"
+    optimize_model(str(files("llama-dynamo18")), model_type="gpt2", num_heads=4,
+                   hidden_size=32).save_model_to_file(str(out))
+    counts = ops(onnx.load(str(out)))
+    assert counts["SkipSimplifiedLayerNormalization"] == 4 and counts["SimplifiedLayerNormalization"] == 1
+    found = norms(view_of(out))
+    assert len(found) == 5 and {n.op for n in found} == {"rms_norm"}
+    _, rep = rewrite_checked(out, "osplus")
+    assert rep["applied"] == 4
+    res = rewriter.rewrite(str(out), ["lns"])
+    assert res.passed and res.report["passes"][0]["applied"] == 4
+
+
 def test_ort_contrib_norms_recognised():
     """com.microsoft LayerNormalization / SimplifiedLayerNormalization and the default-domain
     SimplifiedLayerNormalization are norms with their epsilon and gain."""
@@ -325,12 +345,13 @@ def test_ort_contrib_norms_recognised():
 
 
 # -- near misses ----------------------------------------------------------------------------
-def _ln_chain(axes=(-1,), var_axes=(-1,), exponent=2.0, eps_input=False, leak=False, opset=14):
+def _ln_chain(axes=(-1,), var_axes=(-1,), exponent=2.0, eps_input=False, leak=False, opset=14, square="pow"):
     """x [2, 4, 8] -> the TorchScript LayerNorm chain, with one condition optionally broken."""
     d = 8
     nodes = [helper.make_node("ReduceMean", ["x"], ["mu"], axes=list(axes)),
              helper.make_node("Sub", ["x", "mu"], ["dx"]),
-             helper.make_node("Pow", ["dx", "two"], ["sq"]),
+             helper.make_node("Pow", ["dx", "two"], ["sq"]) if square == "pow" else
+             helper.make_node("Mul", ["dx", "dx"], ["sq"]),
              helper.make_node("ReduceMean", ["sq"], ["var"], axes=list(var_axes)),
              helper.make_node("Add", ["var", "eps"], ["ve"]),
              helper.make_node("Sqrt", ["ve"], ["sd"]),
@@ -367,6 +388,17 @@ def test_near_misses_not_recognised(kw, why):
     assert found == []
     if why is not None:
         assert any(why in r for _, r in v.canon_near_misses), v.canon_near_misses
+
+
+def test_mul_self_square_and_opset18_axes_input():
+    """d * d for the square, and (opset 18) ReduceMean axes as an input: still a LayerNorm."""
+    model, _ = _ln_chain(square="mul")
+    found = norms(view_of_proto(model))
+    assert len(found) == 1 and found[0].attrs["rule"] == "center+mul_self+div"
+    model = onnx.version_converter.convert_version(_ln_chain()[0], 18)
+    assert any(len(n.input) == 2 for n in model.graph.node if n.op_type == "ReduceMean")
+    found = norms(view_of_proto(model))
+    assert len(found) == 1 and found[0].op == "layer_norm"
 
 
 def test_centring_over_another_axis_is_not_a_layernorm():
