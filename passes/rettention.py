@@ -231,7 +231,8 @@ def _apply_fx(view: FxView, plan: _Plan, schedule: Schedule) -> None:
     if not isinstance(state, RettentionState):
         state = RettentionState()
         gm.add_module(MODULE_NAME, state)
-    index = state.add_site(SiteConfig(s.name, plan.layout, float(s.scale), schedule))
+    index = state.add_site(SiteConfig(s.name, plan.layout, float(s.scale), schedule,
+                                      heads=int(s.heads or 0), head_dim=int(s.head_dim or 0)))
     anchor = s.out
     with g.inserting_before(anchor):
         k = s.k
