@@ -83,6 +83,20 @@ class Result:
         self.report["output"] = str(out)
         return out
 
+    def compile(self, *, check: bool = True):
+        """The rewritten torch model under ``torch.compile`` (Inductor; ``rewriter.compile``).
+        With ``check``, Dynamo's trace at the example inputs is counted first and recorded
+        in ``report["compile"]`` (``graphs``, ``graph_breaks``, ``reasons``). A Re-ttention
+        model keeps its ``gm.rettention.set_step`` protocol."""
+        from rewriter.compile import compile_module, graph_breaks
+
+        if not isinstance(self.view, FxView):
+            raise BadInput("compile: only torch models (rewrite with --ir torch, or a .pt2 / torch module)")
+        gm = self.view.gm
+        if check:
+            self.report["compile"] = {"backend": "torch-inductor", **graph_breaks(gm, self.view.example_inputs)}
+        return compile_module(gm)
+
 
 def _instantiate(passes: Sequence[str | Pass], options: Mapping[str, Any] | None, ctx: Context) -> list[Pass]:
     options = dict(options or {})

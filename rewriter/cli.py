@@ -2,11 +2,11 @@
 
     rewrite MODEL --passes P1,P2 [-o OUT] [--set PASS.KEY=VALUE ...] [--inputs F.npz]
             [--calib F.npz] [--shape NAME=D0,D1,...] [--no-verify] [--force] [--json F]
-            [--html F] [--bench [--per-pass] [--runs N]] [--debug]
+            [--html F] [--bench [--per-pass] [--runs N]] [--compile] [--debug]
     rewrite passes
     rewrite explain MODEL --passes P
     rewrite diff A.onnx B.onnx [--json F] [--html F]
-    rewrite bench MODEL [--against OTHER | --passes P [--per-pass]] [--runs N] [--shape ...] [--json F] [--html F]
+    rewrite bench MODEL [--against OTHER | --passes P [--per-pass]] [--runs N] [--shape ...] [--compile] [--json F] [--html F]
     rewrite check MODEL --passes P [--max-rel-error X] [--min-speedup Y] [--json F] [--html F]
 
 Exit codes: 0 done; 1 verification failed (nothing written), or for ``check`` a goal not
@@ -140,7 +140,7 @@ def _progress(quiet: bool):
 
 
 def _bench(before, after, feeds: dict, *, runs: int, warmup: int, threads: int | None, profile: bool,
-           quiet: bool, pass_names=(), prefixes=(), labels=("before", "after")) -> dict:
+           quiet: bool, pass_names=(), prefixes=(), labels=("before", "after"), compiled: bool = False) -> dict:
     """Time GraphViews (or ready Targets) interleaved; returns the latency section."""
     from rewriter import bench as B
 
@@ -150,10 +150,10 @@ def _bench(before, after, feeds: dict, *, runs: int, warmup: int, threads: int |
         raise BadInput(f"--warmup {warmup}: must be at least 0")
 
     def target(label, v):
-        return v if isinstance(v, B.Target) else B.target_for(label, v, feeds, threads=threads)
+        return v if isinstance(v, B.Target) else B.target_for(label, v, feeds, threads=threads, compiled=compiled)
 
     with _progress(quiet) as prog:
-        task = prog.add_task("preparing sessions", total=None)
+        task = prog.add_task("compiling (torch.compile)" if compiled else "preparing sessions", total=None)
         tb = target(labels[0], before)
         ta = target(labels[1], after) if after is not None else None
         extra = [target(f"after {n}", v) for n, v in zip(pass_names, prefixes)]
@@ -161,7 +161,7 @@ def _bench(before, after, feeds: dict, *, runs: int, warmup: int, threads: int |
         sec = B.latency_section(tb, ta, runs=runs, warmup=warmup, profile=False, threads=threads,
                                 inputs=feeds, pass_names=pass_names, prefixes=extra,
                                 progress=lambda done, total: prog.update(task, completed=done))
-        if profile and tb.engine == "onnxruntime":
+        if profile:
             prog.update(task, description="profiling per op type", total=None)
             n = max(3, min(runs, 20))
             sec["op_types"] = B.op_type_rows(B.profile_op_types(tb, runs=n, threads=threads),
@@ -200,6 +200,8 @@ def run_cmd(
     warmup: int = typer.Option(5, "--warmup", help="--bench: warm-up calls per model"),
     threads: Optional[int] = typer.Option(None, "--threads", help="--bench: ORT intra-op threads (default: ORT's)"),
     no_profile: bool = typer.Option(False, "--no-profile", help="--bench: skip the per-op-type ORT profile"),
+    compile_: bool = typer.Option(False, "--compile", help="torch (.pt2): check the result under torch.compile "
+                                  "(graph breaks in the report); with --bench also time it compiled"),
     debug: bool = typer.Option(False, "--debug", help="tracebacks and debug logging"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print only errors"),
 ) -> int:
@@ -220,6 +222,8 @@ def run_cmd(
         output = f"{source.stem}.{'+'.join(pass_names)}.onnx"
     target = loader.check_output_path(output, source.name if source.kind == "onnx" else None)
     ir_kind = "onnx" if target.suffix.lower() == ".onnx" else "torch"
+    if compile_ and ir_kind != "torch":
+        raise BadInput("--compile lowers torch models: write the result as .pt2")
     with err.status("loading model...") as status:
         if source.kind != "onnx" and ir_kind == "onnx":
             status.update(f"exporting {source.name} to ONNX...")
@@ -233,6 +237,12 @@ def run_cmd(
                              source=model)
     report = result.report
     snaps = _attach_diff(report, view, result.view)
+    if compile_ and (result.passed or force):
+        with err.status("checking under torch.compile..."):
+            result.compile()
+        if report["compile"]["graph_breaks"] and not quiet:
+            err.print(f"[yellow]torch.compile: {report['compile']['graph_breaks']} graph break(s): "
+                      f"{'; '.join(report['compile']['reasons'])}[/]")
     if bench:
         if result.passed or force:
             feeds, _ = api.verification_feeds(view, inputs, shapes)
@@ -240,6 +250,10 @@ def run_cmd(
             report["latency"] = _bench(view, result.view, feeds, runs=runs, warmup=warmup, threads=threads,
                                        profile=not no_profile, quiet=quiet,
                                        pass_names=pass_names if prefixes else (), prefixes=prefixes)
+            if compile_:
+                report["latency_eager"] = report["latency"]
+                report["latency"] = _bench(view, result.view, feeds, runs=runs, warmup=warmup, threads=threads,
+                                           profile=not no_profile, quiet=quiet, compiled=True)
         elif not quiet:
             err.print("[yellow]benchmark skipped: verification failed[/]")
     if not quiet:
@@ -381,6 +395,7 @@ def bench_cmd(
     shape: list[str] = typer.Option([], "--shape", help="NAME=D0,D1,... for dynamic input dims"),
     inputs: Optional[str] = typer.Option(None, "--inputs", help=".npz of inputs"),
     no_profile: bool = typer.Option(False, "--no-profile", help="skip the per-op-type ORT profile"),
+    compile_: bool = typer.Option(False, "--compile", help="torch models: also time under torch.compile (Inductor)"),
     json_out: Optional[str] = typer.Option(None, "--json", help="write the bench document here"),
     html_out: Optional[str] = typer.Option(None, "--html", help="write a self-contained HTML page here"),
     debug: bool = typer.Option(False, "--debug"),
@@ -418,9 +433,15 @@ def bench_cmd(
         labels = (model, f"{model} + {','.join(pass_names)}")
         if per_pass and len(pass_names) > 1:
             prefixes = _prefix_views(view, pass_names, options, None)
+    if compile_ and view.ir != "torch":
+        raise BadInput("--compile times torch models (.pt2, zoo:NAME / module:factory with --ir torch)")
     sec = _bench(view, other, feeds, runs=runs, warmup=warmup, threads=threads, profile=not no_profile,
                  quiet=quiet, pass_names=pass_names if prefixes else (), prefixes=prefixes, labels=labels)
     doc = {"schema": "rewriter.bench/1", "model": model, "against": against, "latency": sec}
+    if compile_:  # latency: under torch.compile; latency_eager: the eager run above
+        doc["latency_eager"] = sec
+        doc["latency"] = sec = _bench(view, other, feeds, runs=runs, warmup=warmup, threads=threads,
+                                      profile=not no_profile, quiet=quiet, labels=labels, compiled=True)
     if not quiet:
         for t in latency_tables(sec):
             out.print(t)

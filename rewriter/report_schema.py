@@ -128,6 +128,8 @@ LATENCY_SECTION: dict[str, Any] = {
     "type": "object", "required": ["engine", "device", "runs", "before", "after", "speedup"],
     "properties": {
         "engine": {"enum": ["onnxruntime", "torch"]},
+        "backend": {"enum": ["onnxruntime", "torch-eager", "torch-inductor"]},
+        "compile_s": {"type": "object", "properties": {"before": _NUM_OR_NULL, "after": _NUM_OR_NULL}},
         "device": {"enum": ["cpu", "cuda"]},
         "providers": {"type": "array", "items": _STR},
         "graph_optimization": {"type": ["string", "null"]},
@@ -168,6 +170,10 @@ REPORT_SCHEMA: dict[str, Any] = {
         "verification": _VERIFICATION,
         "diff": DIFF_SECTION,
         "latency": LATENCY_SECTION,
+        "latency_eager": LATENCY_SECTION,  # --bench --compile: the eager timing beside the compiled one
+        "compile": {"type": "object", "required": ["backend", "graphs", "graph_breaks"],  # --compile / Result.compile
+                    "properties": {"backend": _STR, "graphs": _INT, "graph_breaks": _INT,
+                                   "reasons": {"type": "array", "items": _STR}}},
         "goals": {"type": "array", "items": _GOAL},
         "passed": {"type": "boolean"},  # check: every goal met
         "output": {"type": ["string", "null"]},
@@ -191,7 +197,8 @@ BENCH_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["schema", "model", "latency"],
     "properties": {"schema": {"const": "rewriter.bench/1"}, "model": _STR,
-                   "against": {"type": ["string", "null"]}, "latency": LATENCY_SECTION},
+                   "against": {"type": ["string", "null"]}, "latency": LATENCY_SECTION,
+                   "latency_eager": LATENCY_SECTION},
 }
 
 SCHEMAS = {"rewriter.report/1": REPORT_SCHEMA, "rewriter.diff/1": DIFF_SCHEMA, "rewriter.bench/1": BENCH_SCHEMA}
