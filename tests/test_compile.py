@@ -29,6 +29,9 @@ def tiny_dit():
     torch.manual_seed(0)
     cfg = DiTConfig(image_size=8, d_model=32, n_layer=2, n_head=2, conditioning="additive")
     m = TinyDiT(cfg).eval()
+    with torch.no_grad():  # the zero-initialized output layer would make every output 0
+        for p in m.parameters():
+            p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     return m, (x, torch.full((2,), 0.5))
 
@@ -44,6 +47,7 @@ def rel(a, b) -> float:
     return float((a.double() - b.double()).abs().max() / a.double().abs().max())
 
 
+@pytest.mark.slow
 def test_every_phase_traces_without_graph_breaks():
     """crms_norm + rettention (dense, refresh, sparse steps): Dynamo sees one graph, 0 breaks."""
     res, ex = rewritten()
@@ -52,7 +56,7 @@ def test_every_phase_traces_without_graph_breaks():
     assert any("crms_norm" in o for o in ops)
     st = state_module(gm)
     st.reset()
-    for step in range(4):  # dense, dense, refresh, sparse
+    for step in (0, 2, 3):  # dense, refresh, sparse
         st.set_step(step)
         if step == 3:
             with torch.no_grad():  # the sparse step needs the refresh state: run steps 0..2 eagerly
