@@ -46,7 +46,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=4096)
     ap.add_argument("--width", type=int, default=768)
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.randn(args.rows, args.width)
     w, b = torch.randn(args.width), torch.randn(args.width)
