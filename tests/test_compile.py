@@ -19,15 +19,15 @@ from rewriter.report_schema import validate
 
 OPTS = {"rettention": {"warmup": 2, "period": 3, "density": 0.25, "lam": 0.05}}
 # fp32, same kernels, another op order (Inductor fuses and reorders reductions of length
-# <= d_model = 32 inside a 2-layer model): 32 * 2^-23 per reduction, x 64 for the chained
-# layers and norms (the error grows at most linearly with depth, 2 layers x ~16 ops)
+# <= d_model = 32 inside a 1-block model): 32 * 2^-23 per reduction, x 64 for the ~16
+# chained ops of the block, embedding and head (the error grows at most linearly with depth)
 EPS32 = float(np.finfo(np.float32).eps)
 COMPILED_TOL = 64 * 32 * EPS32
 
 
 def tiny_dit():
     torch.manual_seed(0)
-    cfg = DiTConfig(image_size=8, d_model=32, n_layer=2, n_head=2, conditioning="additive")
+    cfg = DiTConfig(image_size=8, d_model=32, n_layer=1, n_head=2, conditioning="additive")
     m = TinyDiT(cfg).eval()
     with torch.no_grad():  # the zero-initialized output layer would make every output 0
         for p in m.parameters():
@@ -85,19 +85,19 @@ def test_shiftadd_op_traces_without_graph_breaks():
 
 @pytest.mark.slow
 def test_compiled_rettention_model_matches_eager_every_phase():
-    """Inductor (C++) runs the crms + rettention model; steps 0..4 equal eager within 64 * 32 eps."""
+    """Inductor (C++) runs the crms + rettention model; steps 0..3 (dense, refresh, sparse) equal eager within 64 * 32 eps."""
     res, ex = rewritten()
     gm, st = res.model, state_module(res.model)
     st.reset()
     want = []
     with torch.no_grad():
-        for t in range(5):
+        for t in range(4):
             st.set_step(t)
             want.append(gm(*ex))
     st.reset()
     cg = compile_module(gm)
     with torch.no_grad():
-        for t in range(5):
+        for t in range(4):
             st.set_step(t)
             got = cg(*ex)
             assert rel(want[t], got) <= COMPILED_TOL, (t, rel(want[t], got))
