@@ -3,7 +3,7 @@
     rewrite MODEL --passes P1,P2 [-o OUT] [--set PASS.KEY=VALUE ...] [--inputs F.npz]
             [--calib F.npz] [--shape NAME=D0,D1,...] [--no-verify] [--force] [--json F]
             [--html F] [--bench [--per-pass] [--runs N]] [--debug]
-    rewrite passes
+    rewrite passes [--json]
     rewrite explain MODEL --passes P
     rewrite diff A.onnx B.onnx [--json F] [--html F]
     rewrite bench MODEL [--against OTHER | --passes P [--per-pass]] [--runs N] [--shape ...] [--json F] [--html F]
@@ -272,19 +272,52 @@ def run_cmd(
     return 0
 
 
-@app.command("passes", help="List every pass with its kind and summary.")
-def passes_cmd() -> int:
-    import dataclasses
+def _width() -> int:
+    """The terminal width: ``COLUMNS`` when set, else the terminal's, else 80."""
+    import shutil
 
-    from rewriter.pass_api import all_passes
+    return max(40, shutil.get_terminal_size((80, 24)).columns)
 
-    t = Table()
-    for col in ("pass", "kind", "IRs", "summary", "options"):
-        t.add_column(col, overflow="fold")
-    for name, cls in all_passes().items():
-        opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Options))
-        t.add_row(name, cls.kind.value, ",".join(sorted(cls.irs)), cls.summary, opts or "-")
-    out.print(t)
+
+def format_passes(docs: list[dict], width: int = 80) -> str:
+    """One block per pass: name, kind and IRs; the summary; then one line per option,
+    ``name: type = default``, followed by its meaning when the line has room, else by the
+    meaning wrapped under it. No line is longer than ``width``."""
+    import textwrap
+
+    lines: list[str] = []
+    for d in docs:
+        lines.append(f"{d['name']}  ({d['kind']}; {', '.join(d['irs'])})")
+        lines += textwrap.wrap(d["summary"], width, initial_indent="  ", subsequent_indent="  ") or ["  -"]
+        if not d["options"]:
+            lines.append("  options: none")
+        else:
+            lines.append("  options:")
+            sigs = [f"    {o['name']}: {o['type']} = {o['default']!r}" for o in d["options"]]
+            col = max(len(s) for s in sigs) + 2
+            # one line per option when every meaning fits beside its signature; else each
+            # meaning goes on its own (wrapped) lines under the signature, for the whole pass
+            if all(col + len(o["help"]) <= width for o in d["options"]):
+                lines += [(s.ljust(col) + o["help"]).rstrip() for s, o in zip(sigs, d["options"])]
+            else:
+                for sig, o in zip(sigs, d["options"]):
+                    lines.append(sig)
+                    lines += textwrap.wrap(o["help"], width, initial_indent=" " * 8, subsequent_indent=" " * 8)
+        lines.append("")
+    return "\n".join(lines)
+
+
+@app.command("passes", help="Describe every pass: kind, IRs, summary, and its options with defaults.")
+def passes_cmd(
+    as_json: bool = typer.Option(False, "--json", help="print the descriptions as JSON (for tools)"),
+) -> int:
+    from rewriter.pass_api import describe_passes
+
+    docs = describe_passes()
+    if as_json:
+        sys.stdout.write(json.dumps({"passes": docs}, indent=2, default=str) + "\n")
+    else:
+        sys.stdout.write(format_passes(docs, _width()))
     return 0
 
 
