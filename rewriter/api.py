@@ -17,7 +17,7 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from rewriter.errors import BadInput, VerificationFailed
+from rewriter.errors import BadInput, NothingApplied, VerificationFailed
 from rewriter.ir.fx_view import FxView, capture
 from rewriter.ir.onnx_view import OnnxView
 from rewriter.ir.view import GraphView
@@ -53,6 +53,7 @@ class Result:
     verification: dict[str, Any]
     report: dict[str, Any]
     forced: bool = False
+    allow_unapplied: bool = False  # save even when some (not all) requested passes applied nowhere
 
     @property
     def model(self) -> Any:
@@ -73,12 +74,33 @@ class Result:
     def unapplied(self) -> list[PassRecord]:
         return [r for r in self.records if not r.applied]
 
+    def unapplied_warnings(self) -> list[str]:
+        """One line per requested pass that applied to no site, with its declined sites' reasons."""
+        return [f"pass {r.name!r} applied to no site ("
+                + ("; ".join(f"{s.site}: {s.reason}" for s in r.declined) or "no candidate sites") + ")"
+                for r in self.unapplied]
+
+    def check_applied(self) -> None:
+        """Raise ``NothingApplied`` (exit 3) when a requested pass applied nowhere, unless
+        ``allow_unapplied`` and at least one pass applied."""
+        empty = self.unapplied
+        if not empty or (self.allow_unapplied and len(empty) < len(self.records)):
+            return
+        reasons = "; ".join(f"{s.site}: {s.reason}" for r in empty for s in r.declined) or "no candidate sites"
+        if len(empty) == len(self.records):
+            hint = " (no requested pass applied)" if len(empty) > 1 else ""
+        else:
+            hint = " (--allow-unapplied writes what the other passes did)"
+        raise NothingApplied(f"pass {', '.join(r.name for r in empty)} applied to no site ({reasons}); "
+                             f"nothing written{hint}", result=self)
+
     def save(self, path: str | os.PathLike, *, force: bool | None = None) -> Path:
         """Write the model (``.onnx`` or ``.pt2``) atomically; refuses a model that failed
         verification unless ``force``."""
         force = self.forced if force is None else force
         if not self.passed and not force:
             raise VerificationFailed("refusing to save a model that failed verification (use force=True)")
+        self.check_applied()
         out = save(self.view, path)
         self.report["output"] = str(out)
         return out
@@ -156,13 +178,17 @@ def verification_feeds(view: GraphView, inputs: Any = None,
 def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, Any] | None = None,
             inputs: Any = None, calib: Any = None, example_inputs: Sequence[Any] | None = None,
             shapes: Mapping[str, list[int]] | None = None, verify: bool = True, force: bool = False,
-            ir_kind: str | None = None, progress=None, source: str | None = None) -> Result:
+            ir_kind: str | None = None, progress=None, source: str | None = None,
+            allow_unapplied: bool = False) -> Result:
     """Apply ``passes`` in order to ``model`` and verify each one.
 
     ``options``: ``{"foldnorm": {"direction": "next"}}`` (strings are parsed like ``--set``).
     ``inputs``: a ``.npz`` path or ``{name: array}`` for verification (default: seeded
     random inputs, or the example inputs of a torch module). Returns a ``Result``; a
     failed verification is recorded in it and ``Result.save`` refuses it unless forced.
+    ``Result.save`` also refuses (``NothingApplied``) when a requested pass applied to no
+    site, unless ``allow_unapplied`` and at least one pass applied; every unapplied pass is
+    then a line of ``report["warnings"]`` (and ``passes[i]["applied"] == 0``).
     """
     if not passes:
         raise BadInput("no passes given")
@@ -213,7 +239,10 @@ def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, A
         },
         "output": None,
     }
-    return Result(view, records, final, report, forced=force)
+    result = Result(view, records, final, report, forced=force, allow_unapplied=allow_unapplied)
+    if result.unapplied:
+        report["warnings"] = result.unapplied_warnings()
+    return result
 
 
 def _final_tolerance(passes: list[Pass]) -> float | None:

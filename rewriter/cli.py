@@ -1,7 +1,7 @@
 """The ``rewrite`` command line (typer). It only calls the Python API and renders.
 
     rewrite MODEL --passes P1,P2 [-o OUT] [--set PASS.KEY=VALUE ...] [--inputs F.npz]
-            [--calib F.npz] [--shape NAME=D0,D1,...] [--no-verify] [--force] [--json F]
+            [--calib F.npz] [--shape NAME=D0,D1,...] [--no-verify] [--force] [--allow-unapplied] [--json F]
             [--html F] [--bench [--per-pass] [--runs N]] [--debug]
     rewrite passes [--json]
     rewrite explain MODEL --passes P
@@ -11,7 +11,7 @@
 
 Exit codes: 0 done; 1 verification failed (nothing written), or for ``check`` a goal not
 met; 2 bad input or usage (one line on stderr); 3 a requested pass applied to no site
-(nothing written); 4 internal error.
+(nothing written; with --allow-unapplied only when no pass applied); 4 internal error.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from rewriter.errors import BadInput, NothingApplied, RewriterError, VerificationFailed
+from rewriter.errors import BadInput, RewriterError, VerificationFailed
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Verified graph rewrites for ONNX and torch models.")
@@ -192,6 +192,8 @@ def run_cmd(
     shape: list[str] = typer.Option([], "--shape", help="NAME=D0,D1,... for dynamic input dims"),
     no_verify: bool = typer.Option(False, "--no-verify", help="skip verification"),
     force: bool = typer.Option(False, "--force", help="write even if verification fails"),
+    allow_unapplied: bool = typer.Option(False, "--allow-unapplied",
+                                         help="write the output when at least one pass applied (warn about the others)"),
     json_out: Optional[str] = typer.Option(None, "--json", help="write the JSON report here"),
     html_out: Optional[str] = typer.Option(None, "--html", help="write a self-contained HTML report here"),
     bench: bool = typer.Option(False, "--bench", help="time the model before and after (adds the latency section)"),
@@ -230,7 +232,7 @@ def run_cmd(
 
         result = api.rewrite(view, pass_names, options=options, inputs=inputs, calib=calib,
                              shapes=shapes, verify=not no_verify, force=force, progress=progress,
-                             source=model)
+                             source=model, allow_unapplied=allow_unapplied)
     report = result.report
     snaps = _attach_diff(report, view, result.view)
     if bench:
@@ -256,10 +258,9 @@ def run_cmd(
             f"verification failed after pass {v.get('failed_pass')!r}"
             + (f" at site {site!r}" if site else "")
             + f": max rel error {v.get('max_rel_error', float('nan')):.3g}; nothing written (--force writes anyway)")
-    empty = result.unapplied
-    if empty:
-        reasons = "; ".join(f"{s.site}: {s.reason}" for r in empty for s in r.declined) or "no candidate sites"
-        raise NothingApplied(f"pass {', '.join(r.name for r in empty)} applied to no site ({reasons}); nothing written")
+    result.check_applied()  # exit 3 unless --allow-unapplied and some pass applied
+    for line in result.unapplied_warnings():
+        err.print(f"warning: {line}; written without it", markup=False, highlight=False, soft_wrap=True)
     path = result.save(target, force=force)
     if json_out:
         _write_json(json_out, report)

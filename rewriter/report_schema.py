@@ -170,6 +170,7 @@ REPORT_SCHEMA: dict[str, Any] = {
         "latency": LATENCY_SECTION,
         "goals": {"type": "array", "items": _GOAL},
         "passed": {"type": "boolean"},  # check: every goal met
+        "warnings": {"type": "array", "items": _STR},  # e.g. a pass that applied nowhere (--allow-unapplied)
         "output": {"type": ["string", "null"]},
     },
 }
