@@ -140,7 +140,7 @@ def _progress(quiet: bool):
 
 
 def _bench(before, after, feeds: dict, *, runs: int, warmup: int, threads: int | None, profile: bool,
-           quiet: bool, pass_names=(), prefixes=(), labels=("before", "after")) -> dict:
+           quiet: bool, pass_names=(), prefixes=(), labels=("original", "rewritten")) -> dict:
     """Time GraphViews (or ready Targets) interleaved; returns the latency section."""
     from rewriter import bench as B
 
@@ -164,8 +164,8 @@ def _bench(before, after, feeds: dict, *, runs: int, warmup: int, threads: int |
         if profile and tb.engine == "onnxruntime":
             prog.update(task, description="profiling per op type", total=None)
             n = max(3, min(runs, 20))
-            sec["op_types"] = B.op_type_rows(B.profile_op_types(tb, runs=n, threads=threads),
-                                             B.profile_op_types(ta, runs=n, threads=threads) if ta else None)
+            B.attach_op_types(sec, B.profile_op_types(tb, runs=n, threads=threads),
+                              B.profile_op_types(ta, runs=n, threads=threads) if ta else None)
     return sec
 
 
