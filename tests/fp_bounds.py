@@ -54,8 +54,8 @@ def attention_bounds(q, k, v, scale: float, mask: np.ndarray, *, blocks: int = 1
     * ``o = sum_J p_j v_j``: ``|do| <= (n_J u + e_p) * sum_J p_j |v_j|``
     * ``rho = exp(lse_M - lse)``: relative ``e_lse_M + e_lse + (|lse_M - lse| + 2) u``
 
-    Returns float64 arrays: ``o_full, o_m, p_abs_v_m`` (``sum_M p|v|``), ``rho`` (reference
-    values) and their bounds ``d_full, d_m, d_rho`` (absolute).
+    Returns float64 arrays: ``o_full, o_m, rho`` (reference values), ``pav_full, pav_m``
+    (``sum_J p_j |v_j|``) and the bounds ``d_full, d_m, d_rho`` (absolute).
     """
     q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
     d = q.shape[-1]
@@ -74,6 +74,7 @@ def attention_bounds(q, k, v, scale: float, mask: np.ndarray, *, blocks: int = 1
         p = np.where(m, np.exp(sm - lse[..., None]), 0.0)
         out[f"o_{name}"] = p @ v
         pav = p @ np.abs(v)
+        out[f"pav_{name}"] = pav
         out[f"d_{name}"] = (nj * u + e_p)[..., None] * pav
         out[f"lse_{name}"], out[f"e_lse_{name}"] = lse, e_lse
     out["rho"] = np.exp(out["lse_m"] - out["lse_full"])
