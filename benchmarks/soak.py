@@ -63,7 +63,7 @@ def clone(ref: str, dest: Path) -> str:
 def summary_line(log: str) -> str:
     """pytest's last ``N passed, M failed in Xs`` line."""
     for line in reversed(log.strip().splitlines()):
-        if re.search(r"\b(passed|failed|error)", line) and " in " in line:
+        if re.search(r"\b(passed|failed|errors?|deselected|skipped|no tests ran)\b", line) and " in " in line:
             return line.strip("= ").strip()
     return "(no pytest summary)"
 
