@@ -56,6 +56,12 @@ def _split_passes(text: str) -> list[str]:
     return names
 
 
+def _parse_bytes(text: str | None) -> int | None:
+    from rewriter.verify import parse_bytes
+
+    return None if text is None else parse_bytes(text)
+
+
 def _parse_shapes(items: list[str]) -> dict[str, list[int]]:
     shapes = {}
     for item in items:
@@ -164,6 +170,10 @@ def run_cmd(
     inputs: Optional[str] = typer.Option(None, "--inputs", help=".npz of verification inputs"),
     calib: Optional[str] = typer.Option(None, "--calib", help=".npz of calibration inputs"),
     shape: list[str] = typer.Option([], "--shape", help="NAME=D0,D1,... for dynamic input dims"),
+    max_input_bytes: Optional[str] = typer.Option(None, "--max-input-bytes",
+                                                  help="largest total size of verification inputs (e.g. 4G; default 1G)"),
+    freeze: bool = typer.Option(False, "--freeze-initializer-inputs",
+                                help="treat initializers that are also graph inputs (IR v3 files) as constants"),
     no_verify: bool = typer.Option(False, "--no-verify", help="skip verification"),
     force: bool = typer.Option(False, "--force", help="write even if verification fails"),
     allow_unapplied: bool = typer.Option(False, "--allow-unapplied",
@@ -185,6 +195,7 @@ def run_cmd(
     pass_names = _split_passes(passes)
     options = _options(set_, pass_names)
     shapes = _parse_shapes(shape)
+    max_bytes = _parse_bytes(max_input_bytes)
     bench = bench or per_pass
     _check_report_path(json_out, "--json")
     _check_report_path(html_out, "--html")
@@ -206,7 +217,8 @@ def run_cmd(
 
         result = api.rewrite(view, pass_names, options=options, inputs=inputs, calib=calib,
                              shapes=shapes, verify=not no_verify, force=force, progress=progress,
-                             source=model, allow_unapplied=allow_unapplied)
+                             source=model, max_input_bytes=max_bytes, freeze_initializer_inputs=freeze,
+                             allow_unapplied=allow_unapplied)
     report = result.report
     _attach_diff(result)
     if bench:
@@ -229,7 +241,7 @@ def run_cmd(
         raise VerificationFailed(
             f"verification failed after pass {v.get('failed_pass')!r}"
             + (f" at site {site!r}" if site else "")
-            + f": max rel error {v.get('max_rel_error', float('nan')):.3g}; nothing written (--force writes anyway)")
+            + f": {_why_failed(v)}; nothing written (--force writes anyway)")
     result.check_applied()  # exit 3 unless --allow-unapplied and some pass applied
     for line in result.unapplied_warnings():
         err.print(f"warning: {line}; written without it", markup=False, highlight=False, soft_wrap=True)
@@ -300,20 +312,31 @@ def explain_cmd(
     passes: str = typer.Option(..., "--passes", "-p"),
     set_: list[str] = typer.Option([], "--set"),
     torch_ir: bool = typer.Option(False, "--torch", help="explain on the torch.export graph (torch models)"),
+    shape: list[str] = typer.Option([], "--shape", help="NAME=D0,D1,... for dynamic input dims"),
+    freeze: bool = typer.Option(False, "--freeze-initializer-inputs",
+                                help="treat initializers that are also graph inputs (IR v3 files) as constants"),
     json_out: Optional[str] = typer.Option(None, "--json"),
     debug: bool = typer.Option(False, "--debug"),
 ) -> int:
     from rewriter import loader
-    from rewriter.api import _instantiate
+    from rewriter.api import _instantiate, _specialise
     from rewriter.manager import explain
     from rewriter.pass_api import Context
     from rewriter.report import sites_table
 
     pass_names = _split_passes(passes)
     options = _options(set_, pass_names)
+    shapes = _parse_shapes(shape)
     source = loader.resolve(model)
     with err.status("loading model..."):
         view = loader.to_view(source, "torch" if torch_ir and source.kind != "onnx" else "onnx")
+        if freeze:
+            loader.freeze_initializer_inputs(view)
+        if shapes:
+            from rewriter.verify import input_specs, resolve_shapes
+
+            resolve_shapes(input_specs(view), shapes)  # names and ranks checked as in a run
+        _specialise(view, shapes, None, None)
         records = explain(view, _instantiate(pass_names, options, Context()))
     docs = [r.to_json() for r in records]
     out.print(sites_table(docs))
@@ -385,6 +408,10 @@ def bench_cmd(
     warmup: int = typer.Option(5, "--warmup", help="warm-up calls per model"),
     threads: Optional[int] = typer.Option(None, "--threads", help="ORT intra-op threads (default: ORT's)"),
     shape: list[str] = typer.Option([], "--shape", help="NAME=D0,D1,... for dynamic input dims"),
+    max_input_bytes: Optional[str] = typer.Option(None, "--max-input-bytes",
+                                                  help="largest total size of verification inputs (e.g. 4G; default 1G)"),
+    freeze: bool = typer.Option(False, "--freeze-initializer-inputs",
+                                help="treat initializers that are also graph inputs (IR v3 files) as constants"),
     inputs: Optional[str] = typer.Option(None, "--inputs", help=".npz of inputs"),
     no_profile: bool = typer.Option(False, "--no-profile", help="skip the per-op-type ORT profile"),
     json_out: Optional[str] = typer.Option(None, "--json", help="write the bench document here"),
@@ -402,6 +429,7 @@ def bench_cmd(
     pass_names = _split_passes(passes) if passes else []
     options = _options(set_, pass_names) if passes else {}
     shapes = _parse_shapes(shape)
+    max_bytes = _parse_bytes(max_input_bytes)
     if inputs is not None and not Path(inputs).is_file():
         raise BadInput(f"--inputs {inputs}: no such file")
     _check_report_path(json_out, "--json")
@@ -410,7 +438,8 @@ def bench_cmd(
     if pass_names:
         with err.status("rewriting...") as status:
             result = api.rewrite(view, pass_names, options=options, inputs=inputs, shapes=shapes,
-                                 progress=lambda m: status.update(m + "..."))
+                                 progress=lambda m: status.update(m + "..."), max_input_bytes=max_bytes,
+                                 freeze_initializer_inputs=freeze)
         if not result.passed:
             raise VerificationFailed(f"verification failed after pass {result.verification.get('failed_pass')!r}; "
                                      "not timing a wrong model")
@@ -419,7 +448,7 @@ def bench_cmd(
                                per_pass=per_pass, labels=(model, f"{model} + {','.join(pass_names)}"),
                                progress=bar)
     else:
-        feeds, _ = api.verification_feeds(view, inputs, shapes)
+        feeds, _ = api.verification_feeds(view, inputs, shapes, max_input_bytes=max_bytes)
         other = None
         if against:
             other = _load_view(against, "--against")
@@ -441,6 +470,14 @@ def bench_cmd(
     return 0
 
 
+def _why_failed(v: dict) -> str:
+    """What failed: the runtime's one line when the rewritten model does not run, else the
+    worst relative error."""
+    if v.get("runs") is False or str(v.get("error", "")).startswith("the rewritten model does not run"):
+        return str(v.get("error") or "the rewritten model does not run")
+    return f"max rel error {v.get('max_rel_error', float('nan')):.3g}"
+
+
 def _goals(report: dict, pass_names: list[str], max_rel_error: float | None, min_speedup: float | None) -> list[dict]:
     """The goals of ``rewrite check`` with what was measured and whether each is met."""
     goals = []
@@ -450,7 +487,7 @@ def _goals(report: dict, pass_names: list[str], max_rel_error: float | None, min
                   "measured": "passed" if v.get("passed") else f"failed after {failed!r}"
                   + (f" at site {v['failing_site']!r}" if v.get("failing_site") else ""),
                   "passed": bool(v.get("passed")),
-                  **({} if v.get("passed") else {"why": f"max rel error {v.get('max_rel_error', float('nan')):.3g}"})})
+                  **({} if v.get("passed") else {"why": _why_failed(v)})})
     applied = {p["name"]: p["applied"] for p in report["passes"]}
     empty = [n for n in pass_names if applied.get(n, 0) == 0]
     goals.append({"goal": "applied", "target": "every pass applies to >= 1 site",
@@ -483,6 +520,10 @@ def check_cmd(
     inputs: Optional[str] = typer.Option(None, "--inputs", help=".npz of verification inputs"),
     calib: Optional[str] = typer.Option(None, "--calib", help=".npz of calibration inputs"),
     shape: list[str] = typer.Option([], "--shape", help="NAME=D0,D1,... for dynamic input dims"),
+    max_input_bytes: Optional[str] = typer.Option(None, "--max-input-bytes",
+                                                  help="largest total size of verification inputs (e.g. 4G; default 1G)"),
+    freeze: bool = typer.Option(False, "--freeze-initializer-inputs",
+                                help="treat initializers that are also graph inputs (IR v3 files) as constants"),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="write the model here when every goal is met"),
     runs: int = typer.Option(100, "--runs", help="timed samples per model (with --min-speedup)"),
     warmup: int = typer.Option(5, "--warmup", help="warm-up calls per model"),
@@ -498,6 +539,7 @@ def check_cmd(
     pass_names = _split_passes(passes)
     options = _options(set_, pass_names)
     shapes = _parse_shapes(shape)
+    max_bytes = _parse_bytes(max_input_bytes)
     for val, flag in ((max_rel_error, "--max-rel-error"), (min_speedup, "--min-speedup")):
         if val is not None and not (val >= 0):
             raise BadInput(f"{flag} {val}: must be a non-negative number")
@@ -514,7 +556,8 @@ def check_cmd(
     with err.status("loading model...") as status:
         view = loader.to_view(source, ir_kind)
         result = api.rewrite(view, pass_names, options=options, inputs=inputs, calib=calib, shapes=shapes,
-                             verify=True, progress=lambda m: status.update(m + "..."), source=model)
+                             verify=True, progress=lambda m: status.update(m + "..."), source=model,
+                             max_input_bytes=max_bytes, freeze_initializer_inputs=freeze)
     report = result.report
     _attach_diff(result)
     if min_speedup is not None and result.passed:  # a model that failed verification is not timed

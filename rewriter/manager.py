@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -55,6 +56,31 @@ class PassRecord:
         }
 
 
+def match_sites(p: Pass, view: GraphView) -> list[Site]:
+    """``p.match(view)`` plus the control-flow sites. On a model whose initializers are also
+    graph inputs (IR v3), a site that only such an input keeps from a pass (declined here,
+    accepted with them frozen, matched on a copy) says so and names the flag that
+    freezes them."""
+    from rewriter.loader import FREEZE_HINT, freeze_initializer_inputs, initializer_inputs
+
+    sites = p.match(view)
+    if initializer_inputs(view) and (not sites or not all(s.accepted for s in sites)):
+        try:
+            frozen = view.copy()
+            freeze_initializer_inputs(frozen)
+            alt = {s.site: s for s in p.match(frozen) if s.accepted}
+        except Exception as err:  # noqa: BLE001 - the hint is best effort, the decline stands
+            log.debug("matching %s with frozen initializer inputs failed: %s", p.name, err)
+            alt = {}
+        seen = {s.site for s in sites}
+        for s in sites:
+            if not s.accepted and s.site in alt:
+                s.reason = f"{s.reason}; {FREEZE_HINT}" if s.reason else FREEZE_HINT
+        sites += [Site(name, False, f"{name}: a candidate only with constant initializers; {FREEZE_HINT}")
+                  for name in alt if name not in seen]
+    return sites + control_flow_sites(view)
+
+
 def explain(view: GraphView, passes: list[Pass]) -> list[PassRecord]:
     """Match every pass in order, applying each (unverified) so later passes see the
     graph they would see in a real run; returns the sites."""
@@ -62,7 +88,7 @@ def explain(view: GraphView, passes: list[Pass]) -> list[PassRecord]:
     work = view.copy()
     for p in passes:
         t0 = time.perf_counter()
-        sites = p.match(work) + control_flow_sites(work)
+        sites = match_sites(p, work)
         p.apply(work, [s for s in sites if s.accepted])
         p.finish(work)
         work.finalize()
@@ -75,11 +101,28 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
-def _run_or_none(view: GraphView, feeds) -> dict | None:
+def runtime_error(err: BaseException) -> str:
+    """One line from a runtime failure: the node ONNX Runtime names (``Name:'...'``, or the
+    node of an invalid-graph error) and its message, whitespace collapsed."""
+    text = " ".join(str(err).split())
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    node = re.search(r"Name:'([^']*)'", text) or re.search(r"[Nn]ode \(([^)\s]+)\)", text)
+    msg = re.search(r"Status Message: (.*)", text)
+    body = msg.group(1) if msg else text
+    body = re.sub(r"^\S+\.(?:h|cc|cpp):\d+ [\w:~]+\([^)]*\)\s*", "", body)  # ORT's source location
+    if len(body) > 400:
+        body = body[:397] + "..."
+    return (f"node {node.group(1)!r}: " if node else "") + f"{type(err).__name__}: {body}"
+
+
+def _run_or_none(view: GraphView, feeds, why: list[str] | None = None) -> dict | None:
     try:
         return Runner(view)(feeds)
     except Exception as err:  # noqa: BLE001 - a rewritten model that does not run fails verification
-        log.warning("the rewritten model does not run: %s", _first_line(err))
+        line = runtime_error(err)
+        log.warning("the rewritten model does not run: %s", line)
+        if why is not None:
+            why.append(line)
         return None
 
 
@@ -116,7 +159,7 @@ def run_passes(view: GraphView, passes: list[Pass], *, feeds: Mapping[str, np.nd
     for p in passes:
         say(f"{p.name}: matching")
         t0 = time.perf_counter()
-        sites = p.match(view) + control_flow_sites(view)
+        sites = match_sites(p, view)
         accepted = [s for s in sites if s.accepted]
         before = view.copy() if (feeds is not None and accepted) else None
         say(f"{p.name}: applying {len(accepted)} site(s)")
@@ -131,10 +174,12 @@ def run_passes(view: GraphView, passes: list[Pass], *, feeds: Mapping[str, np.nd
             rec.verification = p.check(before, view, feeds)  # type: ignore[attr-defined]
             outs = Runner(view)(feeds)
         else:
-            outs = _run_or_none(view, feeds)
+            why: list[str] = []
+            outs = _run_or_none(view, feeds, why)
             rec.verification = (compare(current_ref, outs, p.error_budget()) if outs is not None else
                                 {"passed": False, "max_abs_error": float("inf"), "max_rel_error": float("inf"),
-                                 "outputs": [], "error": "the rewritten model does not run"})
+                                 "outputs": [], "runs": False,
+                                 "error": f"the rewritten model does not run: {why[0] if why else '?'}"})
         if not rec.verification["passed"]:
             if p.kind is not Kind.ARCHITECTURAL and p.bisectable:
                 rec.verification["failing_site"] = _bisect(p, before, accepted, feeds, current_ref, say)

@@ -51,6 +51,8 @@ _VERIFICATION = {
         "inputs": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "integer"}}},
         "notes": {"type": "array", "items": _STR},
         "shadow": {"type": "string", "enum": ["float32"]},
+        "runs": {"type": "boolean"},  # false: the rewritten model does not run (``error`` says why)
+        "error": _STR,
     },
 }
 
@@ -199,6 +201,13 @@ REPORT_SCHEMA: dict[str, Any] = {
         "passed": {"type": "boolean"},  # check: every goal met
         "warnings": {"type": "array", "items": _STR},  # e.g. a pass that applied nowhere (--allow-unapplied)
         "output": {"type": ["string", "null"]},
+        # dims taken from --shape / --inputs where the file's are symbolic (rewriter.shapes)
+        "assumed_shapes": {"type": "object", "required": ["inputs"], "properties": {
+            "inputs": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "integer"}}},
+            "symbols": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "values": _INT, "error": _STR}},
+        # initializers listed as graph inputs made constants (--freeze-initializer-inputs)
+        "frozen_initializer_inputs": {"type": "array", "items": _STR},
     },
 }
 
