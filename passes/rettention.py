@@ -80,7 +80,7 @@ class Rettention(Pass):
         warmup: int = 5  # dense steps before the first refresh
         period: int = 5  # a refresh every `period` steps
         lam: float = 0.04  # rho grows by lam per sparse step since the refresh
-        mask: Literal["band", "window2d"] = "band"
+        mask: Literal["band", "window2d"] = "band"  # sparse mask: 1-D band or 2-D local window
         grid: str = ""  # window2d token grid "HxW" (default: square)
         block: int = 0  # query/key block of the sparse kernels (0: auto)
         cross: bool = False  # also rewrite same-length attention over another sequence

@@ -286,10 +286,29 @@ def profile_op_types(target: Target, *, runs: int = 10, threads: int | None = No
 
 
 def op_type_rows(before: Mapping[str, float] | None, after: Mapping[str, float] | None) -> list[dict[str, Any]]:
-    """[{op, before_ms, after_ms}] sorted by the larger of the two, slowest first."""
+    """[{op, before_ms, after_ms, before_share, after_share}] sorted by the larger of the two,
+    slowest first. The shares are fractions of each model's profiled total (None for a model
+    that was not profiled): profiling adds overhead to every kernel, so its absolute times add
+    up to more than the wall-clock latency, while the shares stay comparable."""
+    has_after = after is not None
     before, after = dict(before or {}), dict(after or {})
+    tb, ta = sum(before.values()), sum(after.values())
     ops = sorted(set(before) | set(after), key=lambda o: -max(before.get(o, 0.0), after.get(o, 0.0)))
-    return [{"op": o, "before_ms": before.get(o, 0.0), "after_ms": after.get(o, 0.0)} for o in ops]
+    return [{"op": o, "before_ms": before.get(o, 0.0), "after_ms": after.get(o, 0.0),
+             "before_share": before.get(o, 0.0) / tb if tb > 0 else None,
+             "after_share": (after.get(o, 0.0) / ta if ta > 0 else None) if has_after else None} for o in ops]
+
+
+def attach_op_types(sec: dict[str, Any], before: Mapping[str, float] | None, after: Mapping[str, float] | None) -> None:
+    """Put the per-op-type profile into a latency section: ``op_types`` rows with shares, and
+    each side's profiled total (``before.profiled_ms`` / ``after.profiled_ms``, ms per call)
+    beside its wall-clock ``p50_ms``."""
+    if before is None:
+        return
+    sec["op_types"] = op_type_rows(before, after)
+    sec["before"]["profiled_ms"] = float(sum(before.values()))
+    if after is not None and sec.get("after"):
+        sec["after"]["profiled_ms"] = float(sum(after.values()))
 
 
 def latency_section(before: Target, after: Target | None = None, *, runs: int = 100, warmup: int = 5,
@@ -331,7 +350,7 @@ def latency_section(before: Target, after: Target | None = None, *, runs: int = 
         prof_runs = max(3, min(runs, 20))
         pb = profile_op_types(before, runs=prof_runs, threads=threads)
         pa = profile_op_types(after, runs=prof_runs, threads=threads) if after is not None else None
-        sec["op_types"] = op_type_rows(pb, pa)
+        attach_op_types(sec, pb, pa)
     if pass_names and after is not None and len(prefixes) == len(pass_names) - 1:
         sec["per_pass"] = per_pass_rows(pass_names, results[2:] + [results[1]])
     return sec

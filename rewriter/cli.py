@@ -1,9 +1,9 @@
 """The ``rewrite`` command line (typer). It only calls the Python API and renders.
 
     rewrite MODEL --passes P1,P2 [-o OUT] [--set PASS.KEY=VALUE ...] [--inputs F.npz]
-            [--calib F.npz] [--shape NAME=D0,D1,...] [--no-verify] [--force] [--json F]
+            [--calib F.npz] [--shape NAME=D0,D1,...] [--no-verify] [--force] [--allow-unapplied] [--json F]
             [--html F] [--bench [--per-pass] [--runs N]] [--compile] [--debug]
-    rewrite passes
+    rewrite passes [--json]
     rewrite explain MODEL --passes P
     rewrite diff A.onnx B.onnx [--json F] [--html F]
     rewrite bench MODEL [--against OTHER | --passes P [--per-pass]] [--runs N] [--shape ...] [--compile] [--json F] [--html F]
@@ -11,7 +11,7 @@
 
 Exit codes: 0 done; 1 verification failed (nothing written), or for ``check`` a goal not
 met; 2 bad input or usage (one line on stderr); 3 a requested pass applied to no site
-(nothing written); 4 internal error.
+(nothing written; with --allow-unapplied only when no pass applied); 4 internal error.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from rewriter.errors import BadInput, NothingApplied, RewriterError, VerificationFailed
+from rewriter.errors import BadInput, RewriterError, VerificationFailed
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Verified graph rewrites for ONNX and torch models.")
@@ -176,6 +176,8 @@ def run_cmd(
                                 help="treat initializers that are also graph inputs (IR v3 files) as constants"),
     no_verify: bool = typer.Option(False, "--no-verify", help="skip verification"),
     force: bool = typer.Option(False, "--force", help="write even if verification fails"),
+    allow_unapplied: bool = typer.Option(False, "--allow-unapplied",
+                                         help="write the output when at least one pass applied (warn about the others)"),
     json_out: Optional[str] = typer.Option(None, "--json", help="write the JSON report here"),
     html_out: Optional[str] = typer.Option(None, "--html", help="write a self-contained HTML report here"),
     bench: bool = typer.Option(False, "--bench", help="time the model before and after (adds the latency section)"),
@@ -219,7 +221,8 @@ def run_cmd(
 
         result = api.rewrite(view, pass_names, options=options, inputs=inputs, calib=calib,
                              shapes=shapes, verify=not no_verify, force=force, progress=progress,
-                             source=model, max_input_bytes=max_bytes, freeze_initializer_inputs=freeze)
+                             source=model, max_input_bytes=max_bytes, freeze_initializer_inputs=freeze,
+                             allow_unapplied=allow_unapplied)
     report = result.report
     _attach_diff(result)
     if compile_ and (result.passed or force):
@@ -254,10 +257,9 @@ def run_cmd(
             f"verification failed after pass {v.get('failed_pass')!r}"
             + (f" at site {site!r}" if site else "")
             + f": {_why_failed(v)}; nothing written (--force writes anyway)")
-    empty = result.unapplied
-    if empty:
-        reasons = "; ".join(f"{s.site}: {s.reason}" for r in empty for s in r.declined) or "no candidate sites"
-        raise NothingApplied(f"pass {', '.join(r.name for r in empty)} applied to no site ({reasons}); nothing written")
+    result.check_applied()  # exit 3 unless --allow-unapplied and some pass applied
+    for line in result.unapplied_warnings():
+        err.print(f"warning: {line}; written without it", markup=False, highlight=False, soft_wrap=True)
     path = result.save(target, force=force)
     if json_out:
         _write_json(json_out, report)
@@ -270,19 +272,52 @@ def run_cmd(
     return 0
 
 
-@app.command("passes", help="List every pass with its kind and summary.")
-def passes_cmd() -> int:
-    import dataclasses
+def _width() -> int:
+    """The terminal width: ``COLUMNS`` when set, else the terminal's, else 80."""
+    import shutil
 
-    from rewriter.pass_api import all_passes
+    return max(40, shutil.get_terminal_size((80, 24)).columns)
 
-    t = Table()
-    for col in ("pass", "kind", "IRs", "summary", "options"):
-        t.add_column(col, overflow="fold")
-    for name, cls in all_passes().items():
-        opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Options))
-        t.add_row(name, cls.kind.value, ",".join(sorted(cls.irs)), cls.summary, opts or "-")
-    out.print(t)
+
+def format_passes(docs: list[dict], width: int = 80) -> str:
+    """One block per pass: name, kind and IRs; the summary; then one line per option,
+    ``name: type = default``, followed by its meaning when the line has room, else by the
+    meaning wrapped under it. No line is longer than ``width``."""
+    import textwrap
+
+    lines: list[str] = []
+    for d in docs:
+        lines.append(f"{d['name']}  ({d['kind']}; {', '.join(d['irs'])})")
+        lines += textwrap.wrap(d["summary"], width, initial_indent="  ", subsequent_indent="  ") or ["  -"]
+        if not d["options"]:
+            lines.append("  options: none")
+        else:
+            lines.append("  options:")
+            sigs = [f"    {o['name']}: {o['type']} = {o['default']!r}" for o in d["options"]]
+            col = max(len(s) for s in sigs) + 2
+            # one line per option when every meaning fits beside its signature; else each
+            # meaning goes on its own (wrapped) lines under the signature, for the whole pass
+            if all(col + len(o["help"]) <= width for o in d["options"]):
+                lines += [(s.ljust(col) + o["help"]).rstrip() for s, o in zip(sigs, d["options"])]
+            else:
+                for sig, o in zip(sigs, d["options"]):
+                    lines.append(sig)
+                    lines += textwrap.wrap(o["help"], width, initial_indent=" " * 8, subsequent_indent=" " * 8)
+        lines.append("")
+    return "\n".join(lines)
+
+
+@app.command("passes", help="Describe every pass: kind, IRs, summary, and its options with defaults.")
+def passes_cmd(
+    as_json: bool = typer.Option(False, "--json", help="print the descriptions as JSON (for tools)"),
+) -> int:
+    from rewriter.pass_api import describe_passes
+
+    docs = describe_passes()
+    if as_json:
+        sys.stdout.write(json.dumps({"passes": docs}, indent=2, default=str) + "\n")
+    else:
+        sys.stdout.write(format_passes(docs, _width()))
     return 0
 
 
