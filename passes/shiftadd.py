@@ -74,19 +74,17 @@ class ShiftAdd(Pass):
     @dataclasses.dataclass
     class Options:
         bits: float = 3.0  # average bits per weight; fractional: DP over `candidates`
-        mode: Literal["bcq", "denseshift"] = "bcq"
+        mode: Literal["bcq", "denseshift"] = "bcq"  # bcq: binary-coded scales; denseshift: sign + shift
         terms: int = 3  # powers of two per scale
         group_rows: int = 128  # output rows per scale block (0: all rows)
         row_scale: bool = False  # a power-of-two scale per output row (applied after the call)
         static_scales: bool = True  # block scales fitted to the original weights (GPTQ static groups)
         rounds: int = 20  # alternating refinement rounds
-        act_order: bool = True
+        act_order: bool = True  # quantize columns by decreasing Hessian diagonal (GPTQ)
         compensate: bool = True  # GPTQ-style output error compensation
-        candidates: list[int] = dataclasses.field(default_factory=lambda: [2, 3, 4])
-        include: list[str] = dataclasses.field(default_factory=list)  # "head"
-        # accepted output error: fro:X (relative Frobenius error of each output, a bare
-        # number means this), cos:X (mean cosine along the last axis), max:X (max rel. error)
-        budget: str = "fro:0.5"
+        candidates: list[int] = dataclasses.field(default_factory=lambda: [2, 3, 4])  # bit widths of the DP
+        include: list[str] = dataclasses.field(default_factory=list)  # extra layers to quantize: "head"
+        budget: str = "fro:0.5"  # accepted output error: fro:X rel. Frobenius (bare number), cos:X mean cosine, max:X
 
     def __init__(self, options=None, context=None):
         super().__init__(options, context)
