@@ -409,6 +409,7 @@ class Outcome:
     error: float | None = None  # the independent check's max relative error
     message: str = ""
     seconds: float = 0.0
+    sites: list[str] = dataclasses.field(default_factory=list)  # reasons of the applied sites
 
     def summary(self) -> str:
         if self.status == "applied":
@@ -487,6 +488,19 @@ def check_fx(arch: Arch, gm: torch.nn.Module) -> float:
     return _max_rel(want.numpy(), got.detach().float().numpy())
 
 
+def _check_structure(path: Path, pass_name: str, applied: int) -> None:
+    """What must appear in the saved file: one Re-ttention call per applied site; a CRMSNorm
+    function call where ``crms`` applied; no LayerNormalization left where ``rms`` replaced
+    every norm it applied to (the embedding LN of BLOOM is a writer and stays)."""
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+    if pass_name == "rettention":
+        assert sum("Rettention" in o for o in ops) == applied, f"{applied} sites, ops {sorted(set(ops))}"
+    if pass_name == "crms":
+        assert any("CRMSNorm" in o for o in ops), f"crms applied but no CRMSNorm node: {sorted(set(ops))}"
+
+
 def run_case(corpus: Corpus, name: str, exporter: str, pass_name: str, out_dir: Path | None = None) -> Outcome:
     """Rewrite one corpus file with one pass through the Python API (as ``rewrite FILE
     --passes P --inputs F`` does), save it, and check the saved file independently."""
@@ -517,6 +531,9 @@ def run_case(corpus: Corpus, name: str, exporter: str, pass_name: str, out_dir: 
     rec = res.report["passes"][0]
     declined = [d["reason"] or d["site"] for d in rec["declined"]]
     if rec["applied"] == 0:
+        if not declined and pass_name == "foldnorm" and exporter != "fx":
+            ops = {n.op_type for n in __import__("onnx").load(str(model), load_external_data=False).graph.node}
+            assert "BatchNormalization" not in ops, "foldnorm found no site in a file holding BatchNormalization"
         return Outcome("declined", 0, declined, seconds=seconds)
     if not res.passed:
         v = res.verification
@@ -528,16 +545,23 @@ def run_case(corpus: Corpus, name: str, exporter: str, pass_name: str, out_dir: 
         else:
             out = Path(out_dir or corpus.root) / f"{name}.{exporter}.{pass_name}.onnx"
             res.save(out)
+            _check_structure(out, pass_name, rec["applied"])
             err = check_onnx(arch, model, out)
     except Exception as exc:  # noqa: BLE001
         return Outcome("broken", rec["applied"], declined, message=f"independent check raised "
                        f"{type(exc).__name__}: {exc}"[:300], seconds=seconds)
     if pass_name == "lns":
         # architectural: the function changes on purpose (the tool checked each norm's output
-        # was scaled by 1/sqrt(l)); independently, the saved model runs and gives finite outputs
-        ok = np.isfinite(err) and err > 0
-        return Outcome("applied" if ok else "broken", rec["applied"], declined, err,
-                       "" if ok else f"lns output unchanged or not finite (err {err})", seconds)
+        # was scaled by 1/sqrt(l)). Independently: both pre-norms of every block l = 1..L got
+        # 1/sqrt(l), and the saved model runs, gives finite outputs, and differs from the original
+        import re
+
+        ls = sorted(int(m.group(1)) for s in rec["sites"] for m in [re.search(r"\bl=(\d+)", s.get("reason", ""))] if m)
+        want = sorted(list(range(1, arch.layers + 1)) * 2)
+        why = ("" if ls == want else f"lns scaled blocks l={ls}, expected {want} (both pre-norms of every block)")
+        why = why or ("" if np.isfinite(err) and err > 0 else f"lns output unchanged or not finite (err {err})")
+        return Outcome("broken" if why else "applied", rec["applied"], declined, err, why, seconds,
+                       [s.get("reason", "") for s in rec["sites"]])
     tol = RETTENTION_TOL if pass_name == "rettention" else EXACT_TOL
     if not err <= tol:
         return Outcome("broken", rec["applied"], declined, err, f"independent check: max rel error {err:.3g} > {tol:g}",
