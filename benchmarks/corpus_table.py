@@ -28,7 +28,13 @@ def main() -> None:
     ap.add_argument("--passes", default="")
     ap.add_argument("--json", default="")
     ap.add_argument("--markdown", action="store_true", help="print the README table")
+    ap.add_argument("--from-json", default="", help="render the table of a saved --json run")
     args = ap.parse_args()
+    if args.from_json:
+        text = Path(args.from_json).read_text()
+        rows = json.loads(text)["rows"] if text.lstrip().startswith("{") else [json.loads(x) for x in text.splitlines()]
+        print(markdown(rows))
+        return
     rows = []
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,6 +56,39 @@ def main() -> None:
     print(f"\n{len(rows)} cases in {total:.0f} s (exports {export_s:.0f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "seconds": total, "export_seconds": export_s}, indent=1))
+    if args.markdown:
+        print(markdown(rows))
+
+
+def _cell(row: dict) -> str:
+    """``applied 1.6e-07`` (the independent check's max relative error), ``declined: <the
+    expected reason>``, or, where the tool does not do what it should yet, ``✗`` and what it did."""
+    want, status = row["expected"], row["status"]
+    if row["ok"]:
+        if status == "applied":
+            more = " (cross-attn declined)" if "cross-attention" in want else ""
+            err = row["error"]
+            return f"applied {err:.0e}{more}" if row["pass"] != "lns" else "applied (1/√l)"
+        if want == "none":
+            return "no site (exporter folded BN)"
+        kind, _, text = want.partition(":")
+        said = row["declined"] if kind == "declined" else [row["message"]]
+        alt = next((a for a in text.split("|") if any(a in r for r in said)), text.split("|")[0])
+        return f"{'refused' if kind == 'error' else kind}: {alt}"
+    got = row["summary"] if status != "declined" else "declined: " + (row["declined"][0] if row["declined"] else "(no site found)")
+    return "✗ " + got[:48].replace("|", "/") + ("…" if len(got) > 48 else "")
+
+
+def markdown(rows: list[dict]) -> str:
+    passes = list(dict.fromkeys(r["pass"] for r in rows))
+    order = list(dict.fromkeys((r["arch"], r["exporter"]) for r in rows))
+    cells = {(r["arch"], r["exporter"], r["pass"]): _cell(r) for r in rows}
+    lines = ["| model | exporter | " + " | ".join(passes) + " |", "|---|---|" + "---|" * len(passes)]
+    for arch, exp in order:
+        lines.append(f"| {arch} | {exp} | " + " | ".join(cells.get((arch, exp, p), "") for p in passes) + " |")
+    ok = sum(r["ok"] for r in rows)
+    lines.append(f"\n{ok} of {len(rows)} cases as expected.")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

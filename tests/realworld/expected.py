@@ -38,7 +38,7 @@ def expected(arch: str, exporter: str, pass_name: str) -> str:
         return "applied"
     if arch in RMS_NATIVE:
         return {
-            "rms": "declined:already an RMSNorm",  # nothing to replace
+            "rms": "declined:already an RMSNorm|is an RMSNorm on the stream",  # nothing to replace
             # RMSNorm(x) != RMSNorm(x - mean x): the stream cannot be re-centred, so no CRMS
             "crms": "declined:RMSNorm on the stream",
             "lns": "applied",  # the Curse-of-Depth models: both pre-norms of block l scaled
@@ -53,8 +53,8 @@ def expected(arch: str, exporter: str, pass_name: str) -> str:
             # the block's LN reads the depthwise conv's output, the stream is read by convs
             "rms": "declined:no norm reads a residual stream",
             "crms": "declined:no norm reads a residual stream",
-            "lns": "declined:not a pre-norm",
-            "osplus": "declined:stream norms only",
+            "lns": "declined:not a pre-norm|no norm reads a residual stream",
+            "osplus": "declined:stream norms only|no norm reads a residual stream",
             "foldnorm": "applied",  # the LayerScale (gamma * x) folds into pwconv2
         }[p]
     if arch == "resnet":
