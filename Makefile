@@ -24,8 +24,13 @@ $(STAMP): pyproject.toml constraints.txt
 	  echo "note: headless Chromium not installed; the HTML rendering test will be skipped"
 	touch $(STAMP)
 
+# Part 1, the headline job: the trained zoo DiT exported to ONNX, rewritten with crms,rettention,
+# verified (dense step exactly, sparse schedule per step and by sampling against dense), timed;
+# demo-report.html holds the dense / Re-ttention / naive sparse sample grids and the graph diff.
+# Part 2: foldnorm on a conv + BatchNorm CNN through the CLI.
 demo: setup
-	$(VENV)/bin/rewrite zoo:bn-cnn --passes foldnorm --bench --html demo-report.html -o demo.foldnorm.onnx
+	$(PY) -m models_zoo.demo --out demo-out --html demo-report.html
+	$(VENV)/bin/rewrite zoo:bn-cnn --passes foldnorm --bench --html demo-foldnorm.html -o demo-out/bn-cnn.foldnorm.onnx
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -34,6 +34,7 @@ __all__ = [
     "attention_maps",
     "palette_error",
     "perplexity",
+    "png_grid",
     "psnr",
     "sample",
     "save_png_grid",
@@ -219,9 +220,16 @@ def attention_entropy(
 
 def save_png_grid(images: torch.Tensor, path, *, nrow: int = 8, scale: int = 2, pad: int = 2) -> None:
     """Write ``images`` (``[N, 3, H, W]`` in ``[-1, 1]``) as one PNG grid (stdlib only)."""
+    from pathlib import Path
+
+    Path(path).write_bytes(png_grid(images, nrow=nrow, scale=scale, pad=pad))
+
+
+def png_grid(images: torch.Tensor, *, nrow: int = 8, scale: int = 2, pad: int = 2) -> bytes:
+    """``images`` (``[N, 3, H, W]`` in ``[-1, 1]``) as the bytes of one PNG grid, ``nrow``
+    images a row, each pixel ``scale`` x ``scale``, white ``pad`` between (stdlib only)."""
     import struct
     import zlib
-    from pathlib import Path
 
     imgs = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     imgs = imgs.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
@@ -241,5 +249,4 @@ def save_png_grid(images: torch.Tensor, path, *, nrow: int = 8, scale: int = 2, 
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-    Path(path).write_bytes(png)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")

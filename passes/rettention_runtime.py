@@ -28,11 +28,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backends.rettention_spec import DENSE, REFRESH, BlockLayout, Schedule
+from backends.rettention_spec import DENSE, REFRESH, SPARSE, BlockLayout, Schedule
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +142,33 @@ def torch_stepper(gm: nn.Module, request: Any = 0) -> Callable:
     return fn
 
 
-def onnx_stepper(runner, input_names: tuple[str, str] = ("x", "t"), request: Any = 0) -> Callable:
+def onnx_stepper(runner, input_names: tuple[str, str] = ("x", "t"), request: Any = 0, *,
+                 variant: str = "rettention", schedule: Schedule | None = None) -> Callable:
     """``fn(x, t, step)`` for ``sample_euler`` over ``RettentionRunner`` (a DiT-like model
-    with inputs ``(x, t)`` and one output)."""
+    with inputs ``(x, t)`` and one output).
+
+    ``variant="naive"`` (needs the sites' ``schedule``, ``backends.ort.rettention.site_configs``):
+    the plain band-masked attention ``softmax_M(S) V`` at sparse steps, without the
+    correction, made from the same graph by feeding each sparse step ``rho = 1 - lam * k``
+    (the step adds ``lam * k``) and ``R = 0`` in place of the carried state."""
+    if variant not in ("rettention", "naive"):
+        raise ValueError(f"unknown variant {variant!r} (rettention or naive)")
+    if variant == "naive" and schedule is None:
+        raise ValueError("the naive variant needs the sites' schedule")
     runner.reset(request)
 
     def fn(x, t, step):
+        if variant == "naive":
+            phase, kk = schedule.phase(step)
+            if phase == SPARSE:
+                from backends.ort.rettention import state_names
+
+                state = runner._state.setdefault(request, {})
+                for s in range(runner.sites):
+                    rho_in, res_in, _, _ = state_names(s)
+                    if rho_in in state:
+                        state[rho_in] = np.full_like(state[rho_in], 1.0 - schedule.lam * kk)
+                        state[res_in] = np.zeros_like(state[res_in])
         out = runner({input_names[0]: x.numpy(), input_names[1]: t.numpy()}, step, request=request)
         return torch.from_numpy(next(iter(out.values())))
 

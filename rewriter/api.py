@@ -1,14 +1,18 @@
 """The Python API: ``rewriter.rewrite(model, passes=[...]) -> Result``.
 
-The CLI is a thin layer over this function; ``Result.report`` is the same JSON document
-``rewrite --json`` writes (schema in the README).
+The CLI is a thin layer over this module: ``Result.report`` is the JSON document
+``rewrite --json`` writes (schema ``rewriter.report/1``, ``rewriter/report_schema.py``);
+``Result.diff()`` adds the node-level graph diff to it, ``Result.bench()`` the latency
+section and ``Result.html(path)`` writes the HTML page, each through the same code the
+CLI's ``--html`` and ``--bench`` run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,11 @@ from rewriter.verify import Runner, compare, input_specs, load_inputs, make_inpu
 
 SCHEMA = "rewriter.report/1"
 
+log = logging.getLogger(__name__)
+
+#: ``progress(description, done, total)``: ``done``/``total`` are None while a phase has no count.
+BenchProgress = Callable[[str, "int | None", "int | None"], None]
+
 
 def param_stats(view: GraphView) -> dict[str, int]:
     """Number of parameter elements and their bytes."""
@@ -46,13 +55,25 @@ def param_stats(view: GraphView) -> dict[str, int]:
 
 @dataclasses.dataclass
 class Result:
-    """What a run produced. ``model`` is an ``onnx_ir.Model`` or an fx ``GraphModule``."""
+    """What a run produced. ``model`` is an ``onnx_ir.Model`` or an fx ``GraphModule``.
+
+    ``report`` is the ``rewriter.report/1`` document; ``diff()``, ``bench()`` and
+    ``html()`` add to it what the CLI's ``--html`` / ``--bench`` add."""
 
     view: GraphView
     records: list[PassRecord]
     verification: dict[str, Any]
     report: dict[str, Any]
     forced: bool = False
+    #: the model before the passes (the caller's GraphView, or a copy sharing its tensors;
+    #: built on first use when the input was a torch module or a file exported from one)
+    original_factory: Callable[[], GraphView] | None = dataclasses.field(default=None, repr=False)
+    #: the verification feeds (None when ``verify=False``); ``bench()`` times on them
+    feeds: dict[str, np.ndarray] | None = dataclasses.field(default=None, repr=False)
+    _run: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)  # passes, options, calib, inputs, shapes
+    _original: GraphView | None = dataclasses.field(default=None, repr=False)
+    _snapshots: tuple[Any, Any] | None = dataclasses.field(default=None, repr=False)
+    _diff_error: Exception | None = dataclasses.field(default=None, repr=False)
 
     @property
     def model(self) -> Any:
@@ -64,6 +85,15 @@ class Result:
             materialize(self.view.model)
             return self.view.model
         return self.view.gm
+
+    @property
+    def original(self) -> GraphView:
+        """The model before the passes (never modified by the run)."""
+        if self._original is None:
+            if self.original_factory is None:
+                raise BadInput("this Result has no record of the original model")
+            self._original = self.original_factory()
+        return self._original
 
     @property
     def passed(self) -> bool:
@@ -79,9 +109,114 @@ class Result:
         force = self.forced if force is None else force
         if not self.passed and not force:
             raise VerificationFailed("refusing to save a model that failed verification (use force=True)")
+        src = self._run.get("model")
+        if (self._original is None and isinstance(src, (str, os.PathLike)) and _onnx_file(str(src))
+                and Path(src).resolve() == Path(path).resolve()):
+            self._original = self.original  # overwriting the input: keep what diff()/bench() compare with
         out = save(self.view, path)
         self.report["output"] = str(out)
         return out
+
+    def diff(self) -> dict[str, Any]:
+        """The node-level graph diff, original vs rewritten: adds ``nodes``, ``io`` and
+        ``widths`` to ``report["diff"]`` (schema ``DIFF_SECTION``) and returns that section.
+        Computed once; ``html()`` draws the two graphs from the same snapshots."""
+        if self._diff_error is not None:
+            raise self._diff_error
+        if self._snapshots is None:
+            from rewriter.diff import diff_models
+
+            try:
+                d, sa, sb = diff_models(self.original, self.view, copy_on_write=True)
+            except Exception as e:
+                self._diff_error = e
+                raise
+            self.report["diff"].update({k: d[k] for k in ("nodes", "io", "widths")})
+            self._snapshots = (sa, sb)
+        return self.report["diff"]
+
+    def bench(self, *, runs: int = 100, warmup: int = 5, threads: int | None = None, profile: bool = True,
+              per_pass: bool = False, labels: tuple[str, str] = ("before", "after"),
+              progress: BenchProgress | None = None) -> dict[str, Any]:
+        """Time the original and the rewritten model interleaved (``rewriter.bench``) on the
+        verification inputs; sets and returns ``report["latency"]`` (schema
+        ``LATENCY_SECTION``; ``speedup`` > 1 means faster). ``per_pass`` also times the model
+        after each prefix of the pass list; ``profile`` adds per-op-type time (ONNX).
+        Refuses a model that failed verification unless the run was forced."""
+        if not self.passed and not self.forced:
+            raise VerificationFailed("not timing a model that failed verification (rewrite with force=True)")
+        feeds = self.feeds
+        if feeds is None:
+            feeds, _ = verification_feeds(self.original, self._run.get("inputs"), self._run.get("shapes"))
+        names = list(self._run.get("passes") or [r.name for r in self.records])
+        prefixes = self._prefix_views(names) if per_pass and len(names) > 1 else []
+        pass_names = [p if isinstance(p, str) else p.name for p in names] if prefixes else []
+        self.report["latency"] = latency(self.original, self.view, feeds, runs=runs, warmup=warmup,
+                                         threads=threads, profile=profile, pass_names=pass_names,
+                                         prefixes=prefixes, labels=labels, progress=progress)
+        return self.report["latency"]
+
+    def _prefix_views(self, passes: list) -> list[GraphView]:
+        """The model after each proper prefix of the pass list, unverified."""
+        options = self._run.get("options") or {}
+        out = []
+        for k in range(1, len(passes)):
+            names = passes[:k]
+            opts = {n: o for n, o in options.items() if n in names}
+            out.append(rewrite(self.original, names, options=opts, calib=self._run.get("calib"), verify=False).view)
+        return out
+
+    def html(self, path: str | os.PathLike, *, images: Mapping[str, bytes] | None = None) -> Path:
+        """Write the self-contained HTML page of ``report`` (graphs side by side, op counts,
+        latency when ``bench()`` ran, numerics, sites) atomically; returns the path.
+        ``images``: optional ``{name: PNG bytes}`` shown (as data URIs) in the samples
+        section, next to ``report["samples"]``'s metrics. When the graph diff fails the page
+        is written without the graphs (logged as a warning)."""
+        from rewriter.html import render_html, write_html
+
+        if self._snapshots is None:
+            try:
+                self.diff()
+            except Exception as e:  # noqa: BLE001 - the page is still useful without the graphs
+                log.warning("graph diff failed (%s: %s); the page has op counts only", type(e).__name__, e)
+        before, after = self._snapshots or (None, None)
+        return write_html(path, render_html(self.report, before, after, images=images))
+
+
+def latency(before: Any, after: Any, feeds: Mapping[str, np.ndarray], *, runs: int = 100, warmup: int = 5,
+            threads: int | None = None, profile: bool = True, pass_names: Sequence[str] = (),
+            prefixes: Sequence[Any] = (), labels: tuple[str, str] = ("before", "after"),
+            progress: BenchProgress | None = None) -> dict[str, Any]:
+    """The ``latency`` section: ``before`` and ``after`` (GraphViews or ready
+    ``rewriter.bench.Target``s; ``after`` may be None) timed interleaved, plus the models
+    in ``prefixes`` (after each pass of ``pass_names``) and, with ``profile`` on ONNX
+    Runtime, per-op-type time from a separate profiling run."""
+    from rewriter import bench as B
+
+    if runs < 1:
+        raise BadInput(f"--runs {runs}: must be at least 1")
+    if warmup < 0:
+        raise BadInput(f"--warmup {warmup}: must be at least 0")
+    say = progress or (lambda desc, done, total: None)
+
+    def target(label, v):
+        return v if isinstance(v, B.Target) else B.target_for(label, v, feeds, threads=threads)
+
+    say("preparing sessions", None, None)
+    tb = target(labels[0], before)
+    ta = target(labels[1], after) if after is not None else None
+    extra = [target(f"after {n}", v) for n, v in zip(pass_names, prefixes)]
+    desc = f"timing {1 + (ta is not None) + len(extra)} model(s), interleaved"
+    say(desc, 0, runs)
+    sec = B.latency_section(tb, ta, runs=runs, warmup=warmup, profile=False, threads=threads,
+                            inputs=feeds, pass_names=pass_names, prefixes=extra,
+                            progress=lambda done, total: say(desc, done, total))
+    if profile and tb.engine == "onnxruntime":
+        say("profiling per op type", None, None)
+        n = max(3, min(runs, 20))
+        sec["op_types"] = B.op_type_rows(B.profile_op_types(tb, runs=n, threads=threads),
+                                         B.profile_op_types(ta, runs=n, threads=threads) if ta else None)
+    return sec
 
 
 def _instantiate(passes: Sequence[str | Pass], options: Mapping[str, Any] | None, ctx: Context) -> list[Pass]:
@@ -167,6 +302,7 @@ def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, A
     if not passes:
         raise BadInput("no passes given")
     view = as_view(model, example_inputs=example_inputs, ir_kind=ir_kind)
+    original_factory = _original_factory(model, view, example_inputs=example_inputs, ir_kind=ir_kind)
     calib_data = None
     if calib is not None:
         if isinstance(calib, (str, os.PathLike)):
@@ -213,7 +349,33 @@ def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, A
         },
         "output": None,
     }
-    return Result(view, records, final, report, forced=force)
+    run = {"passes": list(passes), "options": dict(options or {}), "calib": calib, "inputs": inputs,
+           "shapes": shapes, "model": model}
+    return Result(view, records, final, report, forced=force, original_factory=original_factory,
+                  feeds=feeds, _run=run)
+
+
+def _original_factory(model: Any, view: GraphView, **kw) -> Callable[[], GraphView]:
+    """How ``Result.original`` gets the model before the passes without holding the
+    replaced weights through the run (the passes edit copy-on-write, so old tensors can be
+    freed): the caller's GraphView itself (never modified); a file, proto, onnx-ir model or
+    torch module is loaded, converted or captured again from the caller's (unmodified)
+    object on first use. Only a model built by code (``zoo:NAME``, ``module:factory``)
+    exported to ONNX is kept as a clone made now (onnx-ir clones share the tensors)."""
+    if isinstance(model, GraphView):
+        return lambda: model
+    if isinstance(model, (str, os.PathLike)) and isinstance(view, OnnxView) and not _onnx_file(str(model)):
+        snapshot = view.copy()
+        return lambda: snapshot
+    return lambda: as_view(model, **kw)
+
+
+def _onnx_file(spec: str) -> bool:
+    """``spec`` names an ONNX file (``loader.resolve``'s rule, without building anything)."""
+    if spec.startswith("zoo:"):
+        return False
+    path = Path(spec)
+    return path.suffix.lower() == ".onnx" or path.exists() or ":" not in spec
 
 
 def _final_tolerance(passes: list[Pass]) -> float | None:

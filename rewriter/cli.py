@@ -106,29 +106,25 @@ def _write_json(path: str, report: dict) -> None:
     os.replace(tmp, target)
 
 
-def _write_html(path: str, report: dict, snaps: tuple | None) -> Path:
+def _write_html(path: str, doc: dict, snaps: tuple | None) -> Path:
+    """The page of a ``diff`` or ``bench`` document (run reports go through ``Result.html``)."""
     from rewriter.html import render_html, write_html
 
     before, after = snaps if snaps else (None, None)
-    return write_html(path, render_html(report, before, after))
+    return write_html(path, render_html(doc, before, after))
 
 
-def _attach_diff(report: dict, before, after) -> tuple | None:
-    """Add the node-level graph diff to ``report["diff"]``; returns the two snapshots.
+def _attach_diff(result) -> None:
+    """Add the node-level graph diff to the report (``Result.diff``).
 
     The diff is an addition to the run: if it fails on some graph, the run still completes
     (with a warning) rather than losing the rewrite."""
-    from rewriter.diff import diff_models
-
     try:
-        d, sa, sb = diff_models(before, after, copy_on_write=True)
+        result.diff()
     except Exception as e:  # noqa: BLE001
         if logging.getLogger().isEnabledFor(logging.DEBUG):
             raise
         err.print(f"[yellow]warning: graph diff failed ({type(e).__name__}: {e}); report has op counts only[/]")
-        return None
-    report["diff"].update({k: d[k] for k in ("nodes", "io", "widths")})
-    return sa, sb
 
 
 def _progress(quiet: bool):
@@ -139,46 +135,24 @@ def _progress(quiet: bool):
                     console=err, transient=True, disable=quiet or not err.is_terminal)
 
 
-def _bench(before, after, feeds: dict, *, runs: int, warmup: int, threads: int | None, profile: bool,
-           quiet: bool, pass_names=(), prefixes=(), labels=("before", "after")) -> dict:
-    """Time GraphViews (or ready Targets) interleaved; returns the latency section."""
-    from rewriter import bench as B
+class _BenchBar:
+    """``progress(description, done, total)`` of ``api.latency`` / ``Result.bench`` drawn as
+    one rich progress bar."""
 
-    if runs < 1:
-        raise BadInput(f"--runs {runs}: must be at least 1")
-    if warmup < 0:
-        raise BadInput(f"--warmup {warmup}: must be at least 0")
+    def __init__(self, quiet: bool):
+        self._prog = _progress(quiet)
+        self._task = None
 
-    def target(label, v):
-        return v if isinstance(v, B.Target) else B.target_for(label, v, feeds, threads=threads)
+    def __enter__(self):
+        self._prog.__enter__()
+        self._task = self._prog.add_task("preparing sessions", total=None)
+        return self
 
-    with _progress(quiet) as prog:
-        task = prog.add_task("preparing sessions", total=None)
-        tb = target(labels[0], before)
-        ta = target(labels[1], after) if after is not None else None
-        extra = [target(f"after {n}", v) for n, v in zip(pass_names, prefixes)]
-        prog.update(task, description=f"timing {1 + (ta is not None) + len(extra)} model(s), interleaved", total=runs)
-        sec = B.latency_section(tb, ta, runs=runs, warmup=warmup, profile=False, threads=threads,
-                                inputs=feeds, pass_names=pass_names, prefixes=extra,
-                                progress=lambda done, total: prog.update(task, completed=done))
-        if profile and tb.engine == "onnxruntime":
-            prog.update(task, description="profiling per op type", total=None)
-            n = max(3, min(runs, 20))
-            sec["op_types"] = B.op_type_rows(B.profile_op_types(tb, runs=n, threads=threads),
-                                             B.profile_op_types(ta, runs=n, threads=threads) if ta else None)
-    return sec
+    def __exit__(self, *exc):
+        return self._prog.__exit__(*exc)
 
-
-def _prefix_views(view, pass_names: list[str], options: dict, calib) -> list:
-    """The model after each proper prefix of the pass list (for --per-pass), unverified."""
-    from rewriter import api
-
-    out = []
-    for k in range(1, len(pass_names)):
-        names = pass_names[:k]
-        opts = {n: o for n, o in options.items() if n in names}
-        out.append(api.rewrite(view, names, options=opts, calib=calib, verify=False).view)
-    return out
+    def __call__(self, description: str, done: int | None, total: int | None) -> None:
+        self._prog.update(self._task, description=description, total=total, completed=done or 0)
 
 
 @app.command("run", help="Rewrite MODEL with the given passes, verify, and write the result.")
@@ -232,14 +206,12 @@ def run_cmd(
                              shapes=shapes, verify=not no_verify, force=force, progress=progress,
                              source=model)
     report = result.report
-    snaps = _attach_diff(report, view, result.view)
+    _attach_diff(result)
     if bench:
         if result.passed or force:
-            feeds, _ = api.verification_feeds(view, inputs, shapes)
-            prefixes = _prefix_views(view, pass_names, options, calib) if per_pass and len(pass_names) > 1 else []
-            report["latency"] = _bench(view, result.view, feeds, runs=runs, warmup=warmup, threads=threads,
-                                       profile=not no_profile, quiet=quiet,
-                                       pass_names=pass_names if prefixes else (), prefixes=prefixes)
+            with _BenchBar(quiet) as bar:
+                result.bench(runs=runs, warmup=warmup, threads=threads, profile=not no_profile,
+                             per_pass=per_pass, progress=bar)
         elif not quiet:
             err.print("[yellow]benchmark skipped: verification failed[/]")
     if not quiet:
@@ -248,7 +220,7 @@ def run_cmd(
     if json_out:
         _write_json(json_out, report)
     if html_out:
-        _write_html(html_out, report, snaps)
+        result.html(html_out)
     if not result.passed and not force:
         v = result.verification
         site = v.get("failing_site")
@@ -264,7 +236,7 @@ def run_cmd(
     if json_out:
         _write_json(json_out, report)
     if html_out:
-        _write_html(html_out, report, snaps)
+        result.html(html_out)
     if not quiet:
         out.print(f"wrote [bold]{path}[/]")
         if html_out:
@@ -401,25 +373,27 @@ def bench_cmd(
     _check_report_path(json_out, "--json")
     _check_report_path(html_out, "--html")
     view = _load_view(model)
-    feeds, _ = api.verification_feeds(view, inputs, shapes)
-    other, prefixes, labels, snaps = None, [], (model, against or "rewritten"), None
-    if against:
-        other = _load_view(against, "--against")
-        if other.ir != view.ir:
-            raise BadInput(f"--against {against}: a {other.ir} model cannot be timed against a {view.ir} model")
-    elif pass_names:
+    if pass_names:
         with err.status("rewriting...") as status:
             result = api.rewrite(view, pass_names, options=options, inputs=inputs, shapes=shapes,
                                  progress=lambda m: status.update(m + "..."))
         if not result.passed:
             raise VerificationFailed(f"verification failed after pass {result.verification.get('failed_pass')!r}; "
                                      "not timing a wrong model")
-        other = result.view
-        labels = (model, f"{model} + {','.join(pass_names)}")
-        if per_pass and len(pass_names) > 1:
-            prefixes = _prefix_views(view, pass_names, options, None)
-    sec = _bench(view, other, feeds, runs=runs, warmup=warmup, threads=threads, profile=not no_profile,
-                 quiet=quiet, pass_names=pass_names if prefixes else (), prefixes=prefixes, labels=labels)
+        with _BenchBar(quiet) as bar:
+            sec = result.bench(runs=runs, warmup=warmup, threads=threads, profile=not no_profile,
+                               per_pass=per_pass, labels=(model, f"{model} + {','.join(pass_names)}"),
+                               progress=bar)
+    else:
+        feeds, _ = api.verification_feeds(view, inputs, shapes)
+        other = None
+        if against:
+            other = _load_view(against, "--against")
+            if other.ir != view.ir:
+                raise BadInput(f"--against {against}: a {other.ir} model cannot be timed against a {view.ir} model")
+        with _BenchBar(quiet) as bar:
+            sec = api.latency(view, other, feeds, runs=runs, warmup=warmup, threads=threads,
+                              profile=not no_profile, labels=(model, against or "rewritten"), progress=bar)
     doc = {"schema": "rewriter.bench/1", "model": model, "against": against, "latency": sec}
     if not quiet:
         for t in latency_tables(sec):
@@ -427,7 +401,7 @@ def bench_cmd(
     if json_out:
         _write_json(json_out, doc)
     if html_out:
-        _write_html(html_out, doc, snaps)
+        _write_html(html_out, doc, None)
         if not quiet:
             out.print(f"report [bold]{Path(html_out).resolve()}[/]")
     return 0
@@ -508,11 +482,10 @@ def check_cmd(
         result = api.rewrite(view, pass_names, options=options, inputs=inputs, calib=calib, shapes=shapes,
                              verify=True, progress=lambda m: status.update(m + "..."), source=model)
     report = result.report
-    snaps = _attach_diff(report, view, result.view)
-    if min_speedup is not None:
-        feeds, _ = api.verification_feeds(view, inputs, shapes)
-        report["latency"] = _bench(view, result.view, feeds, runs=runs, warmup=warmup, threads=threads,
-                                   profile=html_out is not None, quiet=quiet)
+    _attach_diff(result)
+    if min_speedup is not None and result.passed:  # a model that failed verification is not timed
+        with _BenchBar(quiet) as bar:
+            result.bench(runs=runs, warmup=warmup, threads=threads, profile=html_out is not None, progress=bar)
     goals = _goals(report, pass_names, max_rel_error, min_speedup)
     report["goals"] = goals
     report["passed"] = all(g["passed"] for g in goals)
@@ -525,7 +498,7 @@ def check_cmd(
     if json_out:
         _write_json(json_out, report)
     if html_out:
-        _write_html(html_out, report, snaps)
+        result.html(html_out)
     if not report["passed"]:
         raise GoalFailed("check failed: " + "; ".join(f"{g['goal']}: {g.get('why', 'not met')}"
                                                       for g in goals if not g["passed"]))

@@ -4,7 +4,9 @@ Sections (each only when the report has the data): the two graphs side by side a
 pictures (nodes a pass added or changed highlighted in the after graph, removed ones in the
 before graph, provenance on hover through SVG ``<title>``), the op-count table, latency
 bars (p50 before/after and per op type from ORT profiling), the numerics table, the
-passes' applied and declined sites, and, for ``rewrite check``, the goals.
+passes' applied and declined sites, for ``rewrite check`` the goals, and, when the report
+has a ``samples`` section (generative models: the same seeds sampled with the original and
+the rewritten model), its metrics under the sample pictures (PNG data URIs).
 
 The graph layout is computed here: a layered (Sugiyama-style) layout, layer = longest
 path from a source, order within a layer by the barycenter of the predecessors, two sweeps.
@@ -12,6 +14,7 @@ path from a source, order within a layer by the barycenter of the predecessors, 
 
 from __future__ import annotations
 
+import base64
 import html
 import logging
 import os
@@ -43,6 +46,9 @@ td.n,th.n{text-align:right;font-variant-numeric:tabular-nums} .ok{color:#2e7d32;
 .legend span{display:inline-block;padding:1px 8px;margin-right:6px;border-radius:3px;border:1px solid}
 svg .node:hover rect{stroke-width:3} svg text{font:11px monospace;pointer-events:none}
 .chip{display:inline-block;background:#eceff1;border-radius:10px;padding:1px 9px;margin:2px}
+.samples{display:flex;gap:18px;flex-wrap:wrap} .samples figure{margin:0}
+.samples img{image-rendering:pixelated;border:1px solid #ddd;display:block}
+.samples figcaption{margin-top:4px;font-variant-numeric:tabular-nums}
 """
 
 
@@ -59,9 +65,14 @@ def layout(g: nx.DiGraph) -> dict[str, tuple[float, float]]:
         while not nx.is_directed_acyclic_graph(g):
             g.remove_edge(*nx.find_cycle(g)[0])
     layer: dict[str, int] = {}
-    for n in nx.topological_sort(g):
+    order = list(nx.topological_sort(g))
+    for n in order:
         preds = list(g.predecessors(n))
         layer[n] = 1 + max((layer[p] for p in preds), default=-1)
+    for n in reversed(order):  # a source sits right above its first reader, not all in the top row
+        succ = list(g.successors(n))
+        if succ and not any(True for _ in g.predecessors(n)):
+            layer[n] = max(0, min(layer[m] for m in succ) - 1)
     layers: dict[int, list[str]] = {}
     for n in g.nodes:  # insertion order = graph order: a stable first ordering
         layers.setdefault(layer.get(n, 0), []).append(n)
@@ -298,6 +309,40 @@ def _sites(passes: list[dict] | None) -> str:
     return "<h2>Passes and sites</h2><table id=\"sites\">" + "".join(rows) + "</table>"
 
 
+def _samples(samples: dict | None, images: Mapping[str, bytes] | None) -> str:
+    """Sample pictures side by side, each variant's PSNR / SSIM against the reference under it."""
+    if not samples:
+        return ""
+    images = images or {}
+    ref = samples.get("reference", "dense")
+    figs = []
+    for v in samples.get("variants", []):
+        png = images.get(v["name"])
+        img = ("" if png is None else
+               f'<img src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}" alt="{_e(v["name"])} samples">')
+        if v["name"] == ref:
+            cap = "reference"
+        else:
+            cap = (f'PSNR {_fmt(v.get("psnr"), ".2f")} dB · SSIM {_fmt(v.get("ssim"), ".3f")}'
+                   + (f' <span class="sub">(worst seed {_fmt(v.get("psnr_min"), ".2f")} dB)</span>'
+                      if v.get("psnr_min") is not None else ""))
+        figs.append(f'<figure id="samples-{_e(v["name"])}">{img}<figcaption><b>{_e(v.get("label", v["name"]))}</b>'
+                    f"<br>{cap}</figcaption></figure>")
+    head = (f"<h2>Samples</h2><p>{_e(samples.get('description', ''))} Seeds {_e(samples.get('seeds'))}, "
+            f"{samples.get('images_per_seed', '?')} images each, {samples.get('steps')} sampler steps; "
+            f"PSNR / SSIM against <b>{_e(ref)}</b> sampling with the same seeds.</p>")
+    chk = samples.get("step_check")
+    if chk:
+        by_phase: dict[str, float] = {}
+        for r in chk["steps"]:
+            by_phase[r["phase"]] = max(by_phase.get(r["phase"], 0.0), r["max_rel_error"])
+        verdict = '<span class="ok">passed</span>' if chk["passed"] else '<span class="bad">FAILED</span>'
+        head += (f'<p id="step-check">Per-step check of every rewritten site against its float64 formula, '
+                 f'steps 0-{len(chk["steps"]) - 1}: {verdict} (tolerance {chk["tolerance"]:.0e}; worst '
+                 + ", ".join(f"{_e(k)} {v:.1e}" for k, v in by_phase.items()) + ").</p>")
+    return head + '<div class="samples" id="samples">' + "".join(figs) + "</div>"
+
+
 def _goals(goals: list[dict] | None) -> str:
     if not goals:
         return ""
@@ -309,8 +354,9 @@ def _goals(goals: list[dict] | None) -> str:
 
 
 def render_html(report: Mapping[str, Any], before: Snapshot | None = None, after: Snapshot | None = None,
-                *, title: str | None = None) -> str:
-    """The page for a run report, a diff document or a bench document."""
+                *, title: str | None = None, images: Mapping[str, bytes] | None = None) -> str:
+    """The page for a run report, a diff document or a bench document. ``images``: PNG
+    bytes per ``report["samples"]`` variant name."""
     diff = report.get("diff") or {}
     model = report.get("model")
     name = model.get("source") if isinstance(model, dict) else (model or f"{report.get('before')} → {report.get('after')}")
@@ -320,6 +366,7 @@ def render_html(report: Mapping[str, Any], before: Snapshot | None = None, after
     body = [f"<h1>{_e(title)}</h1><p class=\"sub\">{_e(report.get('schema', ''))}"
             + (f" · passes: {_e(sub)}" if sub else "") + "</p>",
             _goals(report.get("goals"))]
+    body.append(_samples(report.get("samples"), images))
     if before is not None and after is not None:
         body.append(_graphs(diff, before, after))
     body += [_latency(report.get("latency")), _op_table(diff), _numerics(report.get("verification")),

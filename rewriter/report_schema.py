@@ -1,8 +1,10 @@
 """The JSON documents the CLI writes, as JSON-Schema (draft 2020-12) dicts.
 
 - ``REPORT_SCHEMA``: ``rewrite MODEL --passes ... --json F`` and ``rewrite check --json F``
-  (``"schema": "rewriter.report/1"``). ``latency`` is present with ``--bench`` (and in
-  ``check`` with ``--min-speedup``); ``goals`` only in ``check``.
+  (``"schema": "rewriter.report/1"``), and ``Result.report`` of the Python API.
+  ``latency`` is present with ``--bench`` / ``Result.bench()`` (and in ``check`` with
+  ``--min-speedup``); ``goals`` only in ``check``; ``samples`` only where a caller adds it
+  (``make demo``: ``models_zoo.demo``).
 - ``DIFF_SCHEMA``: ``rewrite diff A B --json F`` (``"schema": "rewriter.diff/1"``).
 - ``BENCH_SCHEMA``: ``rewrite bench MODEL --json F`` (``"schema": "rewriter.bench/1"``).
 
@@ -149,6 +151,27 @@ LATENCY_SECTION: dict[str, Any] = {
     },
 }
 
+#: The ``samples`` section (optional): a generative model sampled with the same seeds by the
+#: original model (``reference``) and by variants of the rewritten one; each variant's mean
+#: PSNR (dB) / SSIM against the reference, and the worst seed's.
+SAMPLES_SECTION: dict[str, Any] = {
+    "type": "object", "required": ["reference", "steps", "seeds", "variants"],
+    "properties": {
+        "description": _STR, "reference": _STR, "steps": _INT,
+        "seeds": {"type": "array", "items": {"type": "integer"}}, "images_per_seed": _INT,
+        "variants": {"type": "array", "items": {
+            "type": "object", "required": ["name", "psnr", "ssim"],
+            "properties": {"name": _STR, "label": _STR, "psnr": _NUM_OR_NULL, "ssim": _NUM_OR_NULL,
+                           "psnr_min": _NUM_OR_NULL, "ssim_min": _NUM_OR_NULL}}},
+        # per denoising step: every rewritten site against its float64 formula
+        "step_check": {"type": "object", "required": ["passed", "tolerance", "steps"],
+                       "properties": {"passed": {"type": "boolean"}, "tolerance": _NUM,
+                                      "steps": {"type": "array", "items": {
+                                          "type": "object", "required": ["step", "phase", "max_rel_error"],
+                                          "properties": {"step": _INT, "phase": _STR, "max_rel_error": _NUM}}}}},
+    },
+}
+
 _GOAL = {
     "type": "object", "required": ["goal", "target", "measured", "passed"],
     "properties": {"goal": _STR, "target": {}, "measured": {}, "passed": {"type": "boolean"}, "why": _STR},
@@ -169,6 +192,7 @@ REPORT_SCHEMA: dict[str, Any] = {
         "diff": DIFF_SECTION,
         "latency": LATENCY_SECTION,
         "goals": {"type": "array", "items": _GOAL},
+        "samples": SAMPLES_SECTION,
         "passed": {"type": "boolean"},  # check: every goal met
         "output": {"type": ["string", "null"]},
     },

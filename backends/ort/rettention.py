@@ -267,6 +267,16 @@ def protocol_sites(input_names: list[str]) -> int:
     return n
 
 
+def site_configs(model: ir.Model) -> list[FunctionConfig]:
+    """The configuration of each ``Rettention`` call of a rewritten model, in graph order."""
+    out = []
+    for node in model.graph.all_nodes():
+        if node.domain == DOMAIN and node.op_type.startswith(NAME):
+            fn = model.functions[(node.domain, node.op_type, node.overload or "")]
+            out.append(FunctionConfig.from_json(fn.metadata_props[CONFIG_KEY]))
+    return out
+
+
 class RettentionRunner:
     """Drives a rewritten ONNX model through a sampling loop: feeds ``rettention_step``
     and each site's state, starting from zeros, and keeps each step's state outputs.
