@@ -32,7 +32,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.from_json:
         text = Path(args.from_json).read_text()
-        rows = json.loads(text)["rows"] if text.lstrip().startswith("{") else [json.loads(x) for x in text.splitlines()]
+        rows = ([json.loads(x) for x in text.splitlines() if x.strip()] if args.from_json.endswith(".jsonl")
+                else json.loads(text)["rows"])
         print(markdown(rows))
         return
     rows = []
@@ -60,7 +61,7 @@ def main() -> None:
         print(markdown(rows))
 
 
-def _cell(row: dict) -> str:
+def _cell(row: dict, notes: dict[str, int]) -> str:
     """``applied 1.6e-07`` (the independent check's max relative error), ``declined: <the
     expected reason>``, or, where the tool does not do what it should yet, ``✗`` and what it did."""
     want, status = row["expected"], row["status"]
@@ -75,19 +76,28 @@ def _cell(row: dict) -> str:
         said = row["declined"] if kind == "declined" else [row["message"]]
         alt = next((a for a in text.split("|") if any(a in r for r in said)), text.split("|")[0])
         return f"{'refused' if kind == 'error' else kind}: {alt}"
-    got = row["summary"] if status != "declined" else "declined: " + (row["declined"][0] if row["declined"] else "(no site found)")
-    return "✗ " + got[:48].replace("|", "/") + ("…" if len(got) > 48 else "")
+    from tests.realworld.test_corpus import KNOWN_GAPS
+
+    why = KNOWN_GAPS.get((row["arch"], row["exporter"], row["pass"]))
+    want_short = want.split(":")[0].replace("applied+declined", "applied")
+    today = {"declined": "declines", "broken": "breaks", "error": "refuses", "applied": "applies"}.get(status, status)
+    if why is None:
+        return f"✗ want {want_short}, {today}: " + row["summary"][:40].replace("|", "/")
+    n = notes.setdefault(why, len(notes) + 1)
+    return f"✗ want {want_short}, {today} [{n}]"
 
 
 def markdown(rows: list[dict]) -> str:
     passes = list(dict.fromkeys(r["pass"] for r in rows))
     order = list(dict.fromkeys((r["arch"], r["exporter"]) for r in rows))
-    cells = {(r["arch"], r["exporter"], r["pass"]): _cell(r) for r in rows}
+    notes: dict[str, int] = {}
+    cells = {(r["arch"], r["exporter"], r["pass"]): _cell(r, notes) for r in rows}
     lines = ["| model | exporter | " + " | ".join(passes) + " |", "|---|---|" + "---|" * len(passes)]
     for arch, exp in order:
         lines.append(f"| {arch} | {exp} | " + " | ".join(cells.get((arch, exp, p), "") for p in passes) + " |")
     ok = sum(r["ok"] for r in rows)
-    lines.append(f"\n{ok} of {len(rows)} cases as expected.")
+    lines.append(f"\n{ok} of {len(rows)} cases as expected. Where not yet, what to fix:\n")
+    lines += [f"{n}. {why}" for why, n in notes.items()]
     return "\n".join(lines)
 
 
