@@ -17,7 +17,9 @@ length, or projections of another tensor, make it cross-attention.
 
 Declined (the reason names the site): an attention mask, causal attention, dropout, soft
 capping, a KV cache, GQA (fewer key heads), 3-D inputs, unknown static H / N / Dh, extra
-outputs of ONNX ``Attention`` in use, an additive term between the MatMul and the Softmax.
+outputs of ONNX ``Attention`` in use, an additive term between the MatMul and the Softmax,
+and onnxruntime's ``com.microsoft`` attention ops (``Attention``, ``MultiHeadAttention``,
+``GroupQueryAttention``, ...: ``CONTRIB_ATTENTION``), named in the reason.
 """
 
 from __future__ import annotations
@@ -137,7 +139,15 @@ def _source(view: GraphView, value: Value, depth: int = 12) -> Value | None:
         if not follow or not node.inputs:
             return None
         if node.op in ("mul", "div") and len(node.inputs) != 1:
-            return None  # a product of two data tensors is not a projection
+            # a product with a run-time scalar (``1 / sqrt(Dh)`` computed from a Shape when
+            # the export has dynamic axes) still scales one projection; a product of two
+            # data tensors is not a projection
+            scalar = [i for i, x in enumerate(node.inputs) if view.shape(x) is not None
+                      and all(d == 1 for d in view.shape(x))]
+            if len(node.inputs) != 2 or len(scalar) != 1 or (node.op == "div" and scalar != [1]):
+                return None
+            value = node.inputs[1 - scalar[0]]
+            continue
         value = node.inputs[0]
     return None
 
@@ -149,9 +159,23 @@ def _scalar(arr: np.ndarray | None) -> float | None:
 
 
 # -- ONNX --------------------------------------------------------------------------------------
+# onnxruntime's contrib attention ops (what its transformers optimizer fuses attention into)
+CONTRIB_ATTENTION = frozenset({
+    "Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention", "PackedMultiHeadAttention",
+    "DecoderAttention", "DecoderMaskedSelfAttention", "DecoderMaskedMultiHeadAttention", "SparseAttention",
+    "LongformerAttention", "QAttention", "QOrderedAttention", "QOrderedLongformerAttention", "PagedAttention",
+})
+
+
 def _onnx_sites(view: OnnxView) -> list[AttentionSite]:
     sites = []
     for raw in view.graph:
+        if raw.domain == "com.microsoft" and raw.op_type in CONTRIB_ATTENTION:
+            name = raw.name or raw.op_type
+            sites.append(AttentionSite(name, "contrib", raw=[raw], reason=(
+                f"{name}: com.microsoft {raw.op_type} (an onnxruntime contrib op, as its transformers optimizer "
+                "writes) is not rewritten: rewrite the model before onnxruntime's optimizer")))
+            continue
         if raw.domain not in ("", "ai.onnx"):
             continue
         if raw.op_type == "Attention":

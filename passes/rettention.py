@@ -56,6 +56,11 @@ from rewriter.pass_api import Kind, Pass, Site, register
 log = logging.getLogger(__name__)
 
 
+# find_attention's reasons that better shape inference may lift (rewriter.shapes.resolve_static)
+_SHAPE_PROBLEMS = ("the shapes of Q, K, V are unknown", "heads, tokens and head width must be static",
+                   "Q, K, V are not [B, H, N, Dh]")
+
+
 @dataclasses.dataclass
 class _Plan:
     site: AttentionSite
@@ -108,7 +113,13 @@ class Rettention(Pass):
     def match(self, view: GraphView) -> list[Site]:
         sites: list[Site] = []
         problem = self._problem()
-        for s in find_attention(view):
+        found = find_attention(view)
+        if isinstance(view, OnnxView) and any(p in s.reason for s in found for p in _SHAPE_PROBLEMS):
+            from rewriter.shapes import resolve_static
+
+            if resolve_static(view):  # static inputs: infer the inner shapes onnx's inference left open
+                found = find_attention(view)
+        for s in found:
             if s.reason and not (self.options.cross and not s.self_attention and s.tokens
                                  and view.shape(s.v) and s.reason.startswith(f"{s.name}: cross-attention (keys are")):
                 sites.append(Site(s.name, False, s.reason))
@@ -128,6 +139,10 @@ class Rettention(Pass):
             note = f"{describe(s)}; {layout.spec.describe()}, block {layout.block} ({layout.width} keys per query block)"
             if s.note:
                 note += f"; {s.note}"
+            assumed = _assumed_dims(view, s)
+            if assumed:
+                note += (f"; {assumed} assumed from the given input shapes (symbolic in the file): "
+                         "the rewritten site runs at these sizes only")
             sites.append(Site(s.name, True, note, plan=_Plan(s, layout)))
         return sites
 
@@ -135,8 +150,11 @@ class Rettention(Pass):
         if isinstance(view, OnnxView):
             import onnx_ir as ir
 
-            if view.opset < 18:
-                return f"{s.name}: the model's opset {view.opset} is below 18 (the function body needs 18)"
+            from backends.ort.rettention import MIN_OPSET
+
+            if view.opset < MIN_OPSET:
+                return (f"{s.name}: the model's opset {view.opset} is below {MIN_OPSET} (the function body "
+                        f"needs {MIN_OPSET}: convert it with onnx.version_converter)")
             if s.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
                 return f"{s.name}: attention in {s.dtype} (float32/16 and bfloat16 only)"
         else:
@@ -162,6 +180,21 @@ class Rettention(Pass):
 
     def error_budget(self) -> float | None:
         return self.options.budget
+
+
+def _assumed_dims(view: GraphView, s) -> str:
+    """``H=2, N=16``: the dims of the site that the file leaves symbolic and the analysis took
+    from ``--shape`` / ``--inputs`` (``rewriter.shapes``); empty when the file states them."""
+    if not isinstance(view, OnnxView) or not view.shape_hints or s.q is None:
+        return ""
+    if all(v.shape is not None and all(isinstance(d, int) for d in v.shape)
+           for v in view.graph.inputs if not v.is_initializer()):
+        return ""  # static inputs: the inferred dims are facts, nothing was assumed
+    own = s.q.shape
+    if own is None or len(own) != 4:
+        return f"H={s.heads}, N={s.tokens}, Dh={s.head_dim}"
+    return ", ".join(f"{k}={v}" for k, v, d in (("H", s.heads, own[1]), ("N", s.tokens, own[2]),
+                                                ("Dh", s.head_dim, own[3])) if not isinstance(d, int))
 
 
 # -- ONNX ------------------------------------------------------------------------------------

@@ -147,7 +147,8 @@ class Result:
             raise VerificationFailed("not timing a model that failed verification (rewrite with force=True)")
         feeds = self.feeds
         if feeds is None:
-            feeds, _ = verification_feeds(self.original, self._run.get("inputs"), self._run.get("shapes"))
+            feeds, _ = verification_feeds(self.original, self._run.get("inputs"), self._run.get("shapes"),
+                                          max_input_bytes=self._run.get("max_input_bytes"))
         names = list(self._run.get("passes") or [r.name for r in self.records])
         prefixes = self._prefix_views(names) if per_pass and len(names) > 1 else []
         pass_names = [p if isinstance(p, str) else p.name for p in names] if prefixes else []
@@ -163,7 +164,8 @@ class Result:
         for k in range(1, len(passes)):
             names = passes[:k]
             opts = {n: o for n, o in options.items() if n in names}
-            out.append(rewrite(self.original, names, options=opts, calib=self._run.get("calib"), verify=False).view)
+            out.append(rewrite(self.original, names, options=opts, calib=self._run.get("calib"), verify=False,
+                               freeze_initializer_inputs=bool(self._run.get("freeze_initializer_inputs"))).view)
         return out
 
     def html(self, path: str | os.PathLike, *, images: Mapping[str, bytes] | None = None) -> Path:
@@ -275,34 +277,48 @@ def as_view(model: Any, *, example_inputs: Sequence[Any] | None = None, ir_kind:
 
 
 def verification_feeds(view: GraphView, inputs: Any = None,
-                       shapes: Mapping[str, list[int]] | None = None, seed: int = 0) -> tuple[dict, list[str]]:
+                       shapes: Mapping[str, list[int]] | None = None, seed: int = 0,
+                       max_input_bytes: int | None = None) -> tuple[dict, list[str]]:
+    """The inputs verification runs on: ``inputs`` (a ``.npz`` path or ``{name: array}``),
+    else the example inputs of a torch model, else seeded inputs from the signature
+    (``rewriter.verify.make_inputs``); ``max_input_bytes`` bounds their total size."""
     specs = input_specs(view)
     if inputs is None:
         if isinstance(view, FxView):
             from rewriter.ir.dtypes import to_numpy
 
             return {s.name: to_numpy(x) for s, x in zip(specs, view.example_inputs)}, []
-        return make_inputs(specs, shapes, seed=seed)
+        return make_inputs(specs, shapes, seed=seed, max_bytes=max_input_bytes)
     if isinstance(inputs, (str, os.PathLike)):
-        return load_inputs(str(inputs), specs), []
+        return load_inputs(str(inputs), specs, max_input_bytes), []
     return {k: np.asarray(v) for k, v in dict(inputs).items()}, []
 
 
 def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, Any] | None = None,
             inputs: Any = None, calib: Any = None, example_inputs: Sequence[Any] | None = None,
             shapes: Mapping[str, list[int]] | None = None, verify: bool = True, force: bool = False,
-            ir_kind: str | None = None, progress=None, source: str | None = None) -> Result:
+            ir_kind: str | None = None, progress=None, source: str | None = None,
+            max_input_bytes: int | None = None, freeze_initializer_inputs: bool = False) -> Result:
     """Apply ``passes`` in order to ``model`` and verify each one.
 
     ``options``: ``{"foldnorm": {"direction": "next"}}`` (strings are parsed like ``--set``).
     ``inputs``: a ``.npz`` path or ``{name: array}`` for verification (default: seeded
-    random inputs, or the example inputs of a torch module). Returns a ``Result``; a
+    random inputs, or the example inputs of a torch module); ``max_input_bytes`` bounds
+    their total size (default ``rewriter.verify.DEFAULT_MAX_INPUT_BYTES``, checked before
+    anything is allocated). ``freeze_initializer_inputs``: initializers that are also graph
+    inputs (IR v3 files) become constants and leave the inputs (``--freeze-initializer-inputs``).
+    Returns a ``Result``; a
     failed verification is recorded in it and ``Result.save`` refuses it unless forced.
     """
     if not passes:
         raise BadInput("no passes given")
     view = as_view(model, example_inputs=example_inputs, ir_kind=ir_kind)
     original_factory = _original_factory(model, view, example_inputs=example_inputs, ir_kind=ir_kind)
+    frozen = []
+    if freeze_initializer_inputs:
+        from rewriter.loader import freeze_initializer_inputs as freeze
+
+        frozen = freeze(view)
     calib_data = None
     if calib is not None:
         if isinstance(calib, (str, os.PathLike)):
@@ -321,7 +337,9 @@ def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, A
         from rewriter.loader import check_runnable
 
         check_runnable(view, source or "model")
-    feeds, notes = (verification_feeds(view, inputs, shapes) if verify else (None, []))
+    feeds, notes = (verification_feeds(view, inputs, shapes, max_input_bytes=max_input_bytes)
+                    if verify else (None, []))
+    assumed = _specialise(view, shapes, inputs, feeds)
     records, reference = run_passes(view, pass_objs, feeds=feeds, progress=progress)
     if feeds is not None and records and all(r.verification is None or r.verification["passed"] for r in records):
         final = compare(reference, Runner(view)(feeds), _final_tolerance(pass_objs))
@@ -336,6 +354,14 @@ def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, A
     if feeds is not None:
         final["inputs"] = {k: list(np.shape(v)) for k, v in feeds.items()}
         final["notes"] = notes + final.get("notes", [])  # + verification notes (bfloat16 shadow)
+    if frozen:
+        final.setdefault("notes", []).append(
+            f"{len(frozen)} initializer(s) listed as graph inputs treated as constants "
+            "(--freeze-initializer-inputs): they are not inputs of the output")
+    if assumed:
+        final.setdefault("notes", []).append(
+            "shapes assumed for the analysis: " + ", ".join(f"{k}={v}" for k, v in assumed["inputs"].items())
+            + "; the output keeps the file's dynamic signature")
     report = {
         "schema": SCHEMA,
         "model": {"source": source or (str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__),
@@ -349,8 +375,13 @@ def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, A
         },
         "output": None,
     }
+    if assumed:
+        report["assumed_shapes"] = assumed
+    if frozen:
+        report["frozen_initializer_inputs"] = frozen
     run = {"passes": list(passes), "options": dict(options or {}), "calib": calib, "inputs": inputs,
-           "shapes": shapes, "model": model}
+           "shapes": shapes, "model": model, "max_input_bytes": max_input_bytes,
+           "freeze_initializer_inputs": freeze_initializer_inputs}
     return Result(view, records, final, report, forced=force, original_factory=original_factory,
                   feeds=feeds, _run=run)
 
@@ -376,6 +407,22 @@ def _onnx_file(spec: str) -> bool:
         return False
     path = Path(spec)
     return path.suffix.lower() == ".onnx" or path.exists() or ":" not in spec
+
+
+def _specialise(view: GraphView, shapes: Mapping[str, list[int]] | None, inputs: Any,
+                feeds: Mapping[str, np.ndarray] | None) -> dict | None:
+    """Concrete dims for the analysis from ``--shape`` and the arrays of ``--inputs``
+    (``rewriter.shapes.specialise``); the report's ``assumed_shapes``, or None."""
+    if not isinstance(view, OnnxView):
+        return None
+    given = {k: list(v) for k, v in (shapes or {}).items()}
+    if inputs is not None and feeds is not None:
+        given.update({k: list(np.shape(v)) for k, v in feeds.items()})
+    if not given:
+        return None
+    from rewriter.shapes import specialise
+
+    return specialise(view, given)
 
 
 def _final_tolerance(passes: list[Pass]) -> float | None:

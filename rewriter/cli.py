@@ -56,6 +56,12 @@ def _split_passes(text: str) -> list[str]:
     return names
 
 
+def _parse_bytes(text: str | None) -> int | None:
+    from rewriter.verify import parse_bytes
+
+    return None if text is None else parse_bytes(text)
+
+
 def _parse_shapes(items: list[str]) -> dict[str, list[int]]:
     shapes = {}
     for item in items:
@@ -164,6 +170,10 @@ def run_cmd(
     inputs: Optional[str] = typer.Option(None, "--inputs", help=".npz of verification inputs"),
     calib: Optional[str] = typer.Option(None, "--calib", help=".npz of calibration inputs"),
     shape: list[str] = typer.Option([], "--shape", help="NAME=D0,D1,... for dynamic input dims"),
+    max_input_bytes: Optional[str] = typer.Option(None, "--max-input-bytes",
+                                                  help="largest total size of verification inputs (e.g. 4G; default 1G)"),
+    freeze: bool = typer.Option(False, "--freeze-initializer-inputs",
+                                help="treat initializers that are also graph inputs (IR v3 files) as constants"),
     no_verify: bool = typer.Option(False, "--no-verify", help="skip verification"),
     force: bool = typer.Option(False, "--force", help="write even if verification fails"),
     json_out: Optional[str] = typer.Option(None, "--json", help="write the JSON report here"),
@@ -183,6 +193,7 @@ def run_cmd(
     pass_names = _split_passes(passes)
     options = _options(set_, pass_names)
     shapes = _parse_shapes(shape)
+    max_bytes = _parse_bytes(max_input_bytes)
     bench = bench or per_pass
     _check_report_path(json_out, "--json")
     _check_report_path(html_out, "--html")
@@ -204,7 +215,7 @@ def run_cmd(
 
         result = api.rewrite(view, pass_names, options=options, inputs=inputs, calib=calib,
                              shapes=shapes, verify=not no_verify, force=force, progress=progress,
-                             source=model)
+                             source=model, max_input_bytes=max_bytes, freeze_initializer_inputs=freeze)
     report = result.report
     _attach_diff(result)
     if bench:
@@ -266,20 +277,31 @@ def explain_cmd(
     passes: str = typer.Option(..., "--passes", "-p"),
     set_: list[str] = typer.Option([], "--set"),
     torch_ir: bool = typer.Option(False, "--torch", help="explain on the torch.export graph (torch models)"),
+    shape: list[str] = typer.Option([], "--shape", help="NAME=D0,D1,... for dynamic input dims"),
+    freeze: bool = typer.Option(False, "--freeze-initializer-inputs",
+                                help="treat initializers that are also graph inputs (IR v3 files) as constants"),
     json_out: Optional[str] = typer.Option(None, "--json"),
     debug: bool = typer.Option(False, "--debug"),
 ) -> int:
     from rewriter import loader
-    from rewriter.api import _instantiate
+    from rewriter.api import _instantiate, _specialise
     from rewriter.manager import explain
     from rewriter.pass_api import Context
     from rewriter.report import sites_table
 
     pass_names = _split_passes(passes)
     options = _options(set_, pass_names)
+    shapes = _parse_shapes(shape)
     source = loader.resolve(model)
     with err.status("loading model..."):
         view = loader.to_view(source, "torch" if torch_ir and source.kind != "onnx" else "onnx")
+        if freeze:
+            loader.freeze_initializer_inputs(view)
+        if shapes:
+            from rewriter.verify import input_specs, resolve_shapes
+
+            resolve_shapes(input_specs(view), shapes)  # names and ranks checked as in a run
+        _specialise(view, shapes, None, None)
         records = explain(view, _instantiate(pass_names, options, Context()))
     docs = [r.to_json() for r in records]
     out.print(sites_table(docs))
@@ -351,6 +373,10 @@ def bench_cmd(
     warmup: int = typer.Option(5, "--warmup", help="warm-up calls per model"),
     threads: Optional[int] = typer.Option(None, "--threads", help="ORT intra-op threads (default: ORT's)"),
     shape: list[str] = typer.Option([], "--shape", help="NAME=D0,D1,... for dynamic input dims"),
+    max_input_bytes: Optional[str] = typer.Option(None, "--max-input-bytes",
+                                                  help="largest total size of verification inputs (e.g. 4G; default 1G)"),
+    freeze: bool = typer.Option(False, "--freeze-initializer-inputs",
+                                help="treat initializers that are also graph inputs (IR v3 files) as constants"),
     inputs: Optional[str] = typer.Option(None, "--inputs", help=".npz of inputs"),
     no_profile: bool = typer.Option(False, "--no-profile", help="skip the per-op-type ORT profile"),
     json_out: Optional[str] = typer.Option(None, "--json", help="write the bench document here"),
@@ -368,6 +394,7 @@ def bench_cmd(
     pass_names = _split_passes(passes) if passes else []
     options = _options(set_, pass_names) if passes else {}
     shapes = _parse_shapes(shape)
+    max_bytes = _parse_bytes(max_input_bytes)
     if inputs is not None and not Path(inputs).is_file():
         raise BadInput(f"--inputs {inputs}: no such file")
     _check_report_path(json_out, "--json")
@@ -376,7 +403,8 @@ def bench_cmd(
     if pass_names:
         with err.status("rewriting...") as status:
             result = api.rewrite(view, pass_names, options=options, inputs=inputs, shapes=shapes,
-                                 progress=lambda m: status.update(m + "..."))
+                                 progress=lambda m: status.update(m + "..."), max_input_bytes=max_bytes,
+                                 freeze_initializer_inputs=freeze)
         if not result.passed:
             raise VerificationFailed(f"verification failed after pass {result.verification.get('failed_pass')!r}; "
                                      "not timing a wrong model")
@@ -385,7 +413,7 @@ def bench_cmd(
                                per_pass=per_pass, labels=(model, f"{model} + {','.join(pass_names)}"),
                                progress=bar)
     else:
-        feeds, _ = api.verification_feeds(view, inputs, shapes)
+        feeds, _ = api.verification_feeds(view, inputs, shapes, max_input_bytes=max_bytes)
         other = None
         if against:
             other = _load_view(against, "--against")
@@ -449,6 +477,10 @@ def check_cmd(
     inputs: Optional[str] = typer.Option(None, "--inputs", help=".npz of verification inputs"),
     calib: Optional[str] = typer.Option(None, "--calib", help=".npz of calibration inputs"),
     shape: list[str] = typer.Option([], "--shape", help="NAME=D0,D1,... for dynamic input dims"),
+    max_input_bytes: Optional[str] = typer.Option(None, "--max-input-bytes",
+                                                  help="largest total size of verification inputs (e.g. 4G; default 1G)"),
+    freeze: bool = typer.Option(False, "--freeze-initializer-inputs",
+                                help="treat initializers that are also graph inputs (IR v3 files) as constants"),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="write the model here when every goal is met"),
     runs: int = typer.Option(100, "--runs", help="timed samples per model (with --min-speedup)"),
     warmup: int = typer.Option(5, "--warmup", help="warm-up calls per model"),
@@ -464,6 +496,7 @@ def check_cmd(
     pass_names = _split_passes(passes)
     options = _options(set_, pass_names)
     shapes = _parse_shapes(shape)
+    max_bytes = _parse_bytes(max_input_bytes)
     for val, flag in ((max_rel_error, "--max-rel-error"), (min_speedup, "--min-speedup")):
         if val is not None and not (val >= 0):
             raise BadInput(f"{flag} {val}: must be a non-negative number")
@@ -480,7 +513,8 @@ def check_cmd(
     with err.status("loading model...") as status:
         view = loader.to_view(source, ir_kind)
         result = api.rewrite(view, pass_names, options=options, inputs=inputs, calib=calib, shapes=shapes,
-                             verify=True, progress=lambda m: status.update(m + "..."), source=model)
+                             verify=True, progress=lambda m: status.update(m + "..."), source=model,
+                             max_input_bytes=max_bytes, freeze_initializer_inputs=freeze)
     report = result.report
     _attach_diff(result)
     if min_speedup is not None and result.passed:  # a model that failed verification is not timed

@@ -121,6 +121,89 @@ def check_model(view: OnnxView, where: str) -> None:
     if dups:
         raise BadInput(f"{where}: duplicate node name(s) {', '.join(repr(d) for d in dups[:3])}"
                        f"{' ...' if len(dups) > 3 else ''}: node names must be unique")
+    check_dataflow(view.graph, where)
+
+
+def _label(node: ir.Node) -> str:
+    return repr(node.name) if node.name else f"<unnamed {node.op_type}>"
+
+
+def _reads(node: ir.Node) -> list[ir.Value]:
+    """The values ``node`` reads: its inputs and, for control flow, what its subgraphs read
+    from enclosing scopes (a subgraph node reading its own graph's values is not counted)."""
+    vals = [v for v in node.inputs if v is not None]
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            graphs = [attr.value]
+        elif attr.type == ir.AttributeType.GRAPHS:
+            graphs = list(attr.value)
+        else:
+            continue
+        for g in graphs:
+            inner = set(g.inputs) | set(g.initializers.values())
+            for sub in g.all_nodes():
+                inner.update(sub.outputs)
+                if sub.graph is not None:
+                    inner.update(sub.graph.inputs)
+                    inner.update(sub.graph.initializers.values())
+            vals.extend(v for sub in g.all_nodes() for v in sub.inputs if v is not None and v not in inner)
+    return vals
+
+
+def check_dataflow(graph: ir.Graph, where: str) -> None:
+    """Every tensor a node reads is defined (a graph input, an initializer or a node's
+    output), and the nodes form no cycle. A graph whose nodes are merely out of order is
+    sorted (ONNX requires topological order; the passes rely on it)."""
+    unsorted = False
+    graph_attr = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+    for g in [graph, *(a.value for n in graph.all_nodes() for a in n.attributes.values()
+                       if a.type == ir.AttributeType.GRAPH)]:
+        defined = set(g.inputs)
+        defined.update(g.initializers.values())
+        for node in g:
+            reads = (_reads(node) if node.attributes and any(a.type in graph_attr for a in node.attributes.values())
+                     else node.inputs)
+            for v in reads:
+                if v is None or v in defined:
+                    continue
+                p = v.producer()
+                if p is None and not v.is_graph_input() and not v.is_initializer():
+                    raise BadInput(f"{where}: node {_label(node)} ({node.op_type}) reads tensor {v.name!r}, "
+                                   "which no node, graph input or initializer defines")
+                if p is not None and p.graph is g:
+                    unsorted = True  # read before the node that makes it
+            defined.update(node.outputs)
+    if not unsorted:
+        return
+    try:
+        graph.sort()
+    except ValueError:
+        raise BadInput(f"{where}: the graph has a cycle ({_cycle(graph)}): an ONNX graph must be acyclic") from None
+
+
+def _cycle(graph: ir.Graph) -> str:
+    """One cycle of ``graph``'s nodes, as ``'a' -> 'b' -> 'a'``."""
+    import networkx as nx
+
+    dg = nx.DiGraph()
+    for g in [graph, *(a.value for n in graph.all_nodes() for a in n.attributes.values()
+                       if a.type == ir.AttributeType.GRAPH)]:
+        for node in g:
+            for v in _reads(node):
+                p = v.producer()
+                if p is not None and p.graph is g:
+                    dg.add_edge(p, node)
+    try:
+        edges = nx.find_cycle(dg)
+    except nx.NetworkXNoCycle:  # pragma: no cover - sort() said there is one
+        return "through a subgraph"
+    ring = [e[0] for e in edges]
+    order = {n: i for i, n in enumerate(graph.all_nodes())}
+    first = min(range(len(ring)), key=lambda i: order.get(ring[i], len(order)))
+    ring = ring[first:] + ring[:first]  # start at the node the file lists first
+    path = ring + ring[:1]
+    shown = " -> ".join(_label(n) for n in path[:8])
+    return f"nodes {shown}{' -> ...' if len(path) > 8 else ''}"
 
 
 def check_runnable(view: OnnxView, where: str) -> None:
@@ -262,3 +345,33 @@ def save(view: GraphView, target: str | os.PathLike) -> Path:
             p.unlink()
         tmpdir.rmdir()
     return target
+
+
+# -- initializers listed as graph inputs (IR v3 files) --------------------------------------
+FREEZE_FLAG = "--freeze-initializer-inputs"
+FREEZE_HINT = (f"the model lists initializers as graph inputs (IR v3 style), so they are overridable, not "
+               f"constants: {FREEZE_FLAG} (API: freeze_initializer_inputs=True) treats them as constants")
+
+
+def initializer_inputs(view: GraphView) -> list[ir.Value]:
+    """Graph inputs that carry an initializer (a default the caller may override)."""
+    if not isinstance(view, OnnxView):
+        return []
+    return [v for v in view.graph.inputs if v.is_initializer()]
+
+
+def freeze_initializer_inputs(view: GraphView) -> list[str]:
+    """Make initializers that are also graph inputs plain constants: they leave the graph's
+    inputs (the IR version goes to 4 if it was older: IR 3 requires every initializer to be
+    an input). Returns their names. ``--freeze-initializer-inputs``; opt-in, because a
+    caller that fed those inputs can no longer."""
+    frozen = initializer_inputs(view)
+    if not frozen:
+        return []
+    for v in frozen:
+        view.graph.inputs.remove(v)
+    if view.model.ir_version is not None and view.model.ir_version < 4:
+        view.model.ir_version = 4
+    view._const_cache.clear()
+    view.invalidate()
+    return [v.name for v in frozen]

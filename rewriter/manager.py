@@ -55,6 +55,31 @@ class PassRecord:
         }
 
 
+def match_sites(p: Pass, view: GraphView) -> list[Site]:
+    """``p.match(view)`` plus the control-flow sites. On a model whose initializers are also
+    graph inputs (IR v3), a site that only such an input keeps from a pass (declined here,
+    accepted with them frozen, matched on a copy) says so and names the flag that
+    freezes them."""
+    from rewriter.loader import FREEZE_HINT, freeze_initializer_inputs, initializer_inputs
+
+    sites = p.match(view)
+    if initializer_inputs(view) and (not sites or not all(s.accepted for s in sites)):
+        try:
+            frozen = view.copy()
+            freeze_initializer_inputs(frozen)
+            alt = {s.site: s for s in p.match(frozen) if s.accepted}
+        except Exception as err:  # noqa: BLE001 - the hint is best effort, the decline stands
+            log.debug("matching %s with frozen initializer inputs failed: %s", p.name, err)
+            alt = {}
+        seen = {s.site for s in sites}
+        for s in sites:
+            if not s.accepted and s.site in alt:
+                s.reason = f"{s.reason}; {FREEZE_HINT}" if s.reason else FREEZE_HINT
+        sites += [Site(name, False, f"{name}: a candidate only with constant initializers; {FREEZE_HINT}")
+                  for name in alt if name not in seen]
+    return sites + control_flow_sites(view)
+
+
 def explain(view: GraphView, passes: list[Pass]) -> list[PassRecord]:
     """Match every pass in order, applying each (unverified) so later passes see the
     graph they would see in a real run; returns the sites."""
@@ -62,7 +87,7 @@ def explain(view: GraphView, passes: list[Pass]) -> list[PassRecord]:
     work = view.copy()
     for p in passes:
         t0 = time.perf_counter()
-        sites = p.match(work) + control_flow_sites(work)
+        sites = match_sites(p, work)
         p.apply(work, [s for s in sites if s.accepted])
         p.finish(work)
         work.finalize()
@@ -116,7 +141,7 @@ def run_passes(view: GraphView, passes: list[Pass], *, feeds: Mapping[str, np.nd
     for p in passes:
         say(f"{p.name}: matching")
         t0 = time.perf_counter()
-        sites = p.match(view) + control_flow_sites(view)
+        sites = match_sites(p, view)
         accepted = [s for s in sites if s.accepted]
         before = view.copy() if (feeds is not None and accepted) else None
         say(f"{p.name}: applying {len(accepted)} site(s)")

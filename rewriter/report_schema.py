@@ -195,6 +195,13 @@ REPORT_SCHEMA: dict[str, Any] = {
         "samples": SAMPLES_SECTION,
         "passed": {"type": "boolean"},  # check: every goal met
         "output": {"type": ["string", "null"]},
+        # dims taken from --shape / --inputs where the file's are symbolic (rewriter.shapes)
+        "assumed_shapes": {"type": "object", "required": ["inputs"], "properties": {
+            "inputs": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "integer"}}},
+            "symbols": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "values": _INT, "error": _STR}},
+        # initializers listed as graph inputs made constants (--freeze-initializer-inputs)
+        "frozen_initializer_inputs": {"type": "array", "items": _STR},
     },
 }
 

@@ -2,9 +2,12 @@
 
 Inputs are the user's ``--inputs FILE.npz`` or seeded random tensors drawn from the model's
 input signature: floats from N(0, 1); integer inputs read by a constant-table ``Gather`` /
-``embedding`` (token ids) uniformly in ``[0, rows)``, other integers in ``[0, 2)``. Dynamic
-dims come from ``--shape NAME=D0,D1,...``; a dim still unknown defaults to
-``DEFAULT_DYNAMIC_DIM`` and the report says so.
+``embedding`` (token ids) uniformly in ``[0, rows)``, other integers in ``[0, 2)``; inputs
+named like masks 0/1 with a prefix of ones in every row; ``position_ids`` as aranges; a KV
+cache's ``past_*`` inputs N(0, 1) of one past length, the mask past + current long. Dynamic
+dims come from ``--shape NAME=D0,D1,...``, one value per symbol across the inputs; a dim
+still unknown defaults to ``DEFAULT_DYNAMIC_DIM`` and the report says so. The total size is
+checked against ``--max-input-bytes`` before anything is allocated.
 
 The error measure is per output: ``max|a - b|`` and ``max|a - b| / max|a|``. Exact passes
 must stay within ``tolerance(dtype)``.
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,6 +40,8 @@ from rewriter.ir.view import GraphView
 log = logging.getLogger(__name__)
 
 DEFAULT_DYNAMIC_DIM = 2
+DEFAULT_PAST_LENGTH = 3  # a KV cache's past length, unless --shape gives it
+DEFAULT_MAX_INPUT_BYTES = 1 << 30  # verification inputs above this are refused (--max-input-bytes)
 _TOL = {"float64": 1e-10, "float32": 1e-5, "float16": 1e-2, "bfloat16": 2e-2}
 
 
@@ -83,29 +90,201 @@ def input_specs(view: GraphView) -> list[InputSpec]:
     return specs
 
 
-def make_inputs(specs: list[InputSpec], shapes: Mapping[str, list[int]] | None = None, *,
-                seed: int = 0) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Seeded random inputs; returns (feeds, notes about defaulted dims)."""
+def input_role(name: str) -> str | None:
+    """What a graph input is for, from its name: ``mask`` (attention / padding masks),
+    ``position`` (``position_ids``, ``cache_position``), ``past`` (a KV cache:
+    ``past_key_values.*``, ``past_*``, ``past.*``) or None."""
+    low = name.lower()
+    if "mask" in low:
+        return "mask"
+    if low.startswith("past") or "past_key" in low or "past_value" in low:
+        return "past"
+    if "position_id" in low or low in ("positions", "cache_position", "pos_ids"):
+        return "position"
+    return None
+
+
+def _is_symbol(dim: Any) -> bool:
+    """A dim that is one symbol (``batch``, ``s0``, ``?batch``), not a number or an expression."""
+    return isinstance(dim, str) and dim.lstrip("?").isidentifier()
+
+
+_OPS = {"Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mult": lambda a, b: a * b,
+        "FloorDiv": lambda a, b: a // b}
+
+
+def _eval_dim(expr: str, bound: Mapping[str, int]) -> int | None:
+    """A symbolic dim written as arithmetic over other symbols (``s0 + s1``, the dynamo
+    exporter's ``past_seq + seq``) evaluated with the bound ones; None when it cannot be."""
+    import ast
+
+    def ev(n):
+        if isinstance(n, ast.Constant) and isinstance(n.value, int):
+            return n.value
+        if isinstance(n, ast.Name):
+            return bound[n.id]
+        if isinstance(n, ast.BinOp) and type(n.op).__name__ in _OPS:
+            return _OPS[type(n.op).__name__](ev(n.left), ev(n.right))
+        raise KeyError(expr)
+
+    try:
+        value = ev(ast.parse(expr, mode="eval").body)
+    except (SyntaxError, KeyError, ZeroDivisionError, ValueError, RecursionError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def _human(n: int) -> str:
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"
+
+
+def parse_bytes(text: str) -> int:
+    """``1073741824``, ``512M``, ``4G``, ``1T`` (binary units) -> bytes; BadInput otherwise."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text or "")
+    if not m:
+        raise BadInput(f"--max-input-bytes {text!r}: expected a size such as 1073741824, 512M or 4G")
+    value = float(m.group(1)) * (1 << {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[m.group(2).lower()])
+    if value < 1:
+        raise BadInput(f"--max-input-bytes {text!r}: must be at least 1 byte")
+    return int(value)
+
+
+def check_input_bytes(shapes: Mapping[str, list[int]], dtypes: Mapping[str, np.dtype], max_bytes: int | None,
+                      what: str = "verification inputs") -> None:
+    """Refuse inputs whose total size exceeds ``max_bytes`` before any of them is allocated."""
+    limit = DEFAULT_MAX_INPUT_BYTES if max_bytes is None else max_bytes
+    sizes = {n: math.prod(int(d) for d in sh) * np.dtype(dtypes[n]).itemsize for n, sh in shapes.items()}
+    total = sum(sizes.values())
+    if total > limit:
+        big = max(sizes, key=sizes.get)
+        raise BadInput(f"{what} would need {_human(total)} ({big} {list(shapes[big])} alone "
+                       f"{_human(sizes[big])}), over the {_human(limit)} limit: --max-input-bytes raises it, "
+                       "--shape sets dynamic dims, --no-verify skips verification")
+
+
+def resolve_shapes(specs: list[InputSpec], shapes: Mapping[str, list[int]] | None = None
+                   ) -> tuple[dict[str, list[int]], list[str]]:
+    """Concrete shapes for every input: ``--shape`` first, then one value per symbolic dim
+    across all inputs (so ``input_ids [batch, seq]`` and ``attention_mask [batch, seq]``
+    agree). A KV cache's past length gets ``DEFAULT_PAST_LENGTH`` unless given, and a mask
+    whose length is its own symbol (or an expression such as ``past + seq``) is past +
+    current long. Returns (shapes, notes about defaulted dims)."""
     shapes = dict(shapes or {})
     unknown = set(shapes) - {s.name for s in specs}
     if unknown:
         raise BadInput(f"--shape names unknown input(s) {sorted(unknown)}; inputs are {[s.name for s in specs]}")
-    rng = np.random.default_rng(seed)
-    feeds, notes = {}, []
+    role = {s.name: input_role(s.name) for s in specs}
+    # unnamed dynamic dims: axis 0 is the batch everywhere; a cache's other unnamed dim its length
+    dims = {s.name: [d if d is not None else ("?batch" if i == 0 else "?past" if role[s.name] == "past" else None)
+                     for i, d in enumerate(s.shape)] for s in specs}
+    bound: dict[str, int] = {}
+    for s in specs:
+        if s.name not in shapes:
+            continue
+        given = shapes[s.name]
+        if len(given) != len(s.shape) or any(isinstance(d, int) and d != g for d, g in zip(s.shape, given)):
+            raise BadInput(f"--shape {s.name}={','.join(map(str, given))} does not fit the input's shape {s.shape}")
+        for d, g in zip(dims[s.name], given):
+            if _is_symbol(d) and bound.setdefault(d, g) != g:
+                raise BadInput(f"--shape gives the dim {d!r} two values ({bound[d]} and {g})")
+    notes: list[str] = []
+    plain = {d for s in specs if role[s.name] not in ("past", "mask") for d in dims[s.name] if _is_symbol(d)}
+    past = [s for s in specs if role[s.name] == "past"]
+    # the cache length: the past inputs' own symbols (not the batch, not shared with the tokens)
+    past_len = None
+    for s in past:
+        for d in dims[s.name]:
+            if _is_symbol(d) and d not in plain:
+                if d not in bound:
+                    bound[d] = DEFAULT_PAST_LENGTH
+                    notes.append(f"{s.name}: past length {d.lstrip('?') or '?'} set to {DEFAULT_PAST_LENGTH} (use --shape)")
+                past_len = bound[d] if past_len is None else past_len
+    # plain symbols default to DEFAULT_DYNAMIC_DIM
+    for s in specs:
+        if role[s.name] == "mask":
+            continue
+        for d in dims[s.name]:
+            if _is_symbol(d) and d not in bound:
+                bound[d] = DEFAULT_DYNAMIC_DIM
+                notes.append(f"{s.name}: dynamic dim {d.lstrip('?')} set to {DEFAULT_DYNAMIC_DIM} (use --shape)")
+    # the current length: the tokens' last axis (ids) or axis 1 (embeddings)
+    current = None
+    for s in specs:
+        if role[s.name] is None and len(s.shape) >= 2:
+            d = dims[s.name][-1 if np.issubdtype(s.dtype, np.integer) else 1]
+            current = d if isinstance(d, int) else bound.get(d) if isinstance(d, str) else None
+            break
+    out: dict[str, list[int]] = {}
     for s in specs:
         if s.name in shapes:
-            shape = shapes[s.name]
-            if len(shape) != len(s.shape) or any(isinstance(d, int) and d != g for d, g in zip(s.shape, shape)):
-                raise BadInput(f"--shape {s.name}={','.join(map(str, shape))} does not fit the input's shape {s.shape}")
-        else:
-            shape = []
-            for d in s.shape:
-                if isinstance(d, int):
-                    shape.append(d)
-                else:
-                    shape.append(DEFAULT_DYNAMIC_DIM)
-                    notes.append(f"{s.name}: dynamic dim {d or '?'} set to {DEFAULT_DYNAMIC_DIM} (use --shape)")
-        if np.issubdtype(s.dtype, np.integer):
+            out[s.name] = list(shapes[s.name])
+            continue
+        shape = []
+        for i, d in enumerate(dims[s.name]):
+            if isinstance(d, int):
+                shape.append(d)
+                continue
+            value = None
+            if isinstance(d, str):
+                value = bound.get(d) if _is_symbol(d) else _eval_dim(d, bound)
+            if value is None and role[s.name] == "mask" and i == len(dims[s.name]) - 1 and current is not None:
+                value = current + (past_len or 0)  # the mask covers the past and the current tokens
+                if isinstance(d, str):
+                    bound[d] = value
+                notes.append(f"{s.name}: mask length set to {value}"
+                             + (f" (past {past_len} + current {current})" if past_len else " (the current length)"))
+            if value is None:
+                value = DEFAULT_DYNAMIC_DIM
+                if isinstance(d, str):
+                    bound[d] = value
+                notes.append(f"{s.name}: dynamic dim {(d or '?').lstrip('?') or '?'} set to {DEFAULT_DYNAMIC_DIM} "
+                             "(use --shape)")
+            shape.append(value)
+        out[s.name] = shape
+    return out, notes
+
+
+def _mask(rng: np.random.Generator, shape: list[int], dtype: np.dtype) -> np.ndarray:
+    """A 0/1 mask: each row (last axis) a prefix of ones, at least half the row long (so
+    every row attends somewhere and most of the computation is exercised)."""
+    if not shape:
+        return np.ones((), dtype=dtype)
+    n = shape[-1]
+    lengths = rng.integers((n + 1) // 2, n + 1, size=shape[:-1]) if n else np.zeros(shape[:-1], np.int64)
+    return (np.arange(n) < lengths[..., None]).astype(dtype)
+
+
+def make_inputs(specs: list[InputSpec], shapes: Mapping[str, list[int]] | None = None, *,
+                seed: int = 0, max_bytes: int | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Seeded inputs for verification; returns (feeds, notes about defaulted dims).
+
+    Floats (and KV-cache ``past_*`` inputs) from N(0, 1); token ids uniform over the rows of
+    the table that reads them; masks 0/1 with a prefix of ones per row; ``position_ids``
+    ``past, past + 1, ...`` along the last axis. Dims from ``resolve_shapes``; the total is
+    checked against ``max_bytes`` (default ``DEFAULT_MAX_INPUT_BYTES``) before allocating."""
+    concrete, notes = resolve_shapes(specs, shapes)
+    check_input_bytes(concrete, {s.name: s.dtype for s in specs}, max_bytes)
+    past_len = 0
+    for s in specs:
+        if input_role(s.name) == "past" and np.issubdtype(s.dtype, np.floating) and len(s.shape) >= 3:
+            past_len = concrete[s.name][-2]  # [..., past, head_dim]
+            break
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for s in specs:
+        shape = concrete[s.name]
+        role = input_role(s.name)
+        if role == "mask":
+            feeds[s.name] = _mask(rng, shape, s.dtype)
+        elif role == "position" and shape and not np.issubdtype(s.dtype, np.bool_):
+            pos = np.arange(past_len, past_len + shape[-1])
+            if s.int_high:
+                pos = np.minimum(pos, s.int_high - 1)
+            feeds[s.name] = np.ascontiguousarray(np.broadcast_to(pos, shape)).astype(s.dtype)
+        elif np.issubdtype(s.dtype, np.integer):
             feeds[s.name] = rng.integers(0, s.int_high or 2, size=shape).astype(s.dtype)
         elif s.dtype == np.bool_:
             feeds[s.name] = rng.integers(0, 2, size=shape).astype(bool)
@@ -114,11 +293,37 @@ def make_inputs(specs: list[InputSpec], shapes: Mapping[str, list[int]] | None =
     return feeds, notes
 
 
-def _read_npz(path: str, flag: str) -> dict[str, np.ndarray]:
-    """The arrays of a ``.npz`` file (never unpickled); unreadable -> BadInput naming ``--flag``."""
+def _npz_headers(data: Any) -> dict[str, tuple[list[int], np.dtype]]:
+    """Shape and dtype of each array of an open ``.npz`` from its header alone (arrays
+    whose header is not a plain 1.0 / 2.0 ``.npy`` header are left out)."""
+    out = {}
+    members = set(data.zip.namelist())
+    for key in data.files:
+        member = key + ".npy" if key + ".npy" in members else key
+        try:
+            with data.zip.open(member) as f:
+                version = np.lib.format.read_magic(f)
+                read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+                shape, _, dtype = read[version](f)
+        except Exception:  # noqa: BLE001 - reading the array itself reports what is wrong
+            continue
+        out[key] = (list(shape), dtype)
+    return out
+
+
+def _read_npz(path: str, flag: str, max_bytes: int | None = None) -> dict[str, np.ndarray]:
+    """The arrays of a ``.npz`` file (never unpickled); unreadable -> BadInput naming ``--flag``.
+    With ``max_bytes``, arrays whose total size exceeds it are refused from their headers,
+    before any is decompressed."""
     try:
         with np.load(path, allow_pickle=False) as data:
+            if max_bytes is not None:
+                heads = _npz_headers(data)
+                check_input_bytes({k: h[0] for k, h in heads.items()}, {k: h[1] for k, h in heads.items()},
+                                  max_bytes, what=f"--{flag} {path}")
             feeds = {k: data[k] for k in data.files}
+    except BadInput:
+        raise
     except FileNotFoundError:
         raise BadInput(f"--{flag} {path}: no such file") from None
     except Exception as err:  # noqa: BLE001
@@ -126,9 +331,10 @@ def _read_npz(path: str, flag: str) -> dict[str, np.ndarray]:
     return feeds
 
 
-def load_inputs(path: str, specs: list[InputSpec]) -> dict[str, np.ndarray]:
-    """Read ``--inputs FILE.npz`` (no pickle) and check names, ranks and dtypes."""
-    feeds = _read_npz(path, "inputs")
+def load_inputs(path: str, specs: list[InputSpec], max_bytes: int | None = None) -> dict[str, np.ndarray]:
+    """Read ``--inputs FILE.npz`` (no pickle) and check names, ranks and dtypes (and the
+    total size against ``max_bytes``, default ``DEFAULT_MAX_INPUT_BYTES``)."""
+    feeds = _read_npz(path, "inputs", DEFAULT_MAX_INPUT_BYTES if max_bytes is None else max_bytes)
     by_name = {s.name: s for s in specs}
     extra = sorted(set(feeds) - set(by_name))
     missing = sorted(set(by_name) - set(feeds))

@@ -128,8 +128,18 @@ def _window_consts(bd: _Builder, cfg: FunctionConfig) -> tuple[ir.Value, ir.Valu
     return bd.const(lay.block_index(), "block_index"), bd.const(lay.block_bias(), "block_bias")
 
 
+MIN_OPSET = 13  # Softmax over the last axis only, ReduceSum / Squeeze / Unsqueeze with axes as an input
+
+
+def _reduce_max(bd: _Builder, s: ir.Value, axes: ir.Value, opset: int) -> ir.Value:
+    """``ReduceMax(s, axis=-1, keepdims)``: axes as an input from opset 18, as an attribute before."""
+    if opset >= 18:
+        return bd.add("ReduceMax", [s, axes], [ir.AttrInt64("keepdims", 1)])
+    return bd.add("ReduceMax", [s], [ir.AttrInt64s("axes", [-1]), ir.AttrInt64("keepdims", 1)])
+
+
 def _blocked_masked(bd: _Builder, q: ir.Value, k: ir.Value, v: ir.Value, cfg: FunctionConfig,
-                    idx: ir.Value, bias: ir.Value, *, with_lse: bool) -> tuple[ir.Value, ir.Value | None]:
+                    idx: ir.Value, bias: ir.Value, *, with_lse: bool, opset: int) -> tuple[ir.Value, ir.Value | None]:
     """``O_M [B,H,N,D]`` (and ``LSE_M [B,H,N,1]``) from the blocked window of each query block."""
     lay, d = cfg.layout, cfg.head_dim
     n, npad, nb, bq = lay.spec.n, lay.padded, lay.nb, lay.block
@@ -147,7 +157,7 @@ def _blocked_masked(bd: _Builder, q: ir.Value, k: ir.Value, v: ir.Value, cfg: Fu
     lse = None
     if with_lse:
         axes = bd.ints([-1])
-        mx = bd.add("ReduceMax", [s, axes], [ir.AttrInt64("keepdims", 1)])
+        mx = _reduce_max(bd, s, axes, opset)
         e = bd.add("Exp", [bd.add("Sub", [s, mx])])
         z = bd.add("ReduceSum", [e, axes], [ir.AttrInt64("keepdims", 1)])
         o = bd.add("Div", [bd.add("MatMul", [e, vw]), z])
@@ -176,7 +186,8 @@ def _branch(name: str, bd: _Builder, outputs: list[ir.Value], opset: int) -> ir.
 
 
 def rettention_function(cfg: FunctionConfig, name: str, opset: int) -> ir.Function:
-    """The ``rewriter::<name>`` function for ``cfg`` (body of opset-``opset`` standard ops)."""
+    """The ``rewriter::<name>`` function for ``cfg`` (body of opset-``opset`` standard ops,
+    ``MIN_OPSET`` or later: a function uses the model's opset of the default domain)."""
     q_in, k_in, v_in = ir.Value(name="Q"), ir.Value(name="K"), ir.Value(name="V")
     step, rho, res = ir.Value(name="step"), ir.Value(name="rho"), ir.Value(name="residual")
     top = _Builder("top_")
@@ -201,12 +212,12 @@ def rettention_function(cfg: FunctionConfig, name: str, opset: int) -> ir.Functi
     bd = _Builder("refresh_")
     s = _scaled_scores(bd, q, k, cfg)
     axes = bd.ints([-1])
-    mx = bd.add("ReduceMax", [s, axes], [ir.AttrInt64("keepdims", 1)])
+    mx = _reduce_max(bd, s, axes, opset)
     e = bd.add("Exp", [bd.add("Sub", [s, mx])])
     z = bd.add("ReduceSum", [e, axes], [ir.AttrInt64("keepdims", 1)])
     o_full = bd.add("Div", [bd.add("MatMul", [e, v]), z])
     lse = bd.add("Add", [mx, bd.add("Log", [z])])
-    o_m, lse_m = _blocked_masked(bd, q, k, v, cfg, idx, bias, with_lse=True)
+    o_m, lse_m = _blocked_masked(bd, q, k, v, cfg, idx, bias, with_lse=True, opset=opset)
     rho4 = bd.add("Exp", [bd.add("Sub", [lse_m, lse])])
     r_new = bd.add("Sub", [o_full, bd.add("Mul", [rho4, o_m])])
     refresh = _branch("refresh", bd, [bd.add("Identity", [o_full]), bd.add("Squeeze", [rho4, bd.ints([-1])]), r_new],
@@ -214,7 +225,7 @@ def rettention_function(cfg: FunctionConfig, name: str, opset: int) -> ir.Functi
 
     # sparse: (rho + lam k) O_M + R
     bd = _Builder("sparse_")
-    o_m, _ = _blocked_masked(bd, q, k, v, cfg, idx, bias, with_lse=False)
+    o_m, _ = _blocked_masked(bd, q, k, v, cfg, idx, bias, with_lse=False, opset=opset)
     gain = bd.add("Add", [bd.add("Unsqueeze", [rho, bd.ints([-1])]), coef])
     o = bd.add("Add", [bd.add("Mul", [gain, o_m]), res])
     sparse = _branch("sparse", bd, [o, bd.add("Identity", [rho]), bd.add("Identity", [res])], opset)

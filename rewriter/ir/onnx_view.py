@@ -85,6 +85,9 @@ class OnnxView(GraphView):
         # never change what an existing value computes, so the cache survives them
         self._const_cache: dict[ir.Value, np.ndarray | None] = {}
         self._names = itertools.count()
+        # value name -> concrete dims assumed for the analysis where the file's are symbolic
+        # (``rewriter.shapes.specialise``, from --shape / --inputs); the model is not changed
+        self.shape_hints: dict[str, tuple] = {}
 
     @property
     def graph(self) -> ir.Graph:
@@ -182,12 +185,19 @@ class OnnxView(GraphView):
         return value.is_graph_output()
 
     def rank(self, value: Value) -> int | None:
-        return None if value.shape is None else len(value.shape)
+        if value.shape is None:
+            hint = self.shape_hints.get(value.name) if self.shape_hints and value.name else None
+            return None if hint is None else len(hint)
+        return len(value.shape)
 
     def shape(self, value: Value) -> tuple | None:
+        hint = self.shape_hints.get(value.name) if self.shape_hints and value.name else None
         if value.shape is None:
-            return None
-        return tuple(d if isinstance(d, int) else None for d in value.shape)
+            return hint
+        dims = tuple(d if isinstance(d, int) else None for d in value.shape)
+        if hint is not None and None in dims and len(hint) == len(dims):
+            dims = tuple(h if d is None else d for d, h in zip(dims, hint))  # a dim assumed from --shape
+        return dims
 
     def value_name(self, value: Value) -> str:
         return value.name or "?"
@@ -910,6 +920,7 @@ class OnnxView(GraphView):
     def copy(self) -> OnnxView:
         view = OnnxView(self.model.clone(), self.path)
         view.external_data = self.external_data
+        view.shape_hints = self.shape_hints
         return view
 
     def raw_op_types(self) -> list[str]:
