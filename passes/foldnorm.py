@@ -30,7 +30,9 @@ Folding (Unified Normalization, section 4 of ``shared/reference/normalization.md
 Layout ops between the norm and the layer (``Transpose``/``permute``, as in a BatchNorm1d
 applied to ``[B, N, C]`` activations through transposes) are seen through: the norm's
 channel axis is mapped through the permutation and must land on the layer's feature axis.
-After the norm is gone, a transpose followed by its inverse is removed too.
+After the norm is gone, a transpose followed by its inverse is removed too. Reads of a
+tensor's shape only (``Shape`` / ``Size``, ``aten.sym_size``: dynamic axes) are not
+readers: folding changes no shape.
 
 Declined, with the reason: a norm in training mode; a normalized tensor that is also a
 graph output or feeds a residual add or any other non-linear reader; a channel axis that
@@ -122,13 +124,13 @@ class FoldNorm(Pass):
         p = view.producer(node.inputs[0]) if node.inputs else None
         if p is None or self._affine_or_none(view, p) is None:
             return False
-        return len(view.users(p.output)) == 1 and not view.is_graph_output(p.output)
+        return len(view.data_users(p.output)) == 1 and not view.is_graph_output(p.output)
 
     def _grow_chain(self, view: GraphView, node: Node, affine: Affine) -> tuple[list[Node], Affine, str]:
         chain = [node]
         while True:
             out = chain[-1].output
-            users = view.users(out)
+            users = view.data_users(out)
             if len(users) != 1 or view.is_graph_output(out):
                 break
             nxt = users[0]
@@ -170,7 +172,7 @@ class FoldNorm(Pass):
             p = view.producer(src)
             if p is None:
                 return None, "the norm reads a graph input or a constant"
-            if view.users(src) != [consumer] or view.is_graph_output(src):
+            if view.data_users(src) != [consumer] or view.is_graph_output(src):
                 return None, f"{p.name}'s output has other readers"
             if p.op != "transpose":
                 break
@@ -203,7 +205,7 @@ class FoldNorm(Pass):
         def walk(value, axis) -> str:
             if view.is_graph_output(value):
                 return "the normalized tensor is a graph output"
-            users = view.users(value)
+            users = view.data_users(value)
             if not users:
                 return "the normalized tensor has no readers"
             for u in users:

@@ -22,8 +22,14 @@ Eligibility (``ResidualStream.problems``, model level, and per-norm reasons):
   hidden state, an op reading the stream), or a stream value that is a graph output;
 * a branch output scaled channel-wise by a data-dependent gate (adaLN-Zero): the update
   ``gate * f(x)`` is not zero-mean for any re-centring of ``f``;
-* ops that read only the stream's shape (``Shape`` of a static tensor) are listed in
-  ``shape_reads``: harmless for ``rms``, a width change for ``crms``;
+* ops that read only the stream's shape are not readers of its values: a ``Shape`` /
+  ``Size`` (ONNX) or ``aten.sym_size`` (FX) of a stream value or of a norm output (the
+  ``Shape -> Gather -> Unsqueeze -> Concat -> Reshape`` chains of dynamic axes) is listed
+  in ``shape_readers``; reshapes whose target is computed that way are layout ops when
+  the target's last entry is the input's width (``keeps_width``). Harmless for ``rms``,
+  ``lns``, ``osplus``; ``crms`` follows what each such read computes (``GraphView.
+  shape_read_problems``). Constant-folded reads (``Shape`` of a static tensor) are in
+  ``shape_reads``;
 * norms that do not read the stream are listed apart with the reason (an embedding
   LayerNorm, a QK-norm) and stay as they are.
 
@@ -42,7 +48,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
-from rewriter.ir.view import Declined, GraphView, Layout, Node, NormParams
+from rewriter.ir.view import Declined, Dim, GraphView, Layout, Node, NormParams
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +102,8 @@ class ResidualStream:
     other_norms: list[tuple[Node, str]]
     problems: list[str]
     notes: list[str]
-    shape_reads: list[str] = dataclasses.field(default_factory=list)  # ops reading only its shape
+    shape_reads: list[str] = dataclasses.field(default_factory=list)  # constant-folded reads of its shape
+    shape_readers: list[Node] = dataclasses.field(default_factory=list)  # Shape / sym_size of a stream value
 
     @property
     def final_norms(self) -> list[StreamNorm]:
@@ -135,7 +142,9 @@ class _Analysis:
             return rank is not None and (rank - 1) not in lay.axes
         if lay.kind in ("reshape", "expand"):
             si, so = v.shape(x), v.shape(node.output)
-            return bool(si) and bool(so) and si[-1] is not None and si[-1] == so[-1]
+            if bool(si) and bool(so) and si[-1] is not None and si[-1] == so[-1]:
+                return True
+            return keeps_width(v, node, x)
         return False
 
     def _is_join(self, node: Node | None) -> bool:
@@ -252,6 +261,8 @@ def _classify_writer(a: _Analysis, value, width: int | None) -> Writer:
         if lay is not None and lay.kind in ("identity", "reshape", "expand", "select", "reduce"):
             si, so = v.shape(p.inputs[0]), v.shape(u)
             new_axis = _map_axis_back(lay, si, so, axis)
+            if new_axis is None and axis == -1 and lay.kind in ("reshape", "expand") and keeps_width(v, p, p.inputs[0]):
+                new_axis = -1  # a target computed at run time whose last entry is the input's width
             if new_axis is None:
                 return Writer("other", value, p, path)
             path.append((p, axis))
@@ -259,6 +270,38 @@ def _classify_writer(a: _Analysis, value, width: int | None) -> Writer:
             u = p.inputs[0]
             continue
         return Writer("other", value, p, path)
+
+
+def keeps_width(view: GraphView, node: Node, x) -> bool:
+    """A reshape / expand whose target (computed at run time: dynamic axes) ends with the
+    width of its input ``x``: the constant ``x.shape[-1]``, a run-time read of it
+    (``Shape(x)[-1]``, or of a tensor of the same static width), or an expand's 1. Rows of
+    the last axis stay whole, so the channel axis stays last."""
+    t = view.shape_target(node)
+    if not t:
+        return False
+    last, si = t[-1], view.shape(x)
+    width = si[-1] if si else None
+    if isinstance(last, Dim):
+        if last.axis != -1:
+            return False
+        if last.value is x:
+            return True
+        so = view.shape(last.value)
+        return width is not None and bool(so) and so[-1] == width
+    if isinstance(last, int):
+        if width is not None and last == width:
+            return True
+        return last == 1 and _layout_kind(view, node) == "expand"
+    return False
+
+
+def _layout_kind(view: GraphView, node: Node) -> str:
+    try:
+        lay = view.layout(node)
+    except Declined:
+        return ""
+    return lay.kind if lay is not None else ""
 
 
 def _map_axis_back(lay: Layout, si, so, axis: int) -> int | None:
@@ -294,8 +337,8 @@ def _norm_readers(a: _Analysis, sn: StreamNorm) -> None:
         if v.is_graph_output(value):
             sn.others.append(f"the normalized tensor {v.value_name(value)} is a graph output")
         for u in v.users(value):
-            if v.is_harmless_reader(u):
-                continue
+            if v.is_harmless_reader(u) or v.is_shape_reader(u):
+                continue  # a read of the shape only (dynamic axes): values unchanged
             if u.op == "linear" and u.inputs and u.inputs[0] is value:
                 sn.linears.append((u, list(chain)))
                 continue
@@ -361,6 +404,7 @@ def analyze(view: GraphView) -> ResidualStream:
     # readers of the raw stream
     allowed = set(a.joins) | set(a.layouts) | stream_norm_raw
     shape_reads: list[str] = []
+    shape_readers: list[Node] = []
     post_ln = any(w.note == "post-LN" for w in writers)
     for val in list(a.values.values()) + list(a.leaves.values()):
         if view.const_value(val) is not None:
@@ -373,6 +417,9 @@ def analyze(view: GraphView) -> ResidualStream:
         for u in view.users(val):
             if id(u.raw[0]) in allowed or view.is_harmless_reader(u):
                 continue
+            if view.is_shape_reader(u):
+                shape_readers.append(u)  # its shape only: harmless unless the width changes (crms)
+                continue
             if view.const_value(u.output) is not None:
                 if _only_feeds(view, u.output, stream_norm_raw):
                     continue  # e.g. the exporter's ones(d) scale of an affine-free norm
@@ -384,7 +431,7 @@ def analyze(view: GraphView) -> ResidualStream:
     _depths(view, stream_norms, a)
     problems = list(dict.fromkeys(problems))
     return ResidualStream(width, list(a.values.values()), list(a.joins.values()), list(a.layouts.values()),
-                          writers, stream_norms, other_norms, problems, notes, shape_reads)
+                          writers, stream_norms, other_norms, problems, notes, shape_reads, shape_readers)
 
 
 def _only_feeds(view: GraphView, value, targets: set[int], depth: int = 8) -> bool:

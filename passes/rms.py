@@ -217,13 +217,14 @@ class _StreamPass(Pass):
                 self._narrow_layout(view, node, axis, d)
 
     def _narrow_layout(self, view: GraphView, node, axis: int, d: int) -> None:
+        """The layout op's target (constant, or computed at run time from a Concat of
+        constants and shape reads) narrowed where it states the width ``d``."""
         lay = view.layout(node) if node.op != "transpose" else None
-        if lay is not None and lay.target:
-            t = list(lay.target)
-            i = axis % len(t) if len(t) == (view.rank(node.output) or len(t)) else None
-            if i is not None and t[i] == d:
-                t[i] = d - 1
-                view.set_layout_target(node, t)
+        if lay is not None and lay.kind in ("reshape", "expand"):
+            t = view.shape_target(node)
+            i = axis % len(t) if t and len(t) == (view.rank(node.output) or len(t)) else None
+            if i is not None and type(t[i]) is int and t[i] == d:
+                view.narrow_target(node, i, d - 1)
         view.set_dim(node.output, axis, d - 1)
 
     def _apply_stream(self, view: GraphView, stream: ResidualStream) -> None:
@@ -269,7 +270,7 @@ def _exclusive(view: GraphView, w: Writer) -> bool:
     for v in vals:
         if view.is_graph_output(v):
             return False
-        users = [u for u in view.users(v) if not view.is_harmless_reader(u)]
+        users = view.data_users(v)  # a read of the shape alone is not a read of the values
         if len(users) > 1:
             return False
     return True

@@ -266,7 +266,7 @@ def as_view(model: Any, *, example_inputs: Sequence[Any] | None = None, ir_kind:
             src = Source("factory", type(model).__name__, type(model).__name__.lower(), model.eval(), tuple(example_inputs))
             return to_view(src, "onnx")
         if isinstance(model, torch.fx.GraphModule):
-            return FxView(model, tuple(example_inputs))
+            return FxView(model, tuple(example_inputs)).copy()  # the caller's module stays as it was
         return FxView(capture(model.eval(), tuple(example_inputs)), tuple(example_inputs))
     if isinstance(model, (str, os.PathLike)):
         src = resolve(str(model))

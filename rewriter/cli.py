@@ -238,7 +238,7 @@ def run_cmd(
         raise VerificationFailed(
             f"verification failed after pass {v.get('failed_pass')!r}"
             + (f" at site {site!r}" if site else "")
-            + f": max rel error {v.get('max_rel_error', float('nan')):.3g}; nothing written (--force writes anyway)")
+            + f": {_why_failed(v)}; nothing written (--force writes anyway)")
     empty = result.unapplied
     if empty:
         reasons = "; ".join(f"{s.site}: {s.reason}" for r in empty for s in r.declined) or "no candidate sites"
@@ -435,6 +435,14 @@ def bench_cmd(
     return 0
 
 
+def _why_failed(v: dict) -> str:
+    """What failed: the runtime's one line when the rewritten model does not run, else the
+    worst relative error."""
+    if v.get("runs") is False or str(v.get("error", "")).startswith("the rewritten model does not run"):
+        return str(v.get("error") or "the rewritten model does not run")
+    return f"max rel error {v.get('max_rel_error', float('nan')):.3g}"
+
+
 def _goals(report: dict, pass_names: list[str], max_rel_error: float | None, min_speedup: float | None) -> list[dict]:
     """The goals of ``rewrite check`` with what was measured and whether each is met."""
     goals = []
@@ -444,7 +452,7 @@ def _goals(report: dict, pass_names: list[str], max_rel_error: float | None, min
                   "measured": "passed" if v.get("passed") else f"failed after {failed!r}"
                   + (f" at site {v['failing_site']!r}" if v.get("failing_site") else ""),
                   "passed": bool(v.get("passed")),
-                  **({} if v.get("passed") else {"why": f"max rel error {v.get('max_rel_error', float('nan')):.3g}"})})
+                  **({} if v.get("passed") else {"why": _why_failed(v)})})
     applied = {p["name"]: p["applied"] for p in report["passes"]}
     empty = [n for n in pass_names if applied.get(n, 0) == 0]
     goals.append({"goal": "applied", "target": "every pass applies to >= 1 site",

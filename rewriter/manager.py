@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -100,11 +101,28 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
-def _run_or_none(view: GraphView, feeds) -> dict | None:
+def runtime_error(err: BaseException) -> str:
+    """One line from a runtime failure: the node ONNX Runtime names (``Name:'...'``, or the
+    node of an invalid-graph error) and its message, whitespace collapsed."""
+    text = " ".join(str(err).split())
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    node = re.search(r"Name:'([^']*)'", text) or re.search(r"[Nn]ode \(([^)\s]+)\)", text)
+    msg = re.search(r"Status Message: (.*)", text)
+    body = msg.group(1) if msg else text
+    body = re.sub(r"^\S+\.(?:h|cc|cpp):\d+ [\w:~]+\([^)]*\)\s*", "", body)  # ORT's source location
+    if len(body) > 400:
+        body = body[:397] + "..."
+    return (f"node {node.group(1)!r}: " if node else "") + f"{type(err).__name__}: {body}"
+
+
+def _run_or_none(view: GraphView, feeds, why: list[str] | None = None) -> dict | None:
     try:
         return Runner(view)(feeds)
     except Exception as err:  # noqa: BLE001 - a rewritten model that does not run fails verification
-        log.warning("the rewritten model does not run: %s", _first_line(err))
+        line = runtime_error(err)
+        log.warning("the rewritten model does not run: %s", line)
+        if why is not None:
+            why.append(line)
         return None
 
 
@@ -156,10 +174,12 @@ def run_passes(view: GraphView, passes: list[Pass], *, feeds: Mapping[str, np.nd
             rec.verification = p.check(before, view, feeds)  # type: ignore[attr-defined]
             outs = Runner(view)(feeds)
         else:
-            outs = _run_or_none(view, feeds)
+            why: list[str] = []
+            outs = _run_or_none(view, feeds, why)
             rec.verification = (compare(current_ref, outs, p.error_budget()) if outs is not None else
                                 {"passed": False, "max_abs_error": float("inf"), "max_rel_error": float("inf"),
-                                 "outputs": [], "error": "the rewritten model does not run"})
+                                 "outputs": [], "runs": False,
+                                 "error": f"the rewritten model does not run: {why[0] if why else '?'}"})
         if not rec.verification["passed"]:
             if p.kind is not Kind.ARCHITECTURAL and p.bisectable:
                 rec.verification["failing_site"] = _bisect(p, before, accepted, feeds, current_ref, say)

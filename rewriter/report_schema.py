@@ -51,6 +51,8 @@ _VERIFICATION = {
         "inputs": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "integer"}}},
         "notes": {"type": "array", "items": _STR},
         "shadow": {"type": "string", "enum": ["float32"]},
+        "runs": {"type": "boolean"},  # false: the rewritten model does not run (``error`` says why)
+        "error": _STR,
     },
 }
 

@@ -26,6 +26,7 @@ from rewriter.ir.view import (
     Affine,
     ConvParams,
     Declined,
+    Dim,
     GraphView,
     Layout,
     LinearParams,
@@ -61,6 +62,9 @@ _RESHAPE = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _RESHAPE_NOTARGET = {aten.flatten.using_ints, aten.unflatten.int, aten.squeeze.dim, aten.squeeze.dims,
                      aten.squeeze.default, aten.unsqueeze.default}
 _HARMLESS = {aten._assert_tensor_metadata.default}
+_SYM_SIZE = {aten.sym_size.int}
+_SHAPE_READERS = {aten.sym_size.int, aten.sym_size.default, aten.sym_numel.default, aten.sym_stride.int,
+                  aten.sym_stride.default, aten.sym_storage_offset.default}
 _IMPURE_NAMES = ("rand", "normal", "bernoulli", "dropout", "uniform", "empty", "copy_", "_guards")
 
 
@@ -533,6 +537,76 @@ class FxView(GraphView):
         """Readers that do not compute anything from the value (metadata assertions)."""
         return node.raw[0].target in _HARMLESS
 
+    def is_shape_reader(self, node: Node) -> bool:
+        raw = node.raw[0]
+        if raw.op == "call_function":
+            return raw.target in _SHAPE_READERS or (raw.target is getattr and len(raw.args) > 1
+                                                    and raw.args[1] in ("shape", "ndim", "dtype", "device"))
+        return raw.op == "call_method" and raw.target in ("size", "dim", "numel")
+
+    def _entry(self, a: Any):
+        if isinstance(a, int) and not isinstance(a, bool):
+            return a
+        if isinstance(a, fx.Node):
+            c = self.const_value(a) if a.op != "call_function" or a.target not in _SYM_SIZE else None
+            if c is not None and c.ndim == 0 and np.issubdtype(c.dtype, np.integer):
+                return int(c)
+            if a.op == "call_function" and a.target is aten.sym_size.int:
+                r = self.rank(a.args[0])
+                if r is not None:
+                    return Dim(a.args[0], int(a.args[1]) % r - r)
+            if a.op == "call_method" and a.target == "size" and len(a.args) > 1 and isinstance(a.args[1], int):
+                r = self.rank(a.args[0])
+                if r is not None:
+                    return Dim(a.args[0], a.args[1] % r - r)
+        return None
+
+    def shape_target(self, node: Node) -> list | None:
+        raw = node.raw[0]
+        if raw.op != "call_function" or (raw.target not in _RESHAPE and raw.target is not aten.expand.default):
+            return None
+        target = raw.args[1] if len(raw.args) > 1 else None
+        if not isinstance(target, (list, tuple)):
+            return None
+        return [self._entry(a) for a in target]
+
+    def can_narrow_target(self, node: Node, index: int) -> str:
+        t = self.shape_target(node)
+        if t is None or type(node.raw[0].args[1][index]) is not int:
+            return f"{node.name}: entry {index} of its target is not a constant"
+        return ""
+
+    def narrow_target(self, node: Node, index: int, size: int) -> None:
+        raw = node.raw[0]
+        target = list(raw.args[1])
+        target[index] = int(size)
+        raw.args = (raw.args[0], target, *raw.args[2:])
+        self.invalidate()
+
+    def shape_read_problems(self, node: Node, narrowed, changes=None) -> list[str]:
+        raw = node.raw[0]
+        x = raw.args[0] if raw.args else None
+        changes = changes or narrowed
+        axis = changes(x) if isinstance(x, fx.Node) else None
+        r = self.rank(x) if isinstance(x, fx.Node) else None
+        if raw.target in ("dim", "ndim", "dtype", "device") or (raw.target is getattr and raw.args[1] != "shape"):
+            return []
+        if (raw.target is aten.sym_size.int or (raw.op == "call_method" and raw.target == "size"
+                                                 and len(raw.args) > 1)):
+            if r is not None and axis is not None and int(raw.args[1]) % r != axis % r:
+                return []  # the batch or sequence size
+        problems = []
+        for u in raw.users:
+            t = self.shape_target(self.node_of(u)) if self.node_of(u) is not None else None
+            if t is not None and u.args[0] is not raw:
+                where = [i for i, a in enumerate(u.args[1]) if a is raw]
+                out_axis = narrowed(u)
+                if out_axis is not None and where == [len(t) + out_axis]:
+                    continue
+            problems.append(f"{_target_name(u)} ({u.name}) computes from the width of {x.name} "
+                            f"(read by {node.name}): narrowing would change its result")
+        return problems
+
     def set_layout_target(self, node: Node, target) -> None:
         raw = node.raw[0]
         raw.args = (raw.args[0], [int(t) for t in target], *raw.args[2:])
@@ -599,7 +673,11 @@ class FxView(GraphView):
                bias: np.ndarray | None = None) -> Value:
         users = [u for u in value.users]
         anchor = value.next
-        shape = self.shape(value)
+        val = value.meta.get("val") if isinstance(value, fx.Node) else None
+        # the dims as the meta value holds them (symbolic sizes of dynamic axes included)
+        shape = list(val.shape) if val is not None and hasattr(val, "shape") else self.shape(value)
+        if shape is not None and any(d is None for d in shape):
+            shape = None
         if op == "center":
             m = self._call(anchor, aten.mean.dim, (value, [-1], True), value,
                            None if shape is None else [*shape[:-1], 1])
@@ -620,7 +698,7 @@ class FxView(GraphView):
                            None if shape is None else [*shape[:-1], 1])
             neg = self._call(anchor, aten.neg.default, (s,), s)
             out = self._call(anchor, aten.cat.default, ([value, neg], -1), value,
-                             None if shape is None or shape[-1] is None else [*shape[:-1], shape[-1] + 1])
+                             None if shape is None else [*shape[:-1], shape[-1] + 1])
         else:
             raise ValueError(f"unknown insert op {op!r}")
         for u in users:

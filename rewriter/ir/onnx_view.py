@@ -23,6 +23,7 @@ from rewriter.ir.view import (
     Affine,
     ConvParams,
     Declined,
+    Dim,
     GraphView,
     Layout,
     LinearParams,
@@ -50,6 +51,10 @@ _IDENTITY_OPS = {"Identity"}
 _RESHAPE_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 # ops a constant operand may be computed through from its parameter (edit_const)
 _CONST_CHAIN_OPS = {"Identity", "Cast", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Gather", "Slice"}
+
+# ops of shape arithmetic whose output entries are entries of their first input (rank <= 1)
+_SHAPE_PASS_OPS = {"Identity", "Cast", "Squeeze", "Unsqueeze", "Reshape", "Gather", "Slice", "Concat"}
+_SHAPE_READERS = {"Shape", "Size"}
 
 PROVENANCE_PASS = "rewriter.pass"
 PROVENANCE_REPLACED = "rewriter.replaced"
@@ -85,6 +90,7 @@ class OnnxView(GraphView):
         # never change what an existing value computes, so the cache survives them
         self._const_cache: dict[ir.Value, np.ndarray | None] = {}
         self._names = itertools.count()
+        self._retargeted: dict[tuple, ir.Value] = {}  # narrow_target: rebuilt shape values
         # value name -> concrete dims assumed for the analysis where the file's are symbolic
         # (``rewriter.shapes.specialise``, from --shape / --inputs); the model is not changed
         self.shape_hints: dict[str, tuple] = {}
@@ -608,6 +614,201 @@ class OnnxView(GraphView):
         self.invalidate()
         return v.name or "?"
 
+    # -- shape arithmetic ---------------------------------------------------------------
+    def is_shape_reader(self, node: Node) -> bool:
+        raw = node.raw[0]
+        return raw.domain in ("", "ai.onnx") and raw.op_type in _SHAPE_READERS
+
+    def shape_entries(self, value: ir.Value | None, depth: int = 0) -> list | None:
+        """An integer tensor of rank <= 1 (a shape being computed) as entries: ints, ``Dim``
+        (``Shape`` reads) and None (not followed); None when its length is unknown."""
+        if value is None or depth > 64:
+            return None
+        c = self.const_value(value)
+        if c is not None:
+            if c.ndim > 1 or not np.issubdtype(c.dtype, np.integer):
+                return None
+            return [int(x) for x in c.reshape(-1)]
+        p = value.producer()
+        fallback = None
+        if value.shape is not None and len(value.shape) <= 1 and all(isinstance(d, int) for d in value.shape):
+            fallback = [None] * (int(value.shape[0]) if len(value.shape) else 1)
+        if p is None or p.domain not in ("", "ai.onnx"):
+            return fallback
+        op = p.op_type
+        if op == "Shape":
+            r = self.rank(p.inputs[0])
+            if r is None:
+                return fallback
+            start = p.attributes.get_int("start", 0)
+            end = p.attributes.get_int("end", r)
+            start, end = (min(max(a + r if a < 0 else a, 0), r) for a in (start, end))
+            return [Dim(p.inputs[0], a - r) for a in range(start, end)]
+        if op in ("Identity", "Cast", "Squeeze", "Unsqueeze", "Reshape"):
+            inner = self.shape_entries(p.inputs[0], depth + 1)
+            return inner if inner is not None else fallback
+        if op == "Gather" and p.attributes.get_int("axis", 0) == 0:
+            inner = self.shape_entries(p.inputs[0], depth + 1)
+            idx = self.const_value(p.inputs[1])
+            if inner is None or idx is None or idx.ndim > 1:
+                return fallback
+            try:
+                return [inner[int(i)] for i in idx.reshape(-1)]
+            except IndexError:
+                return fallback
+        if op == "Slice":
+            inner = self.shape_entries(p.inputs[0], depth + 1)
+            if inner is None:
+                return fallback
+            if len(p.inputs) > 1:
+                args = [self.const_value(v) if v is not None else None for v in p.inputs[1:5]]
+                if any(a is None for a in args[:2]) or any(a is None and v is not None
+                                                           for a, v in zip(args[2:], p.inputs[3:5])):
+                    return fallback
+                starts, ends = args[0], args[1]
+                axes = args[2] if len(args) > 2 and args[2] is not None else np.zeros(1, np.int64)
+                steps = args[3] if len(args) > 3 and args[3] is not None else np.ones(1, np.int64)
+            else:
+                starts = np.asarray(p.attributes.get_ints("starts", [0]))
+                ends = np.asarray(p.attributes.get_ints("ends", [len(inner)]))
+                axes = np.asarray(p.attributes.get_ints("axes", [0]))
+                steps = np.ones(1, np.int64)
+            if starts.size != 1 or int(axes.reshape(-1)[0]) not in (0, -1):
+                return fallback
+            n = len(inner)
+            s0, e0, st = int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0]), int(steps.reshape(-1)[0])
+            e0 = max(min(e0, n), -n - 1) if st > 0 else e0
+            return inner[slice(s0, e0, st)] if st != 0 else fallback
+        if op == "Concat" and p.attributes.get_int("axis", 0) in (0, -1):
+            out: list = []
+            for v in p.inputs:
+                part = self.shape_entries(v, depth + 1)
+                if part is None:
+                    return fallback
+                out += part
+            return out
+        return fallback
+
+    def shape_target(self, node: Node) -> list | None:
+        raw = node.raw[0]
+        if raw.domain not in ("", "ai.onnx") or raw.op_type not in ("Reshape", "Expand") or len(raw.inputs) < 2:
+            return None
+        return self.shape_entries(raw.inputs[1])
+
+    def _retarget(self, value: ir.Value, index: int, size: int, before: ir.Node | None) -> ir.Value:
+        """``value`` (a shape being computed) with its constant entry ``index`` set to
+        ``size``: a new initializer, or copies of the Concat / Unsqueeze / ... nodes that
+        build it, each inserted after its original (``before`` None: check only)."""
+        key = (value, index, size)
+        if key in self._retargeted:
+            return self._retargeted[key]
+        c = self.const_value(value)
+        if c is not None:
+            if c.ndim > 1 or index >= c.size:
+                raise Declined(f"{self.value_name(value)} is not a shape vector")
+            if before is None:
+                return value
+            arr = c.reshape(-1).copy()
+            arr[index] = size
+            new = self._new_initializer(f"{self.value_name(value)}_narrow", arr.reshape(c.shape))
+            self._retargeted[key] = new
+            return new
+        p = value.producer()
+        if p is None or p.domain not in ("", "ai.onnx"):
+            raise Declined(f"{self.value_name(value)} is computed at run time")
+        inputs = list(p.inputs)
+        if p.op_type == "Concat":
+            off = 0
+            for k, v in enumerate(inputs):
+                part = self.shape_entries(v)
+                if part is None:
+                    raise Declined(f"{p.op_type} ({p.name}) has a part of unknown length")
+                if off <= index < off + len(part):
+                    inputs[k] = self._retarget(v, index - off, size, before)
+                    break
+                off += len(part)
+            else:
+                raise Declined(f"{p.op_type} ({p.name}) has no entry {index}")
+        elif p.op_type in ("Identity", "Cast", "Squeeze", "Unsqueeze", "Reshape"):
+            inputs[0] = self._retarget(inputs[0], index, size, before)
+        else:
+            raise Declined(f"entry {index} of {self.value_name(value)} is computed by {p.op_type} ({p.name})")
+        if before is None:
+            return value
+        clone = ir.Node(p.domain, p.op_type, inputs, [ir.Attr(a.name, a.type, a.value) for a in p.attributes.values()],
+                        name=f"{p.name}_narrow__rw{next(self._names)}")
+        clone.outputs[0].dtype, clone.outputs[0].shape = p.outputs[0].dtype, p.outputs[0].shape
+        clone.outputs[0].name = self._free_name(f"{self.value_name(value)}_narrow")
+        self.graph.insert_after(p, clone)  # beside the original: every later reader may share it
+        if self._nodes is not None:  # keep the semantic-node cache in graph order
+            orig = self._by_raw.get(id(p))
+            fresh = self._classify(clone, set())
+            at = self._nodes.index(orig) + 1 if orig is not None else len(self._nodes)
+            self._nodes.insert(at, fresh)
+            self._by_raw[id(clone)] = fresh
+        self._retargeted[key] = clone.outputs[0]
+        return clone.outputs[0]
+
+    def can_narrow_target(self, node: Node, index: int) -> str:
+        raw = node.raw[0]
+        try:
+            self._retarget(raw.inputs[1], index, 0, None)
+        except Declined as why:
+            return f"{raw.op_type} ({node.name}): {why}"
+        return ""
+
+    def narrow_target(self, node: Node, index: int, size: int) -> None:
+        raw = node.raw[0]
+        raw.replace_input_with(1, self._retarget(raw.inputs[1], index, size, raw))
+        # no regrouping: only new shape nodes (copies, beside their originals) joined the graph
+
+    def shape_read_problems(self, node: Node, narrowed, changes=None) -> list[str]:
+        raw = node.raw[0]
+        x = raw.inputs[0]
+
+        changes = changes or narrowed
+
+        def tainted(e) -> bool:
+            return e is None or (isinstance(e, Dim) and changes(e.value) == e.axis)
+
+        out = raw.outputs[0]
+        if raw.op_type == "Shape":
+            entries = self.shape_entries(out)
+            if entries is not None and not any(tainted(e) for e in entries):
+                return []
+        problems: list[str] = []
+        todo, seen = [out], set()
+        while todo:
+            t = todo.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            if t.is_graph_output():
+                problems.append(f"the shape {self.value_name(t)} of {self.value_name(x)} (read by {node.name}) "
+                                "is a graph output")
+            for use in t.uses():
+                u = use.node
+                op = u.op_type if u.domain in ("", "ai.onnx") else f"{u.domain}::{u.op_type}"
+                if op in ("Reshape", "Expand", "ConstantOfShape") and use.idx == (0 if op == "ConstantOfShape" else 1):
+                    entries = self.shape_entries(t)
+                    where = [i for i, e in enumerate(entries or [None]) if tainted(e)]
+                    axis = narrowed(u.outputs[0])
+                    if entries is not None and axis is not None and where == [len(entries) + axis]:
+                        continue  # the width of a value that narrows, as the channel axis of one that narrows too
+                    problems.append(f"{op} ({u.name}) builds its shape from the width of "
+                                    f"{self.value_name(x)} (read by {node.name}), but not as the channel axis "
+                                    "of a tensor that narrows with it")
+                    continue
+                if op in _SHAPE_PASS_OPS and (use.idx == 0 or op == "Concat"):
+                    entries = self.shape_entries(u.outputs[0])
+                    if entries is not None and not any(tainted(e) for e in entries):
+                        continue  # e.g. Gather(shape, 0): the batch size only
+                    todo.append(u.outputs[0])
+                    continue
+                problems.append(f"{op} ({u.name}) computes from the width of {self.value_name(x)} "
+                                f"(read by {node.name}): narrowing would change its result")
+        return list(dict.fromkeys(problems))
+
     def set_dim(self, value: Value, axis: int, size: int) -> None:
         if value.shape is None:
             return
@@ -831,10 +1032,11 @@ class OnnxView(GraphView):
         for name, v in list(self.graph.initializers.items()):
             if not v.uses() and not v.is_graph_output() and not v.is_graph_input():
                 del self.graph.initializers[name]
+        self._retargeted.clear()
         self.invalidate()
 
     def capture(self, values, feeds) -> list[np.ndarray]:
-        from backends.ort import make_session, run_onnx
+        from backends.ort import run_onnx
 
         model = self.model.clone()
         by_name = {v.name: v for v in model.graph.inputs}
@@ -848,7 +1050,10 @@ class OnnxView(GraphView):
             if cv.dtype is None:
                 cv.dtype = ir.DataType.FLOAT
             model.graph.outputs.append(cv)
-        sess = make_session(inline_proto(model), optimize=False)
+        from rewriter.verify import Runner
+
+        # external data (a dynamo export's .onnx.data) or > 2 GB: the session reads a copy on disk
+        sess = Runner(self)._onnx_session(model)
         specs = {i.name: i.shape for i in sess.get_inputs()}
         feeds = {k: np.asarray(v) for k, v in feeds.items() if k in specs}
         # a static batch dim smaller than the data's: run in chunks of it

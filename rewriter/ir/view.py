@@ -243,6 +243,21 @@ class LinearOp:
     torch_op: Any
 
 
+@dataclasses.dataclass(eq=False)
+class Dim:
+    """One entry of a shape computed at run time: ``value.shape[axis]`` (``axis`` negative),
+    as an exporter's ``Shape -> Gather`` (ONNX) or ``aten.sym_size.int`` (FX) reads it."""
+
+    value: Any
+    axis: int
+
+    def __repr__(self) -> str:
+        return f"Dim({getattr(self.value, 'name', '?')}, {self.axis})"
+
+
+Entry = Any  # int (a constant), Dim (read at run time) or None (computed in a way not followed)
+
+
 class Declined(Exception):
     """Raised by view queries when a node cannot be used; the message is the reason."""
 
@@ -414,6 +429,48 @@ class GraphView(abc.ABC):
 
     def set_dim(self, value: Value, axis: int, size: int) -> None:
         """Update the static shape annotation of ``value`` at ``axis`` (if it has one)."""
+
+    # -- shape arithmetic (dynamic axes) ------------------------------------------------
+    def is_shape_reader(self, node: Node) -> bool:
+        """Whether ``node`` reads only the shape of its input, not its values (ONNX
+        ``Shape`` / ``Size``; FX ``aten.sym_size`` / ``.size()`` / ``.shape``)."""
+        return False
+
+    def data_users(self, value: Value) -> list[Node]:
+        """``users(value)`` less the readers of its shape or metadata only."""
+        return [u for u in self.users(value) if not self.is_shape_reader(u) and not self.is_harmless_reader(u)]
+
+    def shape_target(self, node: Node) -> list[Entry] | None:
+        """The target shape of a reshape / expand node, one entry per output axis: an int
+        (a constant, ``-1`` / ``0`` as the op reads them), a ``Dim`` (a size read at run
+        time) or None (computed in a way not followed); None when not even the number of
+        entries is known."""
+        lay = self.layout(node)
+        return None if lay is None or lay.target is None else list(lay.target)
+
+    def can_narrow_target(self, node: Node, index: int) -> str:
+        """Empty when the constant entry ``index`` of the node's target can be changed by
+        ``narrow_target``; else the reason."""
+        return "" if self.layout(node) is not None and self.layout(node).target is not None else \
+            f"{node.name}: its target shape is not a constant"
+
+    def narrow_target(self, node: Node, index: int, size: int) -> None:
+        """Set the constant entry ``index`` of the node's target shape to ``size``, for this
+        node only (a target shared with other nodes is copied)."""
+        t = list(self.layout(node).target)
+        t[index] = size
+        self.set_layout_target(node, t)
+
+    def shape_read_problems(self, node: Node, narrowed, changes=None) -> list[str]:
+        """``node`` reads the shape of a value whose channel axis is about to narrow:
+        what, downstream of it, would compute a wrong result from the new width.
+        ``narrowed(value)`` is the channel axis (negative) of a value that narrows, else
+        None; ``changes(value)`` the same for the values whose shape reads change (default
+        ``narrowed``; a value followed by an inserted slice changes for its readers without
+        narrowing itself). The width may only reach the channel entry of the target of a
+        reshape / expand whose output narrows along that axis; reads of other axes (batch,
+        sequence) are harmless."""
+        return [f"{node.op} ({node.name}) reads the shape of a narrowed value: not followed"]
 
     def is_harmless_reader(self, node: Node) -> bool:
         """Whether ``node`` reads a value without computing from it (a metadata check)."""
