@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-stamp
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast test-soak bench clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,12 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The whole suite SOAK_RUNS times in a row from a fresh clone of HEAD, with every core kept
+# busy by spinning processes; stops at the first failure (benchmarks/soak.py). Not run by CI.
+SOAK_RUNS ?= 5
+test-soak: setup
+	$(PY) benchmarks/soak.py --runs $(SOAK_RUNS)
 
 bench: setup
 	$(PY) benchmarks/foldnorm_bench.py

@@ -1,6 +1,8 @@
 """Re-ttention Triton kernels on a GPU (not a test): correctness against the CPU kernels,
 then latency against dense SDPA at N = 4096 and 16384 (B=1, H=16, Dh=64, fp16 and fp32),
-with ``triton.testing.do_bench`` (median ms). Prints one JSON document.
+with ``triton.testing.do_bench`` (median ms). Prints one JSON document. ``sparse`` /
+``refresh`` go through the ops, which run FlexAttention on CUDA (``kernel_for``);
+``sparse_triton`` launches the hand Triton kernel directly.
 
     python benchmarks/rettention_gpu.py [--tokens 4096 16384]
 """
@@ -59,11 +61,13 @@ def timing(tokens: list[int]) -> dict:
                     "sdpa_dense": do_bench(lambda: F.scaled_dot_product_attention(q, k, v)),
                     "triton_dense": do_bench(lambda: kern._launch(q, k, v, 0.125, lay, masked=False, epilogue=0)),
                     "sparse": do_bench(lambda: kern.sparse(q, k, v, rho, res, 0.04, 0.125, lay)),
+                    "sparse_triton": do_bench(lambda: kern.triton_sparse(q, k, v, rho, res, 0.04, 0.125, lay)),
                     "refresh": do_bench(lambda: kern.refresh(q, k, v, 0.125, lay)),
                 }
                 key = f"N{n}-block{block}-{dtype}".replace("torch.", "")
                 out[key] = {"median_ms": ms, "sdpa_over_sparse": ms["sdpa_dense"] / ms["sparse"],
                             "triton_dense_over_sparse": ms["triton_dense"] / ms["sparse"],
+                            "sdpa_over_sparse_triton": ms["sdpa_dense"] / ms["sparse_triton"],
                             "window_keys": lay.width}
     return out
 

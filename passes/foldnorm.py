@@ -83,7 +83,7 @@ class FoldNorm(Pass):
 
     @dataclasses.dataclass
     class Options:
-        direction: Literal["auto", "prev", "next"] = "auto"  # prev: into the producer
+        direction: Literal["auto", "prev", "next"] = "auto"  # fold into prev (producer) / next; auto: either
 
     # -- match -------------------------------------------------------------------------
     def match(self, view: GraphView) -> list[Site]:

@@ -47,6 +47,7 @@ import networkx as nx
 import numpy as np
 
 from passes.residual import StreamNorm, analyze
+from rewriter.canon import near_miss_note
 from rewriter.ir.view import GraphView, NormParams
 from rewriter.pass_api import Kind, Pass, Site, register
 
@@ -120,7 +121,7 @@ class LayerNormScaling(Pass):
         stream = analyze(view)
         sites = [Site(n.name, False, f"{why}: not a pre-norm, not scaled") for n, why in stream.other_norms]
         if not stream.norms:
-            return sites or [Site("model", False, "no norm reads a residual stream")]
+            return sites or [Site("model", False, "no norm reads a residual stream" + near_miss_note(view))]
         post = [p for p in stream.problems if p.startswith("post-LN")]
         if post:
             return sites + [Site(sn.node.name, False, f"{post[0]}: LayerNorm Scaling applies to pre-norms only")
@@ -162,8 +163,9 @@ class LayerNormScaling(Pass):
                 p = view.norm(cur)
                 gamma = p.weight if p.weight is not None else np.ones(p.width)
                 view.set_norm(cur, weight=gamma * f, bias=None if p.bias is None else p.bias * f)
-                view.tag(view.node_of(node.raw[0]) or cur, self.name, [node.name])
-                after_name = before_name
+                now = view.node_of(node.raw[0]) or cur
+                view.tag(now, self.name, [node.name])
+                after_name = view.value_name(now.output)  # a chain norm may have gained a scale op
             self.applied.append({"site": site.site, "l": plan.layer, "factor": f, "mode": mode, "op": node.op,
                                  "input": view.value_name(node.inputs[0]), "norm": before_name,
                                  "after": after_name, "params": plan.norm.params})

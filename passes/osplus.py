@@ -56,6 +56,7 @@ import numpy as np
 
 from passes.calibration import calibration_feeds, capture_rows
 from passes.residual import StreamNorm, analyze
+from rewriter.canon import near_miss_note
 from rewriter.ir.view import GraphView, LinearParams
 from rewriter.pass_api import Kind, Pass, Site, register
 
@@ -146,7 +147,7 @@ class OutlierSuppressionPlus(Pass):
         stream = analyze(view)
         sites = [Site(n.name, False, f"{why}: osplus migrates stream norms only") for n, why in stream.other_norms]
         if not stream.norms:
-            return sites or [Site("model", False, "no norm reads a residual stream")]
+            return sites or [Site("model", False, "no norm reads a residual stream" + near_miss_note(view))]
         g = view.to_networkx()
         joins = {j.name for j in stream.joins}
         todo: list[StreamNorm] = []

@@ -150,8 +150,8 @@ class _Analysis:
     def _is_join(self, node: Node | None) -> bool:
         if node is None:
             return False
-        if node.op == "add":
-            return len(self.view.operands(node)) == 2
+        if node.op == "add":  # two operands (three: a fused Skip*Norm's input + skip + bias)
+            return len(self.view.operands(node)) in (2, 3) if "skip" in node.attrs else len(self.view.operands(node)) == 2
         lay = self._layout(node)
         if lay is not None and lay.kind == "concat":
             rank = self.view.rank(node.output)
@@ -363,7 +363,8 @@ def analyze(view: GraphView) -> ResidualStream:
     other_norms: list[tuple[Node, str]] = []
     for n in norms:
         start, chain = a.back(n.inputs[0])
-        if id(start) in a.values or id(start) in a.leaves:
+        walked = [n.inputs[0]] + [c.inputs[0] for c in chain]  # a writer value may sit on the walk
+        if id(start) in a.values or any(id(u) in a.leaves for u in walked):
             for c in chain:
                 a.layouts[id(c.raw[0])] = c
                 a.values[id(c.output)] = c.output

@@ -80,7 +80,7 @@ class Rettention(Pass):
         warmup: int = 5  # dense steps before the first refresh
         period: int = 5  # a refresh every `period` steps
         lam: float = 0.04  # rho grows by lam per sparse step since the refresh
-        mask: Literal["band", "window2d"] = "band"
+        mask: Literal["band", "window2d"] = "band"  # sparse mask: 1-D band or 2-D local window
         grid: str = ""  # window2d token grid "HxW" (default: square)
         block: int = 0  # query/key block of the sparse kernels (0: auto)
         cross: bool = False  # also rewrite same-length attention over another sequence
@@ -264,7 +264,8 @@ def _apply_fx(view: FxView, plan: _Plan, schedule: Schedule) -> None:
     if not isinstance(state, RettentionState):
         state = RettentionState()
         gm.add_module(MODULE_NAME, state)
-    index = state.add_site(SiteConfig(s.name, plan.layout, float(s.scale), schedule))
+    index = state.add_site(SiteConfig(s.name, plan.layout, float(s.scale), schedule,
+                                      heads=int(s.heads or 0), head_dim=int(s.head_dim or 0)))
     anchor = s.out
     with g.inserting_before(anchor):
         k = s.k

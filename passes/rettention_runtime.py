@@ -47,6 +47,8 @@ class SiteConfig:
     scale: float
     schedule: Schedule
     variant: str = "rettention"  # "rettention" | "naive" (no correction) | "residual" (rho not applied)
+    heads: int = 0  # H and Dh of the site (the state shapes of a StepProgram)
+    head_dim: int = 0
 
 
 class RettentionState(nn.Module):
@@ -58,6 +60,7 @@ class RettentionState(nn.Module):
         self.step = 0
         self.request: Any = 0
         self._state: dict[tuple[int, Any], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._functional: dict | None = None  # set by StepProgram for one call
 
     def add_site(self, cfg: SiteConfig) -> int:
         self.sites.append(cfg)
@@ -82,6 +85,8 @@ class RettentionState(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: int = 0) -> torch.Tensor:
         from backends.triton import rettention as kern
 
+        if self._functional is not None:
+            return self._step_forward(q, k, v, site)
         cfg = self.sites[site]
         phase, kk = cfg.schedule.phase(self.step)
         if phase == DENSE:
@@ -108,6 +113,111 @@ class RettentionState(nn.Module):
         else:
             coef = cfg.schedule.lam * kk
         return kern.sparse(q, k, v, rho, res, coef, cfg.scale, cfg.layout)
+
+
+    def _step_forward(self, q, k, v, site: int) -> torch.Tensor:
+        """One site as a pure function of the step tensor and the state tensors
+        (``StepProgram``): ``torch.cond`` picks dense / refresh / sparse, so a traced
+        program (torch.export) holds every phase."""
+        from backends.triton import rettention as kern
+
+        ctx = self._functional
+        cfg = self.sites[site]
+        sch, scale, layout = cfg.schedule, cfg.scale, cfg.layout
+        rho, res = ctx["state"][site]
+        step = ctx["step"]
+
+        def dense(q, k, v, rho, res, step):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale).contiguous(), rho.clone(), res.clone()
+
+        def refresh(q, k, v, rho, res, step):
+            o, r, rr = kern.refresh(q, k, v, scale, layout)
+            return o.contiguous(), r.contiguous(), rr.contiguous()
+
+        def sparse(q, k, v, rho, res, step):
+            kk = torch.remainder(step - sch.warmup, sch.period) - 1
+            coef = (kk.to(torch.float32) * sch.lam).reshape(())
+            o = kern.sparse(q, k, v, rho + coef, res, 0.0, scale, layout)
+            return o.contiguous(), rho.clone(), res.clone()
+
+        def not_dense(q, k, v, rho, res, step):
+            first = torch.remainder(step - sch.warmup, sch.period) == 0
+            return torch.cond(first, refresh, sparse, (q, k, v, rho, res, step))
+
+        o, new_rho, new_res = torch.cond(step < sch.warmup, dense, not_dense, (q, k, v, rho, res, step))
+        ctx["new"][site] = (new_rho, new_res)
+        return o
+
+
+class StepProgram(nn.Module):
+    """A rewritten GraphModule as a pure function of an explicit denoising step, the
+    protocol of the ONNX models (``backends/ort/rettention.py``)::
+
+        outputs..., rho_0, R_0, rho_1, R_1, ... = prog(*inputs, step, rho_0, R_0, rho_1, R_1, ...)
+
+    ``step``: 0-d int64; ``rho_s`` ``[B, H, N]`` and ``R_s`` ``[B, H, N, Dh]`` fp32 (zeros
+    before the first refresh). Every phase is in the program (``torch.cond``), so a saved
+    ``.pt2`` (``torch.export``) runs a whole sampling loop; ``StepDriver`` feeds it."""
+
+    def __init__(self, gm: nn.Module, n_inputs: int) -> None:
+        super().__init__()
+        self.gm = gm
+        self.n_inputs = n_inputs
+        self.n_sites = len(state_module(gm).sites)
+
+    def forward(self, *args):
+        n = self.n_inputs
+        inputs, step, flat = args[:n], args[n], args[n + 1:]
+        st = state_module(self.gm)
+        st._functional = {"step": step, "state": [(flat[2 * i], flat[2 * i + 1]) for i in range(self.n_sites)],
+                          "new": {}}
+        try:
+            out = self.gm(*inputs)
+            new = st._functional["new"]
+        finally:
+            st._functional = None
+        outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        return (*outs, *(t for i in range(self.n_sites) for t in new[i]))
+
+
+def initial_state(gm: nn.Module, batch: int, device=None) -> list[torch.Tensor]:
+    """Zero ``rho_s, R_s`` tensors for ``StepProgram`` (per site, in order)."""
+    out = []
+    for cfg in state_module(gm).sites:
+        h_n_d = cfg_shape(cfg)
+        out += [torch.zeros((batch, *h_n_d[:2]), device=device), torch.zeros((batch, *h_n_d), device=device)]
+    return out
+
+
+def cfg_shape(cfg: SiteConfig) -> tuple[int, int, int]:
+    """``(H, N, Dh)`` of a site (recorded by the pass)."""
+    if cfg.heads <= 0:
+        raise ValueError(f"rettention site {cfg.name}: no recorded shape (rewrite again with this version)")
+    return cfg.heads, cfg.layout.spec.n, cfg.head_dim
+
+
+class StepDriver:
+    """Drives a step program (``StepProgram`` or a loaded ``.pt2``'s ``module()``): keeps the
+    state tensors between calls; ``fn(x, t, step)`` fits ``sample_euler``."""
+
+    def __init__(self, program: Callable, n_outputs: int, state: list[torch.Tensor]) -> None:
+        self.program, self.n_outputs, self.state = program, n_outputs, list(state)
+
+    def __call__(self, *inputs, step: int):
+        res = self.program(*inputs, torch.tensor(step, dtype=torch.int64), *self.state)
+        outs, self.state = res[:self.n_outputs], list(res[self.n_outputs:])
+        return outs[0] if self.n_outputs == 1 else outs
+
+    def stepper(self) -> Callable:
+        return lambda x, t, step: self(x, t, step=step)
+
+
+def export_step_program(gm: nn.Module, example_inputs: tuple) -> Any:
+    """``torch.export`` of ``StepProgram(gm)`` at the example inputs' shapes."""
+    batch = int(example_inputs[0].shape[0])
+    prog = StepProgram(gm, len(example_inputs))
+    args = (*example_inputs, torch.tensor(0, dtype=torch.int64), *initial_state(gm, batch))
+    return torch.export.export(prog, args)
 
 
 def state_module(gm: nn.Module) -> RettentionState:

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from passes.residual import NORM_OPS, ResidualStream, StreamNorm, Writer, analyze
+from rewriter.canon import near_miss_note
 from rewriter.ir.view import Declined, GraphView, LinearParams, map_rows, scale_linear
 from rewriter.pass_api import Kind, Pass, Site, register
 
@@ -84,7 +85,7 @@ class _StreamPass(Pass):
     def match(self, view: GraphView) -> list[Site]:
         stream = analyze(view)
         if not stream.norms:
-            why = "no norm reads a residual stream"
+            why = "no norm reads a residual stream" + near_miss_note(view)
             if stream.other_norms:
                 why += f" ({stream.other_norms[0][1]})"
             return [Site("model", False, why)]
@@ -167,7 +168,8 @@ class _StreamPass(Pass):
         if not sites:
             return
         if getattr(view, "ir", "") == "onnx" and self.options.upgrade_opset and hasattr(view, "upgrade_opset"):
-            why = view.upgrade_opset(23)
+            replaced = [r for s in sites if s.plan is not None and s.plan.role == "norm" for r in s.plan.item.node.raw]
+            why = view.upgrade_opset(23, ignore=replaced)
             if why:
                 log.info("%s: staying at opset %d (%s): RMSNorm becomes a standard-op chain",
                          self.name, view.opset, why)

@@ -64,14 +64,14 @@ class ShiftAdd(Pass):
     @dataclasses.dataclass
     class Options:
         bits: float = 3.0  # average bits per weight; fractional: DP over `candidates`
-        mode: Literal["bcq", "denseshift"] = "bcq"
+        mode: Literal["bcq", "denseshift"] = "bcq"  # bcq: binary-coded scales; denseshift: sign + shift
         terms: int = 3  # powers of two per scale
         group_rows: int = 0  # output rows per scale block (0: all rows)
         rounds: int = 20  # alternating refinement rounds
-        act_order: bool = True
+        act_order: bool = True  # quantize columns by decreasing Hessian diagonal (GPTQ)
         compensate: bool = True  # GPTQ-style output error compensation
-        candidates: list[int] = dataclasses.field(default_factory=lambda: [2, 3, 4])
-        include: list[str] = dataclasses.field(default_factory=list)  # "head"
+        candidates: list[int] = dataclasses.field(default_factory=lambda: [2, 3, 4])  # bit widths of the DP
+        include: list[str] = dataclasses.field(default_factory=list)  # extra layers to quantize: "head"
         budget: float = 0.5  # max relative output error accepted by verification
 
     def __init__(self, options=None, context=None):

@@ -21,7 +21,7 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from rewriter.errors import BadInput, VerificationFailed
+from rewriter.errors import BadInput, NothingApplied, VerificationFailed
 from rewriter.ir.fx_view import FxView, capture
 from rewriter.ir.onnx_view import OnnxView
 from rewriter.ir.view import GraphView
@@ -65,6 +65,7 @@ class Result:
     verification: dict[str, Any]
     report: dict[str, Any]
     forced: bool = False
+    allow_unapplied: bool = False  # save even when some (not all) requested passes applied nowhere
     #: the model before the passes (the caller's GraphView, or a copy sharing its tensors;
     #: built on first use when the input was a torch module or a file exported from one)
     original_factory: Callable[[], GraphView] | None = dataclasses.field(default=None, repr=False)
@@ -103,12 +104,33 @@ class Result:
     def unapplied(self) -> list[PassRecord]:
         return [r for r in self.records if not r.applied]
 
+    def unapplied_warnings(self) -> list[str]:
+        """One line per requested pass that applied to no site, with its declined sites' reasons."""
+        return [f"pass {r.name!r} applied to no site ("
+                + ("; ".join(f"{s.site}: {s.reason}" for s in r.declined) or "no candidate sites") + ")"
+                for r in self.unapplied]
+
+    def check_applied(self) -> None:
+        """Raise ``NothingApplied`` (exit 3) when a requested pass applied nowhere, unless
+        ``allow_unapplied`` and at least one pass applied."""
+        empty = self.unapplied
+        if not empty or (self.allow_unapplied and len(empty) < len(self.records)):
+            return
+        reasons = "; ".join(f"{s.site}: {s.reason}" for r in empty for s in r.declined) or "no candidate sites"
+        if len(empty) == len(self.records):
+            hint = " (no requested pass applied)" if len(empty) > 1 else ""
+        else:
+            hint = " (--allow-unapplied writes what the other passes did)"
+        raise NothingApplied(f"pass {', '.join(r.name for r in empty)} applied to no site ({reasons}); "
+                             f"nothing written{hint}", result=self)
+
     def save(self, path: str | os.PathLike, *, force: bool | None = None) -> Path:
         """Write the model (``.onnx`` or ``.pt2``) atomically; refuses a model that failed
         verification unless ``force``."""
         force = self.forced if force is None else force
         if not self.passed and not force:
             raise VerificationFailed("refusing to save a model that failed verification (use force=True)")
+        self.check_applied()
         src = self._run.get("model")
         if (self._original is None and isinstance(src, (str, os.PathLike)) and _onnx_file(str(src))
                 and Path(src).resolve() == Path(path).resolve()):
@@ -116,6 +138,20 @@ class Result:
         out = save(self.view, path)
         self.report["output"] = str(out)
         return out
+
+    def compile(self, *, check: bool = True):
+        """The rewritten torch model under ``torch.compile`` (Inductor; ``rewriter.compile``).
+        With ``check``, Dynamo's trace at the example inputs is counted first and recorded
+        in ``report["compile"]`` (``graphs``, ``graph_breaks``, ``reasons``). A Re-ttention
+        model keeps its ``gm.rettention.set_step`` protocol."""
+        from rewriter.compile import compile_module, graph_breaks
+
+        if not isinstance(self.view, FxView):
+            raise BadInput("compile: only torch models (rewrite with --ir torch, or a .pt2 / torch module)")
+        gm = self.view.gm
+        if check:
+            self.report["compile"] = {"backend": "torch-inductor", **graph_breaks(gm, self.view.example_inputs)}
+        return compile_module(gm)
 
     def diff(self) -> dict[str, Any]:
         """The node-level graph diff, original vs rewritten: adds ``nodes``, ``io`` and
@@ -136,12 +172,13 @@ class Result:
         return self.report["diff"]
 
     def bench(self, *, runs: int = 100, warmup: int = 5, threads: int | None = None, profile: bool = True,
-              per_pass: bool = False, labels: tuple[str, str] = ("before", "after"),
-              progress: BenchProgress | None = None) -> dict[str, Any]:
+              per_pass: bool = False, labels: tuple[str, str] = ("original", "rewritten"),
+              progress: BenchProgress | None = None, compiled: bool = False) -> dict[str, Any]:
         """Time the original and the rewritten model interleaved (``rewriter.bench``) on the
         verification inputs; sets and returns ``report["latency"]`` (schema
         ``LATENCY_SECTION``; ``speedup`` > 1 means faster). ``per_pass`` also times the model
-        after each prefix of the pass list; ``profile`` adds per-op-type time (ONNX).
+        after each prefix of the pass list; ``profile`` adds per-op-type time; ``compiled``
+        times torch models under ``torch.compile`` (backend ``torch-inductor``).
         Refuses a model that failed verification unless the run was forced."""
         if not self.passed and not self.forced:
             raise VerificationFailed("not timing a model that failed verification (rewrite with force=True)")
@@ -154,7 +191,7 @@ class Result:
         pass_names = [p if isinstance(p, str) else p.name for p in names] if prefixes else []
         self.report["latency"] = latency(self.original, self.view, feeds, runs=runs, warmup=warmup,
                                          threads=threads, profile=profile, pass_names=pass_names,
-                                         prefixes=prefixes, labels=labels, progress=progress)
+                                         prefixes=prefixes, labels=labels, progress=progress, compiled=compiled)
         return self.report["latency"]
 
     def _prefix_views(self, passes: list) -> list[GraphView]:
@@ -187,12 +224,14 @@ class Result:
 
 def latency(before: Any, after: Any, feeds: Mapping[str, np.ndarray], *, runs: int = 100, warmup: int = 5,
             threads: int | None = None, profile: bool = True, pass_names: Sequence[str] = (),
-            prefixes: Sequence[Any] = (), labels: tuple[str, str] = ("before", "after"),
-            progress: BenchProgress | None = None) -> dict[str, Any]:
+            prefixes: Sequence[Any] = (), labels: tuple[str, str] = ("original", "rewritten"),
+            progress: BenchProgress | None = None, compiled: bool = False) -> dict[str, Any]:
     """The ``latency`` section: ``before`` and ``after`` (GraphViews or ready
     ``rewriter.bench.Target``s; ``after`` may be None) timed interleaved, plus the models
-    in ``prefixes`` (after each pass of ``pass_names``) and, with ``profile`` on ONNX
-    Runtime, per-op-type time from a separate profiling run."""
+    in ``prefixes`` (after each pass of ``pass_names``) and, with ``profile``, per-op-type
+    time from a separate profiling run (ORT's profiler, or the torch profiler). Torch
+    models with ``compiled``: under ``torch.compile`` (backend ``torch-inductor``; the
+    compiling first call is timed apart, ``compile_s``)."""
     from rewriter import bench as B
 
     if runs < 1:
@@ -202,9 +241,9 @@ def latency(before: Any, after: Any, feeds: Mapping[str, np.ndarray], *, runs: i
     say = progress or (lambda desc, done, total: None)
 
     def target(label, v):
-        return v if isinstance(v, B.Target) else B.target_for(label, v, feeds, threads=threads)
+        return v if isinstance(v, B.Target) else B.target_for(label, v, feeds, threads=threads, compiled=compiled)
 
-    say("preparing sessions", None, None)
+    say("compiling (torch.compile)" if compiled else "preparing sessions", None, None)
     tb = target(labels[0], before)
     ta = target(labels[1], after) if after is not None else None
     extra = [target(f"after {n}", v) for n, v in zip(pass_names, prefixes)]
@@ -213,11 +252,11 @@ def latency(before: Any, after: Any, feeds: Mapping[str, np.ndarray], *, runs: i
     sec = B.latency_section(tb, ta, runs=runs, warmup=warmup, profile=False, threads=threads,
                             inputs=feeds, pass_names=pass_names, prefixes=extra,
                             progress=lambda done, total: say(desc, done, total))
-    if profile and tb.engine == "onnxruntime":
+    if profile:
         say("profiling per op type", None, None)
         n = max(3, min(runs, 20))
-        sec["op_types"] = B.op_type_rows(B.profile_op_types(tb, runs=n, threads=threads),
-                                         B.profile_op_types(ta, runs=n, threads=threads) if ta else None)
+        B.attach_op_types(sec, B.profile_op_types(tb, runs=n, threads=threads),
+                          B.profile_op_types(ta, runs=n, threads=threads) if ta else None)
     return sec
 
 
@@ -298,7 +337,8 @@ def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, A
             inputs: Any = None, calib: Any = None, example_inputs: Sequence[Any] | None = None,
             shapes: Mapping[str, list[int]] | None = None, verify: bool = True, force: bool = False,
             ir_kind: str | None = None, progress=None, source: str | None = None,
-            max_input_bytes: int | None = None, freeze_initializer_inputs: bool = False) -> Result:
+            max_input_bytes: int | None = None, freeze_initializer_inputs: bool = False,
+            allow_unapplied: bool = False) -> Result:
     """Apply ``passes`` in order to ``model`` and verify each one.
 
     ``options``: ``{"foldnorm": {"direction": "next"}}`` (strings are parsed like ``--set``).
@@ -309,6 +349,9 @@ def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, A
     inputs (IR v3 files) become constants and leave the inputs (``--freeze-initializer-inputs``).
     Returns a ``Result``; a
     failed verification is recorded in it and ``Result.save`` refuses it unless forced.
+    ``Result.save`` also refuses (``NothingApplied``) when a requested pass applied to no
+    site, unless ``allow_unapplied`` and at least one pass applied; every unapplied pass is
+    then a line of ``report["warnings"]`` (and ``passes[i]["applied"] == 0``).
     """
     if not passes:
         raise BadInput("no passes given")
@@ -382,8 +425,11 @@ def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, A
     run = {"passes": list(passes), "options": dict(options or {}), "calib": calib, "inputs": inputs,
            "shapes": shapes, "model": model, "max_input_bytes": max_input_bytes,
            "freeze_initializer_inputs": freeze_initializer_inputs}
-    return Result(view, records, final, report, forced=force, original_factory=original_factory,
-                  feeds=feeds, _run=run)
+    result = Result(view, records, final, report, forced=force, allow_unapplied=allow_unapplied,
+                    original_factory=original_factory, feeds=feeds, _run=run)
+    if result.unapplied:
+        report["warnings"] = result.unapplied_warnings()
+    return result
 
 
 def _original_factory(model: Any, view: GraphView, **kw) -> Callable[[], GraphView]:

@@ -17,7 +17,13 @@ Method (the ``latency`` section of the JSON document):
   back to back: a load burst slows both samples of a pair, so it cancels, where the ratio
   of the two p50s (also reported, ``p50_ratio``) moves with it.
 - **Per op type.** A separate profiling session per ONNX model (profiling costs time, so it
-  never runs during the timed loop) gives each op type's kernel time per call.
+  never runs during the timed loop) gives each op type's kernel time per call; for torch
+  models the torch profiler does the same (self CPU time per op name, ``aten::*``,
+  ``rewriter::*``, Inductor's compiled kernels as one entry per graph).
+- **Torch backends.** ``backend`` is ``torch-eager`` or ``torch-inductor`` (the module under
+  ``torch.compile``, Inductor: C++ on CPU, Triton on CUDA). Compilation happens in the
+  first call, which is timed apart (``compile_s``), before the warm-up calls and the timed
+  loop; ``onnxruntime`` for ORT.
 - **Per pass.** ``per_pass`` times the original and the model after each prefix of the
   pass list in the same interleaved loop; pass k's speedup is p50(k-1) / p50(k).
 """
@@ -58,6 +64,8 @@ class Target:
     model: Any = None  # the ModelProto (onnx) for profiling
     feeds: Mapping[str, np.ndarray] | None = None
     sync: Callable[[], None] | None = None  # torch CUDA: synchronize
+    backend: str = ""  # "onnxruntime", "torch-eager" or "torch-inductor"
+    compile_s: float | None = None  # torch-inductor: seconds of the first (compiling) call
 
 
 def _session_options(threads: int | None, profile_dir: str | None = None):
@@ -108,11 +116,14 @@ def onnx_target(label: str, model: Any, feeds: Mapping[str, np.ndarray], *, thre
     feeds = {k: v for k, v in feeds.items() if k in wanted}
     provs = sess.get_providers()
     device = "cuda" if "CUDAExecutionProvider" in provs else "cpu"
-    return Target(label, "onnxruntime", lambda: sess.run(names, feeds), device, provs, model, feeds)
+    return Target(label, "onnxruntime", lambda: sess.run(names, feeds), device, provs, model, feeds,
+                  backend="onnxruntime")
 
 
-def torch_target(label: str, module: Any, args: Sequence[Any]) -> Target:
-    """A torch target (a GraphModule or nn.Module); on CUDA when torch sees a GPU."""
+def torch_target(label: str, module: Any, args: Sequence[Any], *, compiled: bool = False) -> Target:
+    """A torch target (a GraphModule or nn.Module); on CUDA when torch sees a GPU. With
+    ``compiled`` the module runs under ``torch.compile`` (``rewriter.compile``); the
+    compiling first call is made here and timed (``compile_s``)."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -120,17 +131,31 @@ def torch_target(label: str, module: Any, args: Sequence[Any]) -> Target:
     if device == "cuda":
         module = module.to(device)
         tensors = [t.to(device) for t in tensors]
+    fn = module
+    if compiled:
+        from rewriter.compile import compile_module
+
+        fn = compile_module(module, device)
 
     def call():
         with torch.inference_mode():
-            return module(*tensors)
+            return fn(*tensors)
 
     sync = torch.cuda.synchronize if device == "cuda" else None
-    return Target(label, "torch", call, device, [], None, None, sync)
+    t = Target(label, "torch", call, device, [], module, None, sync,
+               backend="torch-inductor" if compiled else "torch-eager")
+    if compiled:
+        t0 = time.perf_counter()
+        call()
+        if sync is not None:
+            sync()
+        t.compile_s = time.perf_counter() - t0
+    t.model = (fn, tensors)
+    return t
 
 
 def target_for(label: str, view, feeds: Mapping[str, np.ndarray] | None = None, *,
-               threads: int | None = None) -> Target:
+               threads: int | None = None, compiled: bool = False) -> Target:
     """A target for a GraphView: ORT for ONNX, torch for FX."""
     from rewriter.ir.onnx_view import OnnxView
 
@@ -141,7 +166,7 @@ def target_for(label: str, view, feeds: Mapping[str, np.ndarray] | None = None, 
         names = [n.name for n in view.graph.nodes if n.op == "placeholder"]
         if all(n in feeds for n in names):
             args = [feeds[n] for n in names]
-    return torch_target(label, view.gm, args)
+    return torch_target(label, view.gm, args, compiled=compiled)
 
 
 def stats(samples_ms: Sequence[float]) -> dict[str, Any]:
@@ -198,8 +223,34 @@ def measure(targets: Sequence[Target], *, runs: int = 100, warmup: int = 5, min_
     return out, inner
 
 
+def profile_torch_op_types(target: Target, *, runs: int = 10) -> dict[str, float] | None:
+    """Torch profiler: self device time (CPU, or CUDA on a GPU) per op name, ms per call."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if target.engine != "torch" or not isinstance(target.model, tuple):
+        return None
+    fn, tensors = target.model
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if target.device == "cuda" else [])
+    with torch.inference_mode():
+        fn(*tensors)
+        with profile(activities=acts) as prof:
+            for _ in range(runs):
+                fn(*tensors)
+            if target.sync is not None:
+                target.sync()
+    per_op: dict[str, float] = {}
+    for ev in prof.key_averages():
+        us = ev.self_device_time_total if target.device == "cuda" else ev.self_cpu_time_total
+        if us > 0:
+            per_op[ev.key] = per_op.get(ev.key, 0.0) + us / 1e3 / runs
+    return per_op
+
+
 def profile_op_types(target: Target, *, runs: int = 10, threads: int | None = None) -> dict[str, float] | None:
-    """ORT kernel time per op type, in ms per call (None for torch targets)."""
+    """Kernel time per op type, in ms per call: ORT's profiler, or the torch profiler."""
+    if target.engine == "torch":
+        return profile_torch_op_types(target, runs=runs)
     if target.engine != "onnxruntime" or target.model is None:
         return None
     with tempfile.TemporaryDirectory(prefix="rewriter-prof-") as tmp:
@@ -235,10 +286,29 @@ def profile_op_types(target: Target, *, runs: int = 10, threads: int | None = No
 
 
 def op_type_rows(before: Mapping[str, float] | None, after: Mapping[str, float] | None) -> list[dict[str, Any]]:
-    """[{op, before_ms, after_ms}] sorted by the larger of the two, slowest first."""
+    """[{op, before_ms, after_ms, before_share, after_share}] sorted by the larger of the two,
+    slowest first. The shares are fractions of each model's profiled total (None for a model
+    that was not profiled): profiling adds overhead to every kernel, so its absolute times add
+    up to more than the wall-clock latency, while the shares stay comparable."""
+    has_after = after is not None
     before, after = dict(before or {}), dict(after or {})
+    tb, ta = sum(before.values()), sum(after.values())
     ops = sorted(set(before) | set(after), key=lambda o: -max(before.get(o, 0.0), after.get(o, 0.0)))
-    return [{"op": o, "before_ms": before.get(o, 0.0), "after_ms": after.get(o, 0.0)} for o in ops]
+    return [{"op": o, "before_ms": before.get(o, 0.0), "after_ms": after.get(o, 0.0),
+             "before_share": before.get(o, 0.0) / tb if tb > 0 else None,
+             "after_share": (after.get(o, 0.0) / ta if ta > 0 else None) if has_after else None} for o in ops]
+
+
+def attach_op_types(sec: dict[str, Any], before: Mapping[str, float] | None, after: Mapping[str, float] | None) -> None:
+    """Put the per-op-type profile into a latency section: ``op_types`` rows with shares, and
+    each side's profiled total (``before.profiled_ms`` / ``after.profiled_ms``, ms per call)
+    beside its wall-clock ``p50_ms``."""
+    if before is None:
+        return
+    sec["op_types"] = op_type_rows(before, after)
+    sec["before"]["profiled_ms"] = float(sum(before.values()))
+    if after is not None and sec.get("after"):
+        sec["after"]["profiled_ms"] = float(sum(after.values()))
 
 
 def latency_section(before: Target, after: Target | None = None, *, runs: int = 100, warmup: int = 5,
@@ -254,6 +324,7 @@ def latency_section(before: Target, after: Target | None = None, *, runs: int = 
     results, inner = measure(targets, runs=runs, warmup=warmup, progress=progress, min_sample_ms=min_sample_ms)
     sec: dict[str, Any] = {
         "engine": before.engine,
+        "backend": before.backend or before.engine,
         "device": before.device,
         "providers": before.providers,
         "graph_optimization": "all" if before.engine == "onnxruntime" else None,
@@ -273,11 +344,13 @@ def latency_section(before: Target, after: Target | None = None, *, runs: int = 
         sec["after"] = {"label": after.label, **{k: v for k, v in results[1].items() if k != "ratio_to_first"}}
         sec["speedup"] = results[1]["ratio_to_first"]
         sec["p50_ratio"] = results[0]["p50_ms"] / results[1]["p50_ms"] if results[1]["p50_ms"] > 0 else None
-    if profile and before.engine == "onnxruntime":
+    if before.compile_s is not None:
+        sec["compile_s"] = {"before": before.compile_s, "after": after.compile_s if after is not None else None}
+    if profile:
         prof_runs = max(3, min(runs, 20))
         pb = profile_op_types(before, runs=prof_runs, threads=threads)
         pa = profile_op_types(after, runs=prof_runs, threads=threads) if after is not None else None
-        sec["op_types"] = op_type_rows(pb, pa)
+        attach_op_types(sec, pb, pa)
     if pass_names and after is not None and len(prefixes) == len(pass_names) - 1:
         sec["per_pass"] = per_pass_rows(pass_names, results[2:] + [results[1]])
     return sec

@@ -1,17 +1,17 @@
 """The ``rewrite`` command line (typer). It only calls the Python API and renders.
 
     rewrite MODEL --passes P1,P2 [-o OUT] [--set PASS.KEY=VALUE ...] [--inputs F.npz]
-            [--calib F.npz] [--shape NAME=D0,D1,...] [--no-verify] [--force] [--json F]
-            [--html F] [--bench [--per-pass] [--runs N]] [--debug]
-    rewrite passes
+            [--calib F.npz] [--shape NAME=D0,D1,...] [--no-verify] [--force] [--allow-unapplied] [--json F]
+            [--html F] [--bench [--per-pass] [--runs N]] [--compile] [--debug]
+    rewrite passes [--json]
     rewrite explain MODEL --passes P
     rewrite diff A.onnx B.onnx [--json F] [--html F]
-    rewrite bench MODEL [--against OTHER | --passes P [--per-pass]] [--runs N] [--shape ...] [--json F] [--html F]
+    rewrite bench MODEL [--against OTHER | --passes P [--per-pass]] [--runs N] [--shape ...] [--compile] [--json F] [--html F]
     rewrite check MODEL --passes P [--max-rel-error X] [--min-speedup Y] [--json F] [--html F]
 
 Exit codes: 0 done; 1 verification failed (nothing written), or for ``check`` a goal not
 met; 2 bad input or usage (one line on stderr); 3 a requested pass applied to no site
-(nothing written); 4 internal error.
+(nothing written; with --allow-unapplied only when no pass applied); 4 internal error.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from rewriter.errors import BadInput, NothingApplied, RewriterError, VerificationFailed
+from rewriter.errors import BadInput, RewriterError, VerificationFailed
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Verified graph rewrites for ONNX and torch models.")
@@ -176,6 +176,8 @@ def run_cmd(
                                 help="treat initializers that are also graph inputs (IR v3 files) as constants"),
     no_verify: bool = typer.Option(False, "--no-verify", help="skip verification"),
     force: bool = typer.Option(False, "--force", help="write even if verification fails"),
+    allow_unapplied: bool = typer.Option(False, "--allow-unapplied",
+                                         help="write the output when at least one pass applied (warn about the others)"),
     json_out: Optional[str] = typer.Option(None, "--json", help="write the JSON report here"),
     html_out: Optional[str] = typer.Option(None, "--html", help="write a self-contained HTML report here"),
     bench: bool = typer.Option(False, "--bench", help="time the model before and after (adds the latency section)"),
@@ -184,6 +186,8 @@ def run_cmd(
     warmup: int = typer.Option(5, "--warmup", help="--bench: warm-up calls per model"),
     threads: Optional[int] = typer.Option(None, "--threads", help="--bench: ORT intra-op threads (default: ORT's)"),
     no_profile: bool = typer.Option(False, "--no-profile", help="--bench: skip the per-op-type ORT profile"),
+    compile_: bool = typer.Option(False, "--compile", help="torch (.pt2): check the result under torch.compile "
+                                  "(graph breaks in the report); with --bench also time it compiled"),
     debug: bool = typer.Option(False, "--debug", help="tracebacks and debug logging"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print only errors"),
 ) -> int:
@@ -205,6 +209,8 @@ def run_cmd(
         output = f"{source.stem}.{'+'.join(pass_names)}.onnx"
     target = loader.check_output_path(output, source.name if source.kind == "onnx" else None)
     ir_kind = "onnx" if target.suffix.lower() == ".onnx" else "torch"
+    if compile_ and ir_kind != "torch":
+        raise BadInput("--compile lowers torch models: write the result as .pt2")
     with err.status("loading model...") as status:
         if source.kind != "onnx" and ir_kind == "onnx":
             status.update(f"exporting {source.name} to ONNX...")
@@ -215,14 +221,26 @@ def run_cmd(
 
         result = api.rewrite(view, pass_names, options=options, inputs=inputs, calib=calib,
                              shapes=shapes, verify=not no_verify, force=force, progress=progress,
-                             source=model, max_input_bytes=max_bytes, freeze_initializer_inputs=freeze)
+                             source=model, max_input_bytes=max_bytes, freeze_initializer_inputs=freeze,
+                             allow_unapplied=allow_unapplied)
     report = result.report
     _attach_diff(result)
+    if compile_ and (result.passed or force):
+        with err.status("checking under torch.compile..."):
+            result.compile()
+        if report["compile"]["graph_breaks"] and not quiet:
+            err.print(f"[yellow]torch.compile: {report['compile']['graph_breaks']} graph break(s): "
+                      f"{'; '.join(report['compile']['reasons'])}[/]")
     if bench:
         if result.passed or force:
             with _BenchBar(quiet) as bar:
                 result.bench(runs=runs, warmup=warmup, threads=threads, profile=not no_profile,
                              per_pass=per_pass, progress=bar)
+            if compile_:  # latency: under torch.compile; latency_eager: the eager run above
+                report["latency_eager"] = report["latency"]
+                with _BenchBar(quiet) as bar:
+                    result.bench(runs=runs, warmup=warmup, threads=threads, profile=not no_profile,
+                                 progress=bar, compiled=True)
         elif not quiet:
             err.print("[yellow]benchmark skipped: verification failed[/]")
     if not quiet:
@@ -239,10 +257,9 @@ def run_cmd(
             f"verification failed after pass {v.get('failed_pass')!r}"
             + (f" at site {site!r}" if site else "")
             + f": {_why_failed(v)}; nothing written (--force writes anyway)")
-    empty = result.unapplied
-    if empty:
-        reasons = "; ".join(f"{s.site}: {s.reason}" for r in empty for s in r.declined) or "no candidate sites"
-        raise NothingApplied(f"pass {', '.join(r.name for r in empty)} applied to no site ({reasons}); nothing written")
+    result.check_applied()  # exit 3 unless --allow-unapplied and some pass applied
+    for line in result.unapplied_warnings():
+        err.print(f"warning: {line}; written without it", markup=False, highlight=False, soft_wrap=True)
     path = result.save(target, force=force)
     if json_out:
         _write_json(json_out, report)
@@ -255,19 +272,52 @@ def run_cmd(
     return 0
 
 
-@app.command("passes", help="List every pass with its kind and summary.")
-def passes_cmd() -> int:
-    import dataclasses
+def _width() -> int:
+    """The terminal width: ``COLUMNS`` when set, else the terminal's, else 80."""
+    import shutil
 
-    from rewriter.pass_api import all_passes
+    return max(40, shutil.get_terminal_size((80, 24)).columns)
 
-    t = Table()
-    for col in ("pass", "kind", "IRs", "summary", "options"):
-        t.add_column(col, overflow="fold")
-    for name, cls in all_passes().items():
-        opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Options))
-        t.add_row(name, cls.kind.value, ",".join(sorted(cls.irs)), cls.summary, opts or "-")
-    out.print(t)
+
+def format_passes(docs: list[dict], width: int = 80) -> str:
+    """One block per pass: name, kind and IRs; the summary; then one line per option,
+    ``name: type = default``, followed by its meaning when the line has room, else by the
+    meaning wrapped under it. No line is longer than ``width``."""
+    import textwrap
+
+    lines: list[str] = []
+    for d in docs:
+        lines.append(f"{d['name']}  ({d['kind']}; {', '.join(d['irs'])})")
+        lines += textwrap.wrap(d["summary"], width, initial_indent="  ", subsequent_indent="  ") or ["  -"]
+        if not d["options"]:
+            lines.append("  options: none")
+        else:
+            lines.append("  options:")
+            sigs = [f"    {o['name']}: {o['type']} = {o['default']!r}" for o in d["options"]]
+            col = max(len(s) for s in sigs) + 2
+            # one line per option when every meaning fits beside its signature; else each
+            # meaning goes on its own (wrapped) lines under the signature, for the whole pass
+            if all(col + len(o["help"]) <= width for o in d["options"]):
+                lines += [(s.ljust(col) + o["help"]).rstrip() for s, o in zip(sigs, d["options"])]
+            else:
+                for sig, o in zip(sigs, d["options"]):
+                    lines.append(sig)
+                    lines += textwrap.wrap(o["help"], width, initial_indent=" " * 8, subsequent_indent=" " * 8)
+        lines.append("")
+    return "\n".join(lines)
+
+
+@app.command("passes", help="Describe every pass: kind, IRs, summary, and its options with defaults.")
+def passes_cmd(
+    as_json: bool = typer.Option(False, "--json", help="print the descriptions as JSON (for tools)"),
+) -> int:
+    from rewriter.pass_api import describe_passes
+
+    docs = describe_passes()
+    if as_json:
+        sys.stdout.write(json.dumps({"passes": docs}, indent=2, default=str) + "\n")
+    else:
+        sys.stdout.write(format_passes(docs, _width()))
     return 0
 
 
@@ -379,6 +429,7 @@ def bench_cmd(
                                 help="treat initializers that are also graph inputs (IR v3 files) as constants"),
     inputs: Optional[str] = typer.Option(None, "--inputs", help=".npz of inputs"),
     no_profile: bool = typer.Option(False, "--no-profile", help="skip the per-op-type ORT profile"),
+    compile_: bool = typer.Option(False, "--compile", help="torch models: also time under torch.compile (Inductor)"),
     json_out: Optional[str] = typer.Option(None, "--json", help="write the bench document here"),
     html_out: Optional[str] = typer.Option(None, "--html", help="write a self-contained HTML page here"),
     debug: bool = typer.Option(False, "--debug"),
@@ -400,6 +451,8 @@ def bench_cmd(
     _check_report_path(json_out, "--json")
     _check_report_path(html_out, "--html")
     view = _load_view(model)
+    if compile_ and view.ir != "torch":
+        raise BadInput("--compile times torch models (.pt2)")
     if pass_names:
         with err.status("rewriting...") as status:
             result = api.rewrite(view, pass_names, options=options, inputs=inputs, shapes=shapes,
@@ -412,6 +465,11 @@ def bench_cmd(
             sec = result.bench(runs=runs, warmup=warmup, threads=threads, profile=not no_profile,
                                per_pass=per_pass, labels=(model, f"{model} + {','.join(pass_names)}"),
                                progress=bar)
+            if compile_:
+                eager = sec
+                sec = result.bench(runs=runs, warmup=warmup, threads=threads, profile=not no_profile,
+                                   labels=(model, f"{model} + {','.join(pass_names)}"), progress=bar,
+                                   compiled=True)
     else:
         feeds, _ = api.verification_feeds(view, inputs, shapes, max_input_bytes=max_bytes)
         other = None
@@ -422,7 +480,14 @@ def bench_cmd(
         with _BenchBar(quiet) as bar:
             sec = api.latency(view, other, feeds, runs=runs, warmup=warmup, threads=threads,
                               profile=not no_profile, labels=(model, against or "rewritten"), progress=bar)
+            if compile_:
+                eager = sec
+                sec = api.latency(view, other, feeds, runs=runs, warmup=warmup, threads=threads,
+                                  profile=not no_profile, labels=(model, against or "rewritten"), progress=bar,
+                                  compiled=True)
     doc = {"schema": "rewriter.bench/1", "model": model, "against": against, "latency": sec}
+    if compile_:  # latency: under torch.compile; latency_eager: the eager timing
+        doc["latency_eager"] = eager
     if not quiet:
         for t in latency_tables(sec):
             out.print(t)

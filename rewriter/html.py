@@ -219,10 +219,10 @@ def _node_tables(diff: dict) -> str:
     return "".join(out)
 
 
-def _bar(x: float, scale: float, color: str, label: str, y: float, width: float = 360) -> str:
+def _bar(x: float, scale: float, color: str, label: str, y: float, width: float = 360, text: str | None = None) -> str:
     w = 0 if scale <= 0 else max(1.0, width * x / scale)
     return (f'<rect x="150" y="{y:.0f}" width="{w:.1f}" height="10" fill="{color}"><title>{_e(label)}</title></rect>'
-            f'<text x="{150 + w + 4:.1f}" y="{y + 9:.0f}">{x:.4g} ms</text>')
+            f'<text x="{150 + w + 4:.1f}" y="{y + 9:.0f}">{_e(text) if text is not None else f"{x:.4g} ms"}</text>')
 
 
 def _latency(lat: dict | None) -> str:
@@ -247,19 +247,26 @@ def _latency(lat: dict | None) -> str:
     out = [head, "".join(svg)]
     ops = lat.get("op_types") or []
     if ops:
+        from rewriter.report import _share, profile_note
+
         top = ops[:25]
-        scale = max(max(r["before_ms"], r["after_ms"]) for r in top) or 1.0
-        svg = [f'<h3>Time per op type (ORT profiling, ms per call)</h3><svg xmlns="http://www.w3.org/2000/svg" '
-               f'width="620" height="{len(top) * 30 + 8}" id="latency-ops" role="img" aria-label="latency per op type">']
-        for i, r in enumerate(top):
+        sides = [("before", "#78909c"), ("after", "#43a047")] if a else [("before", "#78909c")]
+        shares = [[_share(r, s, ops) or 0.0 for s, _ in sides] for r in top]
+        scale = max(max(v) for v in shares) or 1.0
+        svg = [f'<h3>Time per op type (share of the ORT-profiled total)</h3><svg xmlns="http://www.w3.org/2000/svg" '
+               f'width="620" height="{len(top) * 30 + 8}" id="latency-ops" role="img" aria-label="share of time per op type">']
+        for i, (r, sh) in enumerate(zip(top, shares)):
             y = 6 + i * 30
-            svg.append(f'<text x="4" y="{y + 15}">{_e(r["op"][:20])}</text>'
-                       + _bar(r["before_ms"], scale, "#78909c", f"{r['op']} before", y)
-                       + _bar(r["after_ms"], scale, "#43a047", f"{r['op']} after", y + 12))
+            svg.append(f'<text x="4" y="{y + 15}">{_e(r["op"][:20])}</text>' + "".join(
+                _bar(v, scale, color, f"{r['op']} {lat[s]['label']}: {100 * v:.1f}% ({r[s + '_ms']:.4g} ms profiled)",
+                     y + 12 * k, text=f"{100 * v:.1f}%")
+                for k, ((s, color), v) in enumerate(zip(sides, sh))))
         svg.append("</svg>")
         out.append("".join(svg))
-        out.append('<p class="legend"><span style="background:#78909c;border-color:#78909c;color:#fff">before</span>'
-                   '<span style="background:#43a047;border-color:#43a047;color:#fff">after</span></p>')
+        out.append('<p class="legend">' + "".join(
+            f'<span style="background:{color};border-color:{color};color:#fff">{_e(lat[s]["label"])}</span>'
+            for s, color in sides) + "</p>")
+        out.append(f'<p class="note" id="profile-note">{_e(profile_note(lat))}</p>')
     if lat.get("per_pass"):
         out.append("<h3>Per pass</h3><table><tr><th>after pass</th><th class=\"n\">p50 ms</th>"
                    "<th class=\"n\">speedup</th><th class=\"n\">cumulative</th></tr>" + "".join(

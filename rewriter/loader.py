@@ -337,7 +337,9 @@ def save(view: GraphView, target: str | os.PathLike) -> Path:
             if target.suffix.lower() != ".pt2":
                 raise BadInput(f"{target}: a torch model is written as .pt2 (or rewrite to .onnx from the start)")
             tmp = tmpdir / target.name
-            ep = torch.export.export(view.gm, tuple(view.example_inputs))
+            from rewriter.compile import export_program
+
+            ep = export_program(view.gm, view.example_inputs)  # a step program for Re-ttention
             torch.export.save(ep, str(tmp))
             os.replace(tmp, target)
     finally:

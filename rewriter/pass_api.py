@@ -179,3 +179,68 @@ def parse_sets(items: list[str]) -> dict[str, dict[str, str]]:
             raise BadInput(f"malformed --set {item!r}: expected PASS.KEY=VALUE")
         out.setdefault(pname.strip(), {})[opt.strip()] = value
     return out
+
+
+# -- descriptions (``rewrite passes``) ---------------------------------------------------------
+def _type_name(typ: Any) -> str:
+    """``Literal["a", "b"]`` -> ``a|b``; ``list[int]`` -> ``list[int]``; ``int`` -> ``int``."""
+    origin = typing.get_origin(typ)
+    if origin is typing.Literal:
+        return "|".join(map(str, typing.get_args(typ)))
+    if origin in (list, tuple):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(typ))}]"
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " | ".join(_type_name(a) for a in typing.get_args(typ))
+    return getattr(typ, "__name__", str(typ))
+
+
+def _field_comments(options_cls: type) -> dict[str, str]:
+    """The trailing ``# comment`` of each field line in the Options class source."""
+    import inspect
+    import io
+    import tokenize
+
+    try:
+        src = inspect.getsource(options_cls)
+    except (OSError, TypeError):
+        return {}
+    names = {f.name for f in dataclasses.fields(options_cls)}
+    out: dict[str, str] = {}
+    first_name: dict[int, str] = {}
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+            row = tok.start[0]
+            if tok.type == tokenize.NAME and row not in first_name:
+                first_name[row] = tok.string
+            elif tok.type == tokenize.COMMENT and first_name.get(row) in names:
+                out.setdefault(first_name[row], tok.string.lstrip("#").strip())
+    except (tokenize.TokenError, IndentationError):
+        pass
+    return out
+
+
+def option_default(f: dataclasses.Field) -> Any:
+    """A field's default value (calling its ``default_factory``)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def describe_passes() -> list[dict[str, Any]]:
+    """Every registered pass as data: name, kind, IRs, summary and its options, each with
+    type, default (a value, never a sentinel) and a one-line meaning (``metadata["help"]``,
+    else the field's trailing comment in the source)."""
+    docs = []
+    for name, cls in all_passes().items():
+        hints = typing.get_type_hints(cls.Options)
+        comments = _field_comments(cls.Options)
+        opts = []
+        for f in dataclasses.fields(cls.Options):
+            opts.append({"name": f.name, "type": _type_name(hints.get(f.name, f.type)),
+                         "default": option_default(f),
+                         "help": f.metadata.get("help") or comments.get(f.name, "")})
+        docs.append({"name": name, "kind": cls.kind.value, "irs": sorted(cls.irs), "summary": cls.summary,
+                     "options": opts})
+    return docs

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -87,6 +88,36 @@ def _ms(x: Any) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _short(label: str, n: int = 24) -> str:
+    return label if len(label) <= n else "…" + label[-(n - 1):]
+
+
+def _share(row: dict[str, Any], side: str, rows: list[dict[str, Any]]) -> float | None:
+    """``row``'s share of ``side``'s profiled total (computed from the ms when an older
+    report has no ``*_share`` key)."""
+    if f"{side}_share" in row:
+        return row[f"{side}_share"]
+    total = sum(r[f"{side}_ms"] for r in rows)
+    return row[f"{side}_ms"] / total if total > 0 else None
+
+
+def profile_note(lat: dict[str, Any]) -> str:
+    """One line: the profiled totals next to the wall-clock p50, and why they differ."""
+    parts = []
+    for side in ("before", "after"):
+        s = lat.get(side)
+        if s and s.get("profiled_ms") is not None:
+            parts.append(f"{_short(s['label'])}: {s['profiled_ms']:.4f} ms profiled vs {s['p50_ms']:.4f} ms p50")
+    totals = ("; ".join(parts) + ". ") if parts else ""
+    return (totals + "The per-op times come from a separate profiled run: profiling adds overhead to every "
+            "kernel and leaves out the time between kernels, so their total is not the wall-clock latency. "
+            "Compare shares; time with the p50.")
+
+
 def latency_tables(lat: dict[str, Any]) -> list[Table]:
     """The latency section: p50/p90 before/after with the speedup, per op type, per pass."""
     eng = lat["engine"] + (f" {','.join(lat.get('providers') or [])}" if lat.get("providers") else "")
@@ -97,7 +128,7 @@ def latency_tables(lat: dict[str, Any]) -> list[Table]:
     for side in ("before", "after"):
         s = lat.get(side)
         if s:
-            t.add_row(f"{side}: {s['label']}", _ms(s["p50_ms"]), _ms(s["p90_ms"]), _ms(s.get("min_ms")))
+            t.add_row(escape(s["label"]), _ms(s["p50_ms"]), _ms(s["p90_ms"]), _ms(s.get("min_ms")))
     if lat.get("speedup") is not None:
         sp = lat["speedup"]
         style = "green" if sp >= 1 else "red"
@@ -105,13 +136,14 @@ def latency_tables(lat: dict[str, Any]) -> list[Table]:
     tables = [t]
     ops = lat.get("op_types") or []
     if ops:
-        ot = Table(title="time per op type (ORT profiling, ms/call)", title_justify="left")
-        for col in ("op", "before", "after", "delta"):
-            ot.add_column(col, justify="left" if col == "op" else "right")
+        sides = [s for s in ("before", "after") if lat.get(s)]
+        ot = Table(title="time per op type: share of the profiled total (ORT profiling)", title_justify="left",
+                   caption=escape(profile_note(lat)), caption_justify="left")
+        ot.add_column("op")
+        for s in sides:
+            ot.add_column(escape(_short(lat[s]["label"])) + " %", justify="right")
         for r in ops[:20]:
-            d = r["after_ms"] - r["before_ms"]
-            style = "green" if d < 0 else ("yellow" if d > 0 else "")
-            ot.add_row(r["op"], _ms(r["before_ms"]), _ms(r["after_ms"]), f"[{style}]{d:+.4f}[/]" if style else "0")
+            ot.add_row(r["op"], *(_pct(_share(r, s, ops)) for s in sides))
         tables.append(ot)
     if lat.get("per_pass"):
         pt = Table(title="latency per pass (after each prefix)", title_justify="left")

@@ -124,7 +124,8 @@ DIFF_SECTION: dict[str, Any] = {
 _TIMING = {
     "type": "object", "required": ["label", "p50_ms", "p90_ms", "samples"],
     "properties": {"label": _STR, "p50_ms": _NUM, "p90_ms": _NUM, "mean_ms": _NUM, "min_ms": _NUM,
-                   "samples": _INT},
+                   "samples": _INT,
+                   "profiled_ms": _NUM},  # sum of the ORT-profiled kernel times (profiling overhead included)
 }
 
 #: The ``latency`` section: ms per call; ``speedup`` = before/after (> 1: faster).
@@ -132,6 +133,8 @@ LATENCY_SECTION: dict[str, Any] = {
     "type": "object", "required": ["engine", "device", "runs", "before", "after", "speedup"],
     "properties": {
         "engine": {"enum": ["onnxruntime", "torch"]},
+        "backend": {"enum": ["onnxruntime", "torch-eager", "torch-inductor"]},
+        "compile_s": {"type": "object", "properties": {"before": _NUM_OR_NULL, "after": _NUM_OR_NULL}},
         "device": {"enum": ["cpu", "cuda"]},
         "providers": {"type": "array", "items": _STR},
         "graph_optimization": {"type": ["string", "null"]},
@@ -145,7 +148,9 @@ LATENCY_SECTION: dict[str, Any] = {
         "p50_ratio": _NUM_OR_NULL,  # before.p50_ms / after.p50_ms
         "op_types": {"type": ["array", "null"], "items": {
             "type": "object", "required": ["op", "before_ms", "after_ms"],
-            "properties": {"op": _STR, "before_ms": _NUM, "after_ms": _NUM}}},
+            "properties": {"op": _STR, "before_ms": _NUM, "after_ms": _NUM,
+                           # fraction of that model's profiled total (null: not profiled)
+                           "before_share": _NUM_OR_NULL, "after_share": _NUM_OR_NULL}}},
         "per_pass": {"type": "array", "items": {
             "type": "object", "required": ["pass", "p50_ms", "speedup", "cumulative_speedup"],
             "properties": {"pass": _STR, "p50_ms": _NUM, "p90_ms": _NUM, "speedup": _NUM_OR_NULL,
@@ -193,9 +198,14 @@ REPORT_SCHEMA: dict[str, Any] = {
         "verification": _VERIFICATION,
         "diff": DIFF_SECTION,
         "latency": LATENCY_SECTION,
+        "latency_eager": LATENCY_SECTION,  # --bench --compile: the eager timing beside the compiled one
+        "compile": {"type": "object", "required": ["backend", "graphs", "graph_breaks"],  # --compile / Result.compile
+                    "properties": {"backend": _STR, "graphs": _INT, "graph_breaks": _INT,
+                                   "reasons": {"type": "array", "items": _STR}}},
         "goals": {"type": "array", "items": _GOAL},
         "samples": SAMPLES_SECTION,
         "passed": {"type": "boolean"},  # check: every goal met
+        "warnings": {"type": "array", "items": _STR},  # e.g. a pass that applied nowhere (--allow-unapplied)
         "output": {"type": ["string", "null"]},
         # dims taken from --shape / --inputs where the file's are symbolic (rewriter.shapes)
         "assumed_shapes": {"type": "object", "required": ["inputs"], "properties": {
@@ -224,7 +234,8 @@ BENCH_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["schema", "model", "latency"],
     "properties": {"schema": {"const": "rewriter.bench/1"}, "model": _STR,
-                   "against": {"type": ["string", "null"]}, "latency": LATENCY_SECTION},
+                   "against": {"type": ["string", "null"]}, "latency": LATENCY_SECTION,
+                   "latency_eager": LATENCY_SECTION},
 }
 
 SCHEMAS = {"rewriter.report/1": REPORT_SCHEMA, "rewriter.diff/1": DIFF_SCHEMA, "rewriter.bench/1": BENCH_SCHEMA}

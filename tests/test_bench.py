@@ -51,11 +51,12 @@ def test_profile_reports_op_types(tmp_path):
 
 
 def test_torch_target_runs_a_graph_module():
-    """A GraphModule is timed with torch (engine 'torch', no ORT profile)."""
+    """A GraphModule is timed with torch (engine 'torch', backend torch-eager, op types from the torch profiler)."""
     gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
     t = bench.torch_target("gm", gm, [torch.zeros(2, 4)])
     sec = bench.latency_section(t, bench.torch_target("gm2", gm, [torch.zeros(2, 4)]), runs=3, warmup=1)
-    assert sec["engine"] == "torch" and sec["op_types"] is None and sec["speedup"] > 0
+    assert sec["engine"] == "torch" and sec["backend"] == "torch-eager" and sec["speedup"] > 0
+    assert any(r["op"].startswith("aten::") and r["before_ms"] > 0 for r in sec["op_types"])
 
 
 def test_cli_bench_per_pass(tmp_path):

@@ -115,7 +115,12 @@ def rms_nodes(x: ir.Value, scale: ir.Value, eps: float, opset: int, name: str,
         return [ir.Node("", "RMSNormalization", [x, scale],
                         [ir.AttrFloat32("epsilon", eps), ir.AttrInt64("axis", -1)], name=name)]
     sq = ir.Node("", "Pow", [x, consts["two"]], name=f"{name}_sq")
-    ms = ir.Node("", "ReduceMean", [sq.outputs[0], consts["axes"]], [ir.AttrInt64("keepdims", 1)], name=f"{name}_mean")
+    if opset >= 18:
+        ms = ir.Node("", "ReduceMean", [sq.outputs[0], consts["axes"]], [ir.AttrInt64("keepdims", 1)],
+                     name=f"{name}_mean")
+    else:  # axes as an attribute before opset 18
+        ms = ir.Node("", "ReduceMean", [sq.outputs[0]], [ir.AttrInt64s("axes", [-1]), ir.AttrInt64("keepdims", 1)],
+                     name=f"{name}_mean")
     ae = ir.Node("", "Add", [ms.outputs[0], consts["eps"]], name=f"{name}_eps")
     rt = ir.Node("", "Sqrt", [ae.outputs[0]], name=f"{name}_sqrt")
     dv = ir.Node("", "Div", [x, rt.outputs[0]], name=f"{name}_div")
@@ -126,3 +131,9 @@ def rms_nodes(x: ir.Value, scale: ir.Value, eps: float, opset: int, name: str,
 # transformer could notice; a model using anything outside the default domain's
 # known-changed list may be upgraded to opset 23 by bumping its import.
 OPSET_UPGRADE_BLOCKERS = frozenset({"GroupNormalization", "DFT", "If", "Loop", "Scan"})
+# Ops whose signature changed at opset 18 (axes moved from an attribute to an input): they
+# block an upgrade of a model below opset 18 (the TorchScript exporter's opset 14-17 files)
+OPSET18_CHANGED = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+                             "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"})
+# below this opset too many ops changed (Squeeze, Unsqueeze, ReduceSum, Split at 13): no upgrade
+OPSET_UPGRADE_MIN = 13

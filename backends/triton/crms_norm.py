@@ -14,7 +14,9 @@ residual ``r`` and return ``(norm(x + r), x + r)``, the add of a pre-norm block.
 Ops (``torch.ops.rewriter``): ``rms_norm(x, weight?, eps)``, ``crms_norm(x, weight?, eps)``,
 ``rms_norm_add(x, r, weight?, eps)``, ``crms_norm_add(x, r, weight?, eps)``. On CUDA
 tensors they launch the Triton kernel (and compose with ``torch.compile`` through
-``triton_op``); elsewhere the CPU kernel runs. ``triton_*`` launch the kernel directly
+``triton_op``); elsewhere the CPU kernel runs. The op bodies branch on the device, so
+``torch.compile`` on CPU traces the plain-torch kernel (one fused Inductor kernel) and
+never reaches Triton ("0 active drivers"). ``triton_*`` launch the kernel directly
 (tests run them under ``TRITON_INTERPRET=1``).
 """
 
@@ -114,6 +116,10 @@ def _define() -> None:
     def make(name: str, compressed: bool):
         @triton_op(f"rewriter::{name}", mutates_args=())
         def op(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+            # Also what torch.compile traces (triton_op decomposes into its body): off CUDA
+            # the plain-torch kernel, which Inductor fuses into one kernel.
+            if x.device.type != "cuda" or triton is None:
+                return reference(x, weight, eps, compressed=compressed)[0]
             return _launch(x, weight, eps, compressed, wrap=wrap_triton)[0]
 
         @op.register_kernel("cpu")
@@ -123,6 +129,9 @@ def _define() -> None:
         @triton_op(f"rewriter::{name}_add", mutates_args=())
         def op_add(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+            if x.device.type != "cuda" or triton is None:
+                y, h = reference(x, weight, eps, compressed=compressed, residual=residual)
+                return y, h
             y, h = _launch(x, weight, eps, compressed, residual, wrap=wrap_triton)
             return y, h
 

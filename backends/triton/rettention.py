@@ -21,8 +21,9 @@ Ops (``torch.ops.rewriter``):
 * ``rettention_sparse(q, k, v, rho, R, coef, scale, kind, n, half, grid_w, radius, block) -> o``
 
 ``q, k, v``: ``[B, H, N, Dh]``; ``rho``: ``[B, H, N]`` fp32; ``R``: ``[B, H, N, Dh]`` fp32;
-``kind`` 0 = band, 1 = window2d. On CUDA tensors the Triton kernels run (``triton_op``, so
-``torch.compile`` sees through them); elsewhere the CPU kernels. ``triton_refresh`` /
+``kind`` 0 = band, 1 = window2d. The ops are opaque to ``torch.compile`` / ``torch.export``
+(registered fakes); each call runs FlexAttention (``backends/flex_rettention.py``), the
+Triton kernels or the CPU block kernels, chosen by ``kernel_for`` (see there). ``triton_refresh`` /
 ``triton_sparse`` launch the kernels directly (tests run them under ``TRITON_INTERPRET=1``).
 ``reference_*`` are the formulas computed densely under the mask (tests only).
 """
@@ -267,37 +268,84 @@ def triton_sparse(q, k, v, rho, res, coef: float, scale: float, layout: BlockLay
 
 
 # -- torch custom ops -------------------------------------------------------------------------
+# Which kernel runs a call (``kernel_for``). Measured on the 2-core CPU (N = 4096, 16 x 64,
+# band 3.125 %, fp32, interleaved, benchmarks/flex_rettention_bench.py): the compiled
+# FlexAttention sparse step is several times faster than the block kernel above, which
+# stays for small sequences (where one flex compilation per shape, tens of seconds on
+# this machine, would not pay off) and as the fallback below the torch floor. CUDA: flex
+# (the hand Triton sparse step was measured slower than dense SDPA on an H200);
+# ``REWRITER_RETTENTION_KERNEL=triton|flex|blocks`` forces one.
+FLEX_MIN_TOKENS = 1024
+KERNEL_ENV = "REWRITER_RETTENTION_KERNEL"
+
+
+def kernel_for(q: torch.Tensor, n: int) -> str:
+    """``"flex"``, ``"triton"`` or ``"blocks"`` (the CPU block kernel) for a call on ``q``."""
+    import os
+
+    from backends import flex_rettention as flex
+
+    forced = os.environ.get(KERNEL_ENV, "")
+    cuda = q.device.type == "cuda"
+    if forced == "triton" and cuda and triton is not None:
+        return "triton"
+    if forced == "blocks" and not cuda:
+        return "blocks"
+    if flex.available() and (forced == "flex" or cuda or n >= FLEX_MIN_TOKENS):
+        return "flex"
+    return "triton" if cuda else "blocks"
+
+
 _DEFINED = False
 
 
 def _define() -> None:
+    """Opaque custom ops with registered fakes: ``torch.compile`` and ``torch.export`` keep
+    them as calls (no graph break, and no Triton reached while tracing on CPU); the kernel
+    is chosen per call at run time by ``kernel_for``."""
     global _DEFINED
     if _DEFINED:
         return
-    from torch.library import triton_op, wrap_triton
+    from torch.library import custom_op, register_fake
+
+    from backends import flex_rettention as flex
 
     def layout_of(kind, n, half, grid_w, radius, block):
         return BlockLayout(spec_of(kind, n, half, grid_w, radius), block)
 
-    @triton_op("rewriter::rettention_refresh", mutates_args=())
-    def refresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kind: int, n: int,
-                half: int, grid_w: int, radius: int, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return triton_refresh(q, k, v, scale, layout_of(kind, n, half, grid_w, radius, block), wrap=wrap_triton)
+    @custom_op("rewriter::rettention_refresh", mutates_args=())
+    def refresh_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kind: int, n: int,
+                   half: int, grid_w: int, radius: int, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        layout = layout_of(kind, n, half, grid_w, radius, block)
+        which = kernel_for(q, n)
+        if which == "flex":
+            o, rho, res = flex.refresh(q, k, v, scale, layout)
+            return o.contiguous(), rho.contiguous(), res.contiguous()
+        if which == "triton":
+            return triton_refresh(q, k, v, scale, layout)
+        return cpu_refresh(q, k, v, scale, layout)
 
-    @refresh.register_kernel("cpu")
-    def _refresh_cpu(q, k, v, scale, kind, n, half, grid_w, radius, block):
-        return cpu_refresh(q, k, v, scale, layout_of(kind, n, half, grid_w, radius, block))
+    @register_fake("rewriter::rettention_refresh")
+    def _refresh_fake(q, k, v, scale, kind, n, half, grid_w, radius, block):
+        b_, h_, n_, d = q.shape
+        return (q.new_empty(q.shape), q.new_empty((b_, h_, n_), dtype=torch.float32),
+                q.new_empty((b_, h_, n_, d), dtype=torch.float32))
 
-    @triton_op("rewriter::rettention_sparse", mutates_args=())
-    def sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rho: torch.Tensor, res: torch.Tensor,
-               coef: float, scale: float, kind: int, n: int, half: int, grid_w: int, radius: int,
-               block: int) -> torch.Tensor:
-        return triton_sparse(q, k, v, rho, res, coef, scale, layout_of(kind, n, half, grid_w, radius, block),
-                             wrap=wrap_triton)
+    @custom_op("rewriter::rettention_sparse", mutates_args=())
+    def sparse_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rho: torch.Tensor, res: torch.Tensor,
+                  coef: float, scale: float, kind: int, n: int, half: int, grid_w: int, radius: int,
+                  block: int) -> torch.Tensor:
+        layout = layout_of(kind, n, half, grid_w, radius, block)
+        which = kernel_for(q, n)
+        if which == "flex":
+            return flex.sparse(q, k, v, rho, res, coef, scale, layout).contiguous()
+        if which == "triton":
+            return triton_sparse(q, k, v, rho, res, coef, scale, layout)
+        return cpu_sparse(q, k, v, rho, res, coef, scale, layout)
 
-    @sparse.register_kernel("cpu")
-    def _sparse_cpu(q, k, v, rho, res, coef, scale, kind, n, half, grid_w, radius, block):
-        return cpu_sparse(q, k, v, rho, res, coef, scale, layout_of(kind, n, half, grid_w, radius, block))
+    @register_fake("rewriter::rettention_sparse")
+    def _sparse_fake(q, k, v, rho, res, coef, scale, kind, n, half, grid_w, radius, block):
+        return q.new_empty(q.shape)
 
     _DEFINED = True
 

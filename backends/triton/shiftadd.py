@@ -22,7 +22,9 @@ batches (``M <= 8``, batch-1 generation) and ``tl.dot`` on the dequantized tile 
 batches (IEEE float32, no TF32).
 
 Op: ``torch.ops.rewriter.shiftadd_linear(x, planes, exps, signs, bias?, group_rows,
-mode)``; CUDA tensors launch the Triton kernel, CPU tensors run ``dequantize`` + matmul.
+mode)``; CUDA tensors launch the Triton kernel, CPU tensors run ``dequantize`` + matmul
+(the op's body branches on the device, so ``torch.compile`` on CPU traces the plain-torch
+kernel and on CUDA the Triton one).
 ``triton_shiftadd_linear`` launches the kernel directly (tests: ``TRITON_INTERPRET=1``).
 """
 
@@ -196,6 +198,10 @@ def _define() -> None:
     @triton_op("rewriter::shiftadd_linear", mutates_args=())
     def op(x: torch.Tensor, planes: torch.Tensor, exps: torch.Tensor, signs: torch.Tensor,
            bias: torch.Tensor | None, group_rows: int, mode: int) -> torch.Tensor:
+        # The body is also what torch.compile traces (triton_op decomposes into it): off
+        # CUDA it is the plain-torch kernel, so compiling on CPU never reaches Triton.
+        if x.device.type != "cuda" or triton is None:
+            return reference(x, planes, exps, signs, bias, group_rows, mode)
         return _launch(x, planes, exps, signs, bias, group_rows, mode, wrap=wrap_triton)
 
     @op.register_kernel("cpu")

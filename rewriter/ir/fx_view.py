@@ -88,7 +88,8 @@ def _target_name(node: fx.Node) -> str:
 
 
 def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
-    """Rewrite leaf-module calls (symbolic_trace graphs) into ATen calls on get_attr params."""
+    """Rewrite leaf-module calls (symbolic_trace graphs) into ATen calls on get_attr params,
+    and norm chains into ``aten.layer_norm`` / ``aten.rms_norm`` (``rewriter.canon``)."""
     g = gm.graph
     for node in list(g.nodes):
         if node.op != "call_module":
@@ -124,6 +125,9 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
             g.erase_node(node)
     g.lint()
     gm.recompile()
+    from rewriter.canon.fx_adapter import canonicalize_norms
+
+    canonicalize_norms(gm)  # norm chains (HF LlamaRMSNorm, decomposed LayerNorm) -> aten norms
     return gm
 
 

@@ -4,6 +4,12 @@ Edits are copy-on-write for parameters: a changed weight becomes a new initializ
 tensor shared by two nodes (a tied embedding, a reused constant) is never changed behind
 the other reader's back. Input/output names, opset imports, metadata and doc strings are
 left as they are.
+
+Norms spelled as chains of standard ops (the TorchScript exporter's LayerNorm, HF
+LlamaRMSNorm, ...) are recognised by ``rewriter.canon`` and grouped into one
+``layer_norm`` / ``rms_norm`` node over the chain's ops (``Node.attrs["canon"]`` holds
+the match), without changing the graph; ONNX Runtime's SkipLayerNormalization /
+SkipSimplifiedLayerNormalization are a join node and a norm node over the one op.
 """
 
 from __future__ import annotations
@@ -44,6 +50,15 @@ _SIMPLE = {
     "RMSNormalization": "rms_norm",
     "Attention": "attention",
 }
+# ONNX Runtime's own norms (contrib ops; SimplifiedLayerNormalization also in the default
+# domain): the same inputs and attributes as LayerNormalization / RMSNormalization
+_ORT_NORMS = {
+    ("com.microsoft", "LayerNormalization"): "layer_norm",
+    ("com.microsoft", "SimplifiedLayerNormalization"): "rms_norm",
+    ("", "SimplifiedLayerNormalization"): "rms_norm",
+}
+# ONNX Runtime norms that fuse the residual add into the norm (see ``norm``)
+_ORT_SKIP_NORMS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
 # Ops cheap and safe to evaluate when all their inputs are constant.
 _MAX_CONST_ELEMS = 1 << 24
 
@@ -91,6 +106,8 @@ class OnnxView(GraphView):
         self._const_cache: dict[ir.Value, np.ndarray | None] = {}
         self._names = itertools.count()
         self._retargeted: dict[tuple, ir.Value] = {}  # narrow_target: rebuilt shape values
+        self.canon_near_misses: list[tuple[str, str]] = []  # norm-like chains not recognised, why
+        self._skip_joins: dict[ir.Value, Node] = {}  # input_skip_bias_sum of a Skip*Norm -> its join
         # value name -> concrete dims assumed for the analysis where the file's are symbolic
         # (``rewriter.shapes.specialise``, from --shape / --inputs); the model is not changed
         self.shape_hints: dict[str, tuple] = {}
@@ -107,12 +124,85 @@ class OnnxView(GraphView):
     def _build_nodes(self) -> list[Node]:
         nodes: list[Node] = []
         taken: set[int] = set()
+        chains = self._norm_chains()
+        self._skip_joins = {}
         for raw in self.graph:
+            chain = chains.get(id(raw))
+            if chain is not None:
+                if chain is not True:  # the chain's last node: the norm takes its place
+                    nodes.append(chain)
+                continue
             if id(raw) in taken:
+                continue
+            if raw.domain == "com.microsoft" and raw.op_type in _ORT_SKIP_NORMS:
+                nodes.extend(self._skip_nodes(raw))
                 continue
             node = self._classify(raw, taken)
             nodes.append(node)
         return nodes
+
+    def _skip_nodes(self, raw: ir.Node) -> list[Node]:
+        """``SkipLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` (com.microsoft) as
+        what they compute: a residual join ``s = input + skip (+ bias)`` and a norm of ``s``,
+        two semantic nodes over the one IR node. ``s`` is the op's optional fourth output
+        (``input_skip_bias_sum``); when the file leaves it out, the output is declared (named,
+        unread: the op computes it anyway), so that the join has a value to write."""
+        name = raw.name or f"{raw.op_type}_{id(raw)}"
+        if len(raw.outputs) < 4:
+            raw.resize_outputs(4)
+            for o in raw.outputs[1:3]:
+                if o.name is None:
+                    o.name = ""  # left out, as in the file
+        s = raw.outputs[3]
+        if not s.name:
+            s.name = self._free_name(f"{name}_input_skip_bias_sum")
+        if s.dtype is None:
+            s.dtype = raw.inputs[0].dtype or raw.inputs[2].dtype
+        if s.shape is None:
+            s.shape = raw.inputs[0].shape
+        join = Node("add", f"{name}__add", [raw.inputs[0], raw.inputs[1]], s, [raw], {"skip": raw})
+        kind = "layer_norm" if raw.op_type == "SkipLayerNormalization" else "rms_norm"
+        norm = Node(kind, name, [s], raw.outputs[0], [raw], {"skip": raw, "join": join})
+        self._skip_joins[s] = join
+        return [join, norm]
+
+    def _skip_bias(self, raw: ir.Node) -> ir.Value | None:
+        idx = 4 if raw.op_type == "SkipLayerNormalization" else 3
+        return raw.inputs[idx] if len(raw.inputs) > idx else None
+
+    def producer(self, value: Value) -> Node | None:
+        self.nodes()
+        join = self._skip_joins.get(value)
+        return join if join is not None else super().producer(value)
+
+    def users(self, value: Value) -> list[Node]:
+        out = super().users(value)
+        # a Skip norm's IR node reads input / skip / bias as its join, not as its norm
+        return [n.attrs["join"] if "join" in n.attrs and value is not n.inputs[0] else n for n in out]
+
+    def _norm_chains(self) -> dict[int, Node | bool]:
+        """Norms spelled as chains of standard ops (``rewriter.canon``), as semantic nodes
+        over the chain's IR nodes; the graph itself is not changed. Maps the id of each
+        chain's last IR node to its Node and the other members to True."""
+        from rewriter.canon.norms import find_norms
+        from rewriter.canon.onnx_adapter import OnnxNormAdapter
+
+        search = find_norms(OnnxNormAdapter(self))
+        self.canon_near_misses = [(r.name or r.op_type, why) for r, why in search.near_misses]
+        if not search.matches:
+            return {}
+        pos = {id(r): i for i, r in enumerate(self.graph)}
+        out: dict[int, Node | bool] = {}
+        for m in search.matches:
+            raws = sorted(m.nodes, key=lambda r: pos[id(r)])
+            m.nodes = raws
+            anchor = m.core.producer()
+            name = anchor.name or f"{anchor.op_type}_{id(anchor)}"
+            node = Node(m.kind, name, [m.x], m.out, raws, {"canon": m, "rule": m.rule})
+            for r in raws:
+                out[id(r)] = True
+            out[id(raws[-1])] = node
+        return out
 
     def _classify(self, raw: ir.Node, taken: set[int]) -> Node:
         name = raw.name or f"{raw.op_type}_{id(raw)}"
@@ -137,6 +227,8 @@ class OnnxView(GraphView):
                 return Node("embedding", name, [raw.inputs[1]], out, [raw])
             if raw.op_type in _SIMPLE:
                 return Node(_SIMPLE[raw.op_type], name, [raw.inputs[0]], out, [raw])
+        if (raw.domain, raw.op_type) in _ORT_NORMS:
+            return Node(_ORT_NORMS[(raw.domain, raw.op_type)], name, [raw.inputs[0]], out, [raw])
         data = [v for v in raw.inputs if v is not None and not v.is_initializer()]
         return Node(f"other:{op_type}", name, data, out, [raw])
 
@@ -347,7 +439,7 @@ class OnnxView(GraphView):
                 add = ir.Node("", "Add", [out, bias], name=f"{node.name}_bias")
                 self._replace_uses(out, add.outputs[0], exclude=add)
                 self.graph.insert_after(raw, add)
-                add.outputs[0].dtype = out.dtype
+                add.outputs[0].dtype = out.dtype if out.dtype is not None else ir.DataType.from_numpy(wdt)
                 add.outputs[0].shape = out.shape
                 node.raw.append(add)
                 node.output = add.outputs[0]
@@ -453,8 +545,13 @@ class OnnxView(GraphView):
 
     # -- residual-stream queries -------------------------------------------------------
     def norm(self, node: Node) -> NormParams:
+        m = node.attrs.get("canon")
+        if m is not None:
+            return self._chain_norm(node, m)
         raw = node.raw[0]
-        x = raw.inputs[0]
+        x = node.inputs[0]
+        if "skip" in node.attrs:
+            return self._skip_norm(node, raw)
         rank = self.rank(x)
         axis = raw.attributes.get_int("axis", -1)
         if rank is None:
@@ -482,7 +579,50 @@ class OnnxView(GraphView):
             width = params[0].size
         return NormParams(int(width), raw.attributes.get_float("epsilon", 1e-5), params[0], params[1])
 
+    def _skip_norm(self, node: Node, raw: ir.Node) -> NormParams:
+        if any(o.uses() or o.is_graph_output() for o in raw.outputs[1:3]):
+            raise Declined(f"{node.name}: its mean / inverse std outputs are read")
+        shape = self.shape(raw.inputs[0])
+        params = []
+        idxs = (2, 3) if raw.op_type == "SkipLayerNormalization" else (2,)
+        for i in idxs:
+            v = raw.inputs[i] if len(raw.inputs) > i else None
+            c = None if v is None else self.const_value(v)
+            if v is not None and c is None:
+                raise Declined(f"{node.name} ({raw.op_type}) has a non-constant gamma or beta")
+            params.append(None if c is None else c.astype(np.float64).reshape(-1))
+        width = shape[-1] if shape and shape[-1] is not None else (params[0].size if params[0] is not None else None)
+        if width is None:
+            raise Declined(f"{node.name}: the width of its input is unknown")
+        gamma = None if params[0] is None else np.broadcast_to(params[0], (width,)).copy()
+        beta = None if len(params) < 2 or params[1] is None else np.broadcast_to(params[1], (width,)).copy()
+        return NormParams(int(width), raw.attributes.get_float("epsilon", 1e-12), gamma, beta)
+
+    def _chain_norm(self, node: Node, m) -> NormParams:
+        shape = self.shape(m.x)
+        width = shape[-1] if shape else None
+        params = []
+        for v in (m.weight, m.bias):
+            c = None if v is None else self.const_value(v)
+            if v is not None and c is None:
+                raise Declined(f"{node.name} has a non-constant scale or bias")
+            params.append(None if c is None else c.astype(np.float64).reshape(-1))
+        if width is None:
+            sizes = [p.size for p in params if p is not None and p.size > 1]
+            if not sizes:
+                raise Declined(f"{node.name}: the width of its input is unknown")
+            width = sizes[0]
+        params = [None if p is None else np.broadcast_to(p, (width,)).copy() for p in params]
+        return NormParams(int(width), m.eps, params[0], params[1])
+
     def operands(self, node: Node) -> list[Value]:
+        if "canon" in node.attrs:
+            return list(node.inputs)
+        if "skip" in node.attrs:
+            if node.op == "add":  # input + skip (+ bias)
+                b = self._skip_bias(node.raw[0])
+                return list(node.inputs) + ([b] if b is not None else [])
+            return list(node.inputs)
         return [v for v in node.raw[0].inputs if v is not None]
 
     def embedding(self, node: Node, *, dtype: Any = np.float64) -> np.ndarray:
@@ -502,6 +642,8 @@ class OnnxView(GraphView):
         self._const_cache.clear()
 
     def layout(self, node: Node) -> Layout | None:
+        if "canon" in node.attrs:
+            return None
         raw = node.raw[0]
         if raw.domain not in ("", "ai.onnx") or not raw.inputs or raw.inputs[0] is None:
             return None
@@ -831,9 +973,10 @@ class OnnxView(GraphView):
                 *, shape_last: int | None = None) -> None:
         """Insert ``new_nodes`` after ``anchor`` and make ``old``'s readers read ``new_out``."""
         self.graph.insert_after(anchor, new_nodes)
+        dtype = old.dtype if old.dtype is not None else ir.DataType.from_numpy(self._dtype_of(old))
         for n in new_nodes:
             for o in n.outputs:
-                o.dtype = old.dtype
+                o.dtype = dtype
         new_out.shape = old.shape
         if shape_last is not None:
             self.set_dim(new_out, -1, shape_last)
@@ -896,15 +1039,20 @@ class OnnxView(GraphView):
         self.invalidate()
         return out
 
-    def upgrade_opset(self, version: int) -> str | None:
+    def upgrade_opset(self, version: int, ignore: Iterable[ir.Node] = ()) -> str | None:
         """Bump the default-domain opset to ``version`` when no op in the model changed
-        meaning on the way; returns None on success, else the reason it was not done."""
-        from backends.ort.functions import OPSET_UPGRADE_BLOCKERS
+        meaning on the way; returns None on success, else the reason it was not done.
+        ``ignore``: nodes the caller is about to remove (the norm chains it replaces)."""
+        from backends.ort.functions import OPSET18_CHANGED, OPSET_UPGRADE_BLOCKERS, OPSET_UPGRADE_MIN
 
         if self.opset >= version:
             return None
+        if self.opset < OPSET_UPGRADE_MIN:
+            return f"opset {self.opset} < {OPSET_UPGRADE_MIN}: too many ops changed meaning since"
+        changed = OPSET_UPGRADE_BLOCKERS | (OPSET18_CHANGED if self.opset < 18 else frozenset())
+        skip = {id(n) for n in ignore}
         blockers = sorted({n.op_type for n in self.graph.all_nodes()
-                           if n.domain in ("", "ai.onnx") and n.op_type in OPSET_UPGRADE_BLOCKERS})
+                           if n.domain in ("", "ai.onnx") and n.op_type in changed and id(n) not in skip})
         if blockers:
             return f"the model uses {', '.join(blockers)}, whose meaning changed after opset {self.opset}"
         if any(n.version is not None for n in self.graph.all_nodes()):
@@ -917,28 +1065,64 @@ class OnnxView(GraphView):
         from backends.ort import functions as F
 
         raw = node.raw[0]
-        x, out = raw.inputs[0], raw.outputs[0]
+        # read from the IR, not the Node: an edit since it was grouped may have rewired it
+        # (a chain's first op reads x first; its last op writes the output)
+        x, out = raw.inputs[0], node.raw[-1].outputs[0]
+        if "skip" in node.attrs:
+            x = raw.outputs[3]
         shape = self.shape(x)
         width = shape[-1] if shape else None
         dt = self._dtype_of(x)
         name = node.name
         nodes: list[ir.Node] = []
+        if "skip" in node.attrs:  # the join comes out of the fused op: s = input + skip (+ bias)
+            add = ir.Node("", "Add", [raw.inputs[0], raw.inputs[1]], name=f"{name}_add")
+            nodes.append(add)
+            skip_bias = self._skip_bias(raw)
+            if skip_bias is not None:
+                nodes.append(ir.Node("", "Add", [add.outputs[0], skip_bias], name=f"{name}_add_bias"))
+            s_new = nodes[-1].outputs[0]
+            for n in nodes:
+                n.outputs[0].dtype, n.outputs[0].shape = x.dtype, raw.inputs[0].shape
+                n.outputs[0].name = self._free_name(f"{n.name}_out")
+            self._replace_uses(x, s_new)
+            x = s_new
+            shape = self.shape(raw.inputs[0])
+            width = shape[-1] if shape else None
+            if width is None:
+                g = self.const_value(raw.inputs[2])
+                width = None if g is None else int(g.size)
+            dt = self._dtype_of(x)
         if kind == "rms_norm":
             if width is None and weight is None:
                 raise Declined(f"{name}: the width of its input is unknown")
-            scale = weight if weight is not None else np.ones(width)
-            scale_v = self._new_initializer(f"{name}.scale", scale.astype(dt))
+            xin, cdt = x, dt
+            if self.opset < 23 and dt.itemsize < 4:
+                # the standard-op chain runs in float32, as the exporters' fp16/bf16 chains do
+                # (RMSNormalization computes in float32 itself: stash_type=1)
+                cast_in = ir.Node("", "Cast", [x], [ir.AttrInt64("to", ir.DataType.FLOAT)], name=f"{name}_to_f32")
+                nodes.append(cast_in)
+                xin, cdt = cast_in.outputs[0], np.dtype(np.float32)
+            keep_weight = xin is not x
+            scale = weight if weight is not None and not keep_weight else np.ones(width or weight.size)
+            scale_v = self._new_initializer(f"{name}.scale", scale.astype(cdt))
             consts = {} if self.opset >= 23 else {
                 "axes": self._int64_const(f"{name}_axes", [-1]),
-                "eps": self._new_initializer(f"{name}_eps", np.asarray([eps], dtype=dt)),
-                "two": self._new_initializer(f"{name}_two", np.asarray(2, dtype=dt))}
-            nodes = F.rms_nodes(x, scale_v, eps, self.opset, f"{name}_rms", consts)
-            weight = None
+                "eps": self._new_initializer(f"{name}_eps", np.asarray([eps], dtype=cdt)),
+                "two": self._new_initializer(f"{name}_two", np.asarray(2, dtype=cdt))}
+            nodes += F.rms_nodes(xin, scale_v, eps, self.opset, f"{name}_rms", consts)
+            if keep_weight:
+                for n in nodes:
+                    n.outputs[0].dtype = ir.DataType.FLOAT
+                nodes.append(ir.Node("", "Cast", [nodes[-1].outputs[0]], [ir.AttrInt64("to", out.dtype)],
+                                     name=f"{name}_from_f32"))
+            else:
+                weight = None
         elif kind == "crms_norm":
             if width is None:
                 raise Declined(f"{name}: the width of its input is unknown")
             F.ensure_crms_function(self.model, "rms" if self.opset >= 23 else "chain")
-            nodes = [F.crms_call(x, eps, width, f"{name}_crms")]
+            nodes.append(F.crms_call(x, eps, width, f"{name}_crms"))
         else:
             raise ValueError(f"unknown norm kind {kind!r}")
         norm_node = nodes[-1]
@@ -951,14 +1135,23 @@ class OnnxView(GraphView):
             nodes.append(ir.Node("", "Add", [last, self._new_initializer(f"{name}.bias", bias.astype(dt))],
                                  name=f"{name}_bias"))
             last = nodes[-1].outputs[0]
+        full = {id(norm_node), id(nodes[-1])} | {id(n) for n in nodes if n.op_type in ("Cast", "Pow")} | \
+            {id(n) for n in nodes if n.name.endswith(("_add", "_add_bias"))}
+        out_dtype = out.dtype if out.dtype is not None else ir.DataType.from_numpy(dt)
         for n in nodes:
             for o in n.outputs:
-                o.dtype = out.dtype
-                o.shape = x.shape
+                if o.dtype is None:
+                    o.dtype = out_dtype
+                # the chain's reduced values ([..., 1]) keep no annotation: ORT trusts them
+                o.shape = x.shape if id(n) in full or n is norm_node or n.op_type in ("Mul", "Add") and \
+                    n.name.endswith(("_weight", "_bias")) else None
         self.graph.insert_before(raw, nodes)
         self._replace_uses(out, last)
-        self.graph.remove(raw, safe=True)
-        self._splice_cache(raw, nodes)
+        self.graph.remove(list(reversed(node.raw)), safe=True)
+        if "skip" in node.attrs:
+            self.invalidate()  # the join went with the fused op
+        else:
+            self._splice_cache(raw, nodes)
         return self.node_of(norm_node)
 
     # -- edits -------------------------------------------------------------------------
@@ -1068,12 +1261,19 @@ class OnnxView(GraphView):
         return [np.asarray(feeds[n]) if n in specs else np.concatenate([c[n] for c in chunks]) for n in names]
 
     def set_norm(self, node: Node, *, weight: np.ndarray | None = None, bias: np.ndarray | None = None) -> None:
+        if "canon" in node.attrs:
+            self._set_chain_norm(node, node.attrs["canon"], weight, bias)
+            return
         raw = node.raw[0]
         x = raw.inputs[0]
-        for idx, arr, suffix in ((1, weight, "scale"), (2, bias, "bias")):
+        skip = "skip" in node.attrs
+        if skip and bias is not None and raw.op_type != "SkipLayerNormalization":
+            raise Declined(f"{node.name}: {raw.op_type} has no beta input")
+        for idx, arr, suffix in ((2, weight, "scale"), (3, bias, "bias")) if skip else \
+                ((1, weight, "scale"), (2, bias, "bias")):
             if arr is None:
                 continue
-            if idx == 2 and raw.op_type != "LayerNormalization":
+            if not skip and idx == 2 and raw.op_type != "LayerNormalization":
                 raise Declined(f"{node.name}: {raw.op_type} has no bias input")
             old = raw.inputs[idx] if len(raw.inputs) > idx else None
             dt = self._dtype_of(old) if old is not None else self._dtype_of(x)
@@ -1081,6 +1281,37 @@ class OnnxView(GraphView):
             if len(raw.inputs) <= idx:
                 raw.resize_inputs(idx + 1)
             raw.replace_input_with(idx, self._new_initializer(base, np.asarray(arr).reshape(-1).astype(dt)))
+        self.invalidate()
+
+    def _set_chain_norm(self, node: Node, m, weight: np.ndarray | None, bias: np.ndarray | None) -> None:
+        """A recognised chain gets new affine constants in its scale / shift ops; a missing
+        one is added (``* gamma`` before the shift, ``+ beta`` at the end): the chain stays
+        the user's ops, only parameters change."""
+        for arr, const, op_node, op in ((weight, m.weight, m.weight_node, "Mul"), (bias, m.bias, m.bias_node, "Add")):
+            if arr is None:
+                continue
+            if op_node is not None:
+                idx = 0 if op_node.inputs[0] is const else 1
+                dt = self._dtype_of(const)
+                base = const.name if const.name else f"{node.name}.{op.lower()}"
+                op_node.replace_input_with(idx, self._new_initializer(base, np.asarray(arr).reshape(-1).astype(dt)))
+                continue
+            if op == "Mul" and m.bias_node is not None:  # y * gamma goes before + beta
+                after, reads = m.bias_node.inputs[0].producer(), m.bias_node.inputs[0]
+            else:
+                after, reads = m.out.producer(), m.out
+            dt = self._dtype_of(reads)
+            const_v = self._new_initializer(f"{node.name}.{'scale' if op == 'Mul' else 'bias'}",
+                                            np.asarray(arr).reshape(-1).astype(dt))
+            new = self._new_node(op, [reads, const_v], (), f"{node.name}_{'scale' if op == 'Mul' else 'shift'}")
+            new.outputs[0].dtype, new.outputs[0].shape = reads.dtype, reads.shape
+            self._splice(after, reads, [new], new.outputs[0])
+            if op == "Mul":
+                m.weight, m.weight_node = const_v, new
+                if m.out is reads:
+                    m.out = new.outputs[0]
+            else:
+                m.bias, m.bias_node, m.out = const_v, new, new.outputs[0]
         self.invalidate()
 
     def insert_scale(self, value: Value, factor: float, name: str) -> Value:

@@ -18,8 +18,9 @@ Semantic op names (``Node.op``):
 ``mul`` ``add``    elementwise ops; ``affine()`` tells whether one operand is constant
 ``sub`` ``div``
 ``transpose``      Transpose / permute / transpose.int (``perm()``)
-``layer_norm``     LayerNormalization / aten.layer_norm over the last axis
-``rms_norm``       RMSNormalization / aten.rms_norm
+``layer_norm``     LayerNormalization / aten.layer_norm over the last axis, or a chain
+                   of standard ops recognised as one (``rewriter.canon``)
+``rms_norm``       RMSNormalization / aten.rms_norm, or a recognised chain
 ``embedding``      Gather of a constant table / aten.embedding
 ``attention``      Attention / aten.scaled_dot_product_attention
 ``other:T``        anything else

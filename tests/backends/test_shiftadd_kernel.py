@@ -21,6 +21,7 @@ from backends.ort.shiftadd import DOMAIN, denseshift_function, shiftadd_function
 from backends.triton.shiftadd import MODES, as_tensors, dequantize, shiftadd_linear
 from passes.shiftadd_quant import Packed, pack_bits
 from tests.conftest import max_rel, run_ort
+from tests.fp_bounds import dot_rel_bound
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,7 +57,9 @@ def test_cpu_op_matches_dense_reference(n, k, q, g, mode, tiny):
     want = x.double().numpy() @ p.dense().T + bias.double().numpy()
     got = shiftadd_linear(x, planes, exps, signs, bias, p.group_rows, MODES[mode])
     assert got.shape == (2, 3, n) and got.dtype == torch.float32
-    assert max_rel(want, got.numpy()) <= 1e-6
+    # float32 dot of length k + the bias add (the decoded weight is exact, asserted below)
+    tol = dot_rel_bound(x.numpy(), p.dense().T, want, bias=bias.numpy(), extra_terms=1)
+    assert tol < 1e-4 and max_rel(want, got.numpy()) <= tol
     # the decoded weight itself is exact
     assert np.array_equal(dequantize(planes, exps, signs, k, p.group_rows, MODES[mode]).double().numpy(),
                           p.dense().T.astype(np.float32).astype(np.float64))
@@ -95,7 +98,10 @@ def test_onnx_function_matches_dense_reference(n, k, q, g, mode):
     assert {"BitShift", "BitwiseAnd", "MatMul"} <= body and "Pow" not in body
     x = rng.standard_normal((2, k)).astype(np.float32)
     (got,) = run_ort(_function_model(fn, p), {"x": x})
-    assert max_rel(x.astype(np.float64) @ p.dense().T, got) <= 1e-6
+    want = x.astype(np.float64) @ p.dense().T
+    # float32 dot of length k; the body may build each weight by q float32 additions (+q)
+    tol = dot_rel_bound(x, p.dense().T, want, extra_terms=q)
+    assert tol < 1e-4 and max_rel(want, got) <= tol
 
 
 _SCRIPT = textwrap.dedent('''
@@ -104,6 +110,7 @@ _SCRIPT = textwrap.dedent('''
     sys.path.insert(0, os.getcwd())
     from backends.triton.shiftadd import MODES, as_tensors, reference, triton_shiftadd_linear
     from tests.backends.test_shiftadd_kernel import random_packed
+    from tests.fp_bounds import dot_rel_bound
     out = {}
     rng = np.random.default_rng(0)
     for (n, k, q, g, mode, tiny) in ((20, 70, 3, 8, "bcq", False), (9, 33, 2, 16, "bcq", True),
@@ -117,8 +124,11 @@ _SCRIPT = textwrap.dedent('''
             y = triton_shiftadd_linear(x, planes, exps, signs, bias, p.group_rows, MODES[mode])
             cpu = reference(x, planes, exps, signs, bias, p.group_rows, MODES[mode])
             scale = float(np.abs(want).max())
+            # the kernel builds the exact weight, then a float32 dot of length k + the bias add;
+            # against the CPU op (same bound) the difference is at most twice that
+            tol = dot_rel_bound(x.numpy(), p.dense().T, want, bias=bias.numpy(), extra_terms=1)
             out[f"{mode}-{n}x{k}-m{m}"] = [float(np.abs(y.double().numpy() - want).max() / scale),
-                                          float((y - cpu).abs().max()) / scale]
+                                          float((y - cpu).abs().max()) / scale, tol]
     print(json.dumps(out))
 ''')
 
@@ -131,5 +141,5 @@ def test_triton_kernel_matches_reference_under_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(results) == 6
-    bad = {key: v for key, v in results.items() if not (v[0] <= 1e-6 and v[1] <= 1e-6)}
+    bad = {key: v for key, v in results.items() if not (v[0] <= v[2] and v[1] <= 2 * v[2] and v[2] < 1e-4)}
     assert not bad, bad
