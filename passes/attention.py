@@ -221,23 +221,130 @@ def _single_user(value) -> Any | None:
     return uses[0]
 
 
+# ops the exporters put between the score MatMul, the Softmax and the value MatMul that do not
+# change which scores are computed: value-preserving casts and head reshapes
+_PASS_THROUGH = ("Cast", "Reshape", "Identity", "Dropout")
+# comparisons of two position tensors: how exporters spell a causal mask (j <= i)
+_POSITION_COMPARE = ("Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Trilu")
+
+
+def _nan_guard(softmax) -> Any | None:
+    """The ``Where(IsNaN(p), 0, p)`` after ``p = Softmax(.)`` (the TorchScript / dynamo export
+    of SDPA with a mask writes it so that a fully masked row gives zeros): its Where node."""
+    uses = list(softmax.outputs[0].uses())
+    if len(uses) != 2 or softmax.outputs[0].is_graph_output():
+        return None
+    isnan = next((u.node for u in uses if u.node.op_type == "IsNaN"), None)
+    where = next((u.node for u in uses if u.node.op_type == "Where" and u.idx == 2), None)
+    if isnan is None or where is None or where.inputs[0] is not isnan.outputs[0]:
+        return None
+    if len(list(isnan.outputs[0].uses())) != 1:
+        return None
+    return where
+
+
+def _score_root(view: OnnxView, value, depth: int = 8):
+    """The ``MatMul(a, b)`` of two run-time tensors that ``value`` is (up to scalar scales,
+    casts, reshapes and additive / Where masks) computed from, or None."""
+    for _ in range(depth):
+        node = value.producer()
+        if node is None:
+            return None
+        op = node.op_type
+        if op == "MatMul":
+            if any(view.const_value(i) is not None for i in node.inputs[:2]):
+                return None
+            return node
+        if op in _PASS_THROUGH or op in ("Mul", "Div", "Sub"):
+            value = node.inputs[0]
+            if op == "Mul" and _scalar(view.const_value(value)) is not None:
+                value = node.inputs[1]
+            continue
+        if op in ("Add", "Where"):
+            cands = node.inputs[1:3] if op == "Where" else node.inputs[:2]
+            for c in cands:
+                if c is not None and view.const_value(c) is None:
+                    root = _score_root(view, c, depth - 1)
+                    if root is not None:
+                        return root
+            return None
+        return None
+    return None
+
+
+def _scalar_like(view: OnnxView, value) -> bool:
+    arr = view.const_value(value)
+    if arr is not None:
+        return arr.size == 1
+    shape = view.shape(value)
+    return shape is not None and all(d == 1 for d in shape)
+
+
+def _mask_kind(view: OnnxView, node, score_side, limit: int = 60) -> str:
+    """``causal`` when the mask applied by ``node`` (an Add or Where on the scores) is built
+    from a comparison of two position tensors (``j <= i``, not a tensor against a scalar as a
+    padding mask's ``m >= 0``) or a Trilu; else ``padding``."""
+    start = [i for i in node.inputs if i is not None and i is not score_side]
+    seen, stack = set(), [v.producer() for v in start if v.producer() is not None]
+    while stack and len(seen) < limit:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if n.op_type == "Trilu" or (n.op_type in _POSITION_COMPARE
+                                     and not any(_scalar_like(view, i) for i in n.inputs[:2])):
+            return "causal"
+        stack.extend(i.producer() for i in n.inputs if i is not None and i.producer() is not None)
+    return "padding"
+
+
 def _onnx_chain(view: OnnxView, softmax) -> AttentionSite | None:
     x = softmax.inputs[0]
     rank = view.rank(x)
     axis = softmax.attributes.get_int("axis", -1)
-    out_use = _single_user(softmax.outputs[0])
+    name = softmax.name or "Softmax"
+    reason = ""
+    chain = [softmax]
+    # forward: Softmax -> [NaN guard] -> [Cast / Reshape]* -> MatMul(., V)
+    probs = softmax.outputs[0]
+    guard = _nan_guard(softmax)
+    if guard is not None:
+        chain.append(guard)
+        chain.insert(1, next(u.node for u in probs.uses() if u.node.op_type == "IsNaN"))
+        probs = guard.outputs[0]
+    reshaped = False
+    for _ in range(4):
+        out_use = _single_user(probs)
+        if out_use is None or out_use.node.op_type not in _PASS_THROUGH or out_use.idx != 0:
+            break
+        reshaped = True
+        chain.append(out_use.node)
+        probs = out_use.node.outputs[0]
+    out_use = _single_user(probs)
     if out_use is None or out_use.node.op_type != "MatMul" or out_use.idx != 0:
         return None
     pv = out_use.node
-    chain = [softmax, pv]
+    if view.const_value(pv.inputs[1]) is not None:
+        return None
+    chain.append(pv)
     scale = 1.0
     node = x.producer()
-    name = softmax.name or "Softmax"
-    reason = ""
     while node is not None and node.op_type in ("Mul", "Div", "Add", "Where") and _single_user(node.outputs[0]):
         if node.op_type in ("Add", "Where"):
-            reason = f"{name}: an attention mask or bias is applied to the scores ({node.op_type} {node.name})"
-            break
+            # an additive mask / bias (Add) or a boolean mask (Where(m, scores, -inf)): the
+            # site is attention only when the scores come from a MatMul of two run-time tensors
+            cands = node.inputs[1:3] if node.op_type == "Where" else node.inputs[:2]
+            side = next((c for c in cands if c is not None and view.const_value(c) is None
+                         and _score_root(view, c) is not None), None)
+            if side is None:
+                return None
+            kind = _mask_kind(view, node, side)
+            what = ("causal attention (a causal mask" if kind == "causal"
+                    else "has an attention mask (a padding mask or bias")
+            s = AttentionSite(name, "chain", raw=chain, reason=(
+                f"{name}: {what} is applied to the scores by {node.op_type} {node.name or ''}".rstrip()
+                + "); Re-ttention is for unmasked bidirectional attention"))
+            return s
         c = [_scalar(view.const_value(i)) for i in node.inputs]
         if c[1] is not None:
             scale = scale * c[1] if node.op_type == "Mul" else scale / c[1]
@@ -255,7 +362,7 @@ def _onnx_chain(view: OnnxView, softmax) -> AttentionSite | None:
     if view.const_value(qk.inputs[0]) is not None or view.const_value(qk.inputs[1]) is not None:
         return None
     chain.insert(0, qk)
-    # the opset-18 exporter scales Q and K^T by sqrt(scale) each: fold those into the scale
+    # the exporters scale Q and K^T by sqrt(scale) each: fold those into the scale
     operands = []
     for operand in qk.inputs[:2]:
         p = operand.producer()
@@ -273,6 +380,9 @@ def _onnx_chain(view: OnnxView, softmax) -> AttentionSite | None:
     s.dtype = s.q.dtype
     if rank is not None and axis % rank != rank - 1:
         s.reason = f"{name}: softmax over axis {axis}, not over the keys"
+    elif reshaped:
+        s.reason = (f"{name}: the probabilities are cast or reshaped before the value product "
+                    "(a batched 3-D layout), not [B, H, N, N] @ [B, H, N, Dh]")
     if reason:
         s.reason = reason
     return s
@@ -328,11 +438,30 @@ def _fx_chain(view: FxView, softmax) -> AttentionSite | None:
     aten = torch.ops.aten
     matmuls = {aten.matmul.default, operator.matmul, torch.matmul}
     dim = softmax.args[1] if len(softmax.args) > 1 else softmax.kwargs.get("dim", -1)
-    users = list(softmax.users)
-    if len(users) != 1 or users[0].target not in matmuls or users[0].args[0] is not softmax:
+    # forward: softmax -> [to(dtype) / eval dropout / view]* -> matmul or bmm (BLOOM's baddbmm
+    # attention: ``softmax(..., dtype)``, ``to``, ``dropout(p=0)``, ``view`` to 3-D, ``bmm``)
+    probs, passed = softmax, []
+    for _ in range(5):
+        users = [u for u in probs.users if "assert_tensor_metadata" not in str(u.target)]
+        if len(users) != 1 or users[0].args[0] is not probs:
+            return None
+        u = users[0]
+        if u.target in matmuls or u.target is aten.bmm.default:
+            break
+        uname = str(u.target)
+        dropout_p = u.args[1] if len(u.args) > 1 else u.kwargs.get("p", 0.0)
+        train = u.args[2] if len(u.args) > 2 else u.kwargs.get("train", False)
+        if not (("dropout" in uname and (not dropout_p or not train))
+                or any(k in uname for k in ("aten.to.", "aten._to_copy", "aten.view.", "aten.reshape.", "aten.clone."))):
+            return None
+        passed.append(u)
+        probs = u
+    else:
         return None
-    pv = users[0]
-    chain = [softmax, pv]
+    pv = u
+    # only a mask decline goes through casts / views / bmm: the rewrite needs the plain form
+    reshaped = bool(passed) or pv.target is aten.bmm.default
+    chain = [softmax, *passed, pv]
     scale = 1.0
     node = softmax.args[0]
     reason = ""
@@ -361,7 +490,7 @@ def _fx_chain(view: FxView, softmax) -> AttentionSite | None:
         node = data
     if reason:
         return AttentionSite(softmax.name, "chain", raw=chain, reason=reason)
-    if getattr(node, "target", None) not in matmuls or len(node.users) != 1:
+    if getattr(node, "target", None) not in matmuls or len(node.users) != 1 or reshaped:
         return None
     chain.insert(0, node)
     qk = node
