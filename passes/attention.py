@@ -298,6 +298,29 @@ def _mask_kind(view: OnnxView, node, score_side, limit: int = 60) -> str:
     return "padding"
 
 
+def _neutral(view: OnnxView, value, fill: float | None, depth: int = 6) -> bool:
+    """Whether ``value`` is, at every run-time shape, filled with ``fill`` (a float: an additive
+    mask that adds nothing, 0) or all true (``fill`` None: a boolean mask that keeps every key):
+    a constant of that value, or an ``Expand`` / ``Cast`` of one, or ``Where(c, a, b)`` with
+    ``c`` all true and ``a`` neutral. transformers 5 builds such a mask for bidirectional
+    encoders (``create_bidirectional_mask``), and the dynamo exporter folds it to these ops."""
+    if value is None or depth <= 0:
+        return False
+    arr = view.const_value(value)
+    if arr is not None:
+        return bool(np.all(arr)) if fill is None else bool(np.all(arr == fill))
+    node = value.producer()
+    if node is None:
+        return False
+    if node.op_type == "Expand":
+        return _neutral(view, node.inputs[0], fill, depth - 1)
+    if node.op_type == "Cast" and fill is None:
+        return _neutral(view, node.inputs[0], None, depth - 1)
+    if node.op_type == "Where":
+        return _neutral(view, node.inputs[0], None, depth - 1) and _neutral(view, node.inputs[1], fill, depth - 1)
+    return False
+
+
 def _onnx_chain(view: OnnxView, softmax) -> AttentionSite | None:
     x = softmax.inputs[0]
     rank = view.rank(x)
@@ -338,6 +361,16 @@ def _onnx_chain(view: OnnxView, softmax) -> AttentionSite | None:
                          and _score_root(view, c) is not None), None)
             if side is None:
                 return None
+            other = [c for c in (node.inputs[:2] if node.op_type == "Add" else node.inputs[:1]) if c is not side]
+            srank = view.rank(side)
+            if (other and all(_neutral(view, c, 0.0 if node.op_type == "Add" else None) for c in other)
+                    and all(view.rank(c) is not None and srank is not None and view.rank(c) <= srank for c in other)
+                    and (node.op_type == "Add" or node.inputs[1] is side)):
+                # a mask that keeps every key (all zeros added, or Where(all true, scores, .)):
+                # the scores pass unchanged; the node goes with the chain
+                chain.insert(0, node)
+                node = side.producer()
+                continue
             kind = _mask_kind(view, node, side)
             what = ("causal attention (a causal mask" if kind == "causal"
                     else "has an attention mask (a padding mask or bias")
@@ -416,6 +449,8 @@ def _fx_sdpa(view: FxView, raw) -> AttentionSite:
     causal = args[5] if args[5] is not None else kw.get("is_causal", False)
     scale = args[6] if args[6] is not None else kw.get("scale")
     gqa = kw.get("enable_gqa", False)
+    if mask is not None and _fx_keeps_every_key(mask):
+        mask = None  # transformers 5's all-true bidirectional mask: no mask
     if mask is not None:
         s.reason = f"{raw.name}: has an attention mask"
     elif dropout:
@@ -430,6 +465,41 @@ def _fx_sdpa(view: FxView, raw) -> AttentionSite:
     val = raw.meta.get("val")
     s.dtype = getattr(val, "dtype", None)
     return s
+
+
+def _fx_keeps_every_key(mask, limit: int = 40) -> bool:
+    """Whether an SDPA mask is computed from no input at all (aranges, fills: transformers 5's
+    ``create_bidirectional_mask`` under ``torch.export``) and keeps every key: all true when
+    boolean, all zeros when additive. Evaluated once, on the captured static shapes."""
+    import torch
+    from torch import fx
+
+    if not isinstance(mask, fx.Node):
+        return False
+    order, stack, seen = [], [mask], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload) or len(seen) > limit:
+            return False  # an input, a parameter, or not a plain aten op
+        order.append(n)
+        stack.extend(n.all_input_nodes)
+    index = {n: i for i, n in enumerate(mask.graph.nodes)}
+    vals: dict = {}
+    try:
+        with torch.no_grad():
+            for n in sorted(order, key=index.__getitem__):
+                args, kwargs = fx.node.map_arg((n.args, n.kwargs), vals.__getitem__)
+                vals[n] = n.target(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - not evaluable: treated as a real mask
+        log.debug("mask %s not evaluated: %s", mask.name, err)
+        return False
+    m = vals[mask]
+    if not isinstance(m, torch.Tensor):
+        return False
+    return bool(m.all()) if m.dtype == torch.bool else bool((m == 0).all())
 
 
 def _fx_chain(view: FxView, softmax) -> AttentionSite | None:

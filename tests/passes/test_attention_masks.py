@@ -30,7 +30,7 @@ def _i64(name, values):
 def _model(mask: str, guard: bool = True, const_v: bool = False) -> onnx.ModelProto:
     """x [B, N, D] -> self-attention in the exporters' decomposition; ``mask``: "" (none),
     "causal" (``Range`` positions compared at run time), "padding" (from an ``attention_mask``
-    input). ``const_v``: the probabilities meet a constant (not attention)."""
+    input), "all-true" / "one-false" (a constant boolean mask expanded to the batch). ``const_v``: the probabilities meet a constant (not attention)."""
     rng = np.random.default_rng(0)
     s = 1.0 / math.sqrt(DH)
     inits = [init(f"W{n}", rng.standard_normal((D, D)) * 0.3) for n in "qkvo"]
@@ -66,6 +66,17 @@ def _model(mask: str, guard: bool = True, const_v: bool = False) -> onnx.ModelPr
             helper.make_node("Cast", ["attention_mask"], ["am_b"], to=TensorProto.BOOL),
             helper.make_node("Unsqueeze", ["am_b", "ax12"], ["am4"]),
             helper.make_node("Where", ["am4", "zero", "ninf"], ["add_mask"]),
+        ]
+    elif mask in ("all-true", "one-false"):  # the dynamo export of transformers 5's bidirectional mask
+        keep = np.ones((1, 1, 1, N), dtype=bool)
+        if mask == "one-false":
+            keep[..., 3] = False
+        inits += [numpy_helper.from_array(keep, "keep"), _i64("nn1", [1, N, N]), init("big", -3.4e38)]
+        nodes += [
+            helper.make_node("Shape", ["x"], ["bsz"], start=0, end=1),
+            helper.make_node("Concat", ["bsz", "nn1"], ["mshape"], axis=0),
+            helper.make_node("Expand", ["keep", "mshape"], ["keep_b"]),
+            helper.make_node("Where", ["keep_b", "zero", "big"], ["add_mask"]),
         ]
     if mask:
         nodes.append(helper.make_node("Add", ["scores", "add_mask"], ["masked"]))
@@ -133,6 +144,21 @@ def test_unmasked_chain_with_nan_guard_is_rewritten(tmp_path):
     assert max_rel(run_ort(onnx.load(path), {"x": x})[0], run_ort(res.model, {"x": x})[0]) <= 1e-5
 
 
+def test_all_true_mask_is_no_mask(tmp_path):
+    """transformers 5's all-true bidirectional mask (Expand of a constant, Where(m, 0, -big), Add)
+    keeps every key: the site is rewritten, exactly; one masked key makes it a decline."""
+    sites = _sites(_model("one-false"))
+    assert len(sites) == 1 and "has an attention mask" in sites[0].reason
+    path = tmp_path / "allkeys.onnx"
+    onnx.save(_model("all-true"), path)
+    res = rewriter.rewrite(str(path), ["rettention"], options={"rettention": {"density": 0.25}})
+    assert res.passed and res.records[0].applied, res.records[0].declined
+    ops = op_types(res.model)
+    assert "Softmax" not in ops and ops.count("Rettention") == 1
+    x = np.random.default_rng(4).standard_normal((B, N, D)).astype(np.float32)
+    assert max_rel(run_ort(onnx.load(path), {"x": x})[0], run_ort(res.model, {"x": x})[0]) <= 1e-5
+
+
 def test_probabilities_times_constant_is_not_attention():
     """Negative control: a guarded, masked Softmax whose product is with a constant is no site."""
     assert _sites(_model("causal", const_v=True)) == []
@@ -152,3 +178,31 @@ def test_fx_softmax_cast_view_bmm_declined_with_mask():
     ex = tuple(torch.randn(B * H, N, DH) for _ in range(3)) + (torch.randn(B * H, 1, N),)
     sites = find_attention(as_view(Baddbmm(), example_inputs=ex))
     assert len(sites) == 1 and "attention mask" in sites[0].reason, sites
+
+
+class _ArangeMask(torch.nn.Module):
+    """SDPA with a mask built from an arange (``start``=0: every key kept, as transformers 5's
+    ``create_bidirectional_mask`` writes it; 1: the first key masked)."""
+
+    def __init__(self, start: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv, self.start = torch.nn.Linear(D, 3 * D), start
+
+    def forward(self, x):
+        q, k, v = (t.view(B, N, H, DH).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        keep = (torch.arange(N) >= self.start)[None, None, None, :].expand(B, -1, N, N)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).reshape(B, N, D)
+
+
+def test_fx_all_true_arange_mask_is_no_mask():
+    """FX: an SDPA mask computed from aranges only that keeps every key is no mask (rewritten,
+    verified); one that drops a key is declined as a mask."""
+    from rewriter.api import as_view
+
+    ex = (torch.randn(B, N, D),)
+    masked = find_attention(as_view(_ArangeMask(1), example_inputs=ex))
+    assert len(masked) == 1 and "has an attention mask" in masked[0].reason
+    res = rewriter.rewrite(_ArangeMask(0), ["rettention"], example_inputs=ex, options={"rettention": {"density": 0.25}})
+    assert res.records[0].applied and res.passed and res.verification["max_rel_error"] <= 1e-5
+    assert "aten.scaled_dot_product_attention.default" not in res.view.raw_op_types()

@@ -25,15 +25,6 @@ from tests.realworld.expected import EXPECTED, matches
 # (the branch that fixes it, where one is at work), as "arch-exporter-pass". strict: a case
 # that starts passing fails here, so its entry is removed when the fix lands.
 _GAPS: dict[str, list[str]] = {
-    'attention: masked/causal attention in the exported graph is not found, so no reason is given (expected: declined, has an attention mask)': [
-        'gpt2-ts14-rettention', 'gpt2-ts17-rettention', 'gpt2-dynamo18-rettention', 'opt-ts14-rettention',
-        'opt-ts17-rettention', 'opt-dynamo18-rettention', 'bloom-ts14-rettention', 'bloom-ts17-rettention',
-        'bloom-dynamo18-rettention', 'bloom-fx-rettention', 'llama-ts14-rettention',
-        'llama-ts17-rettention', 'llama-dynamo18-rettention', 'qwen2-ts14-rettention',
-        'qwen2-ts17-rettention', 'qwen2-dynamo18-rettention', 'neox-ts14-rettention',
-        'neox-ts17-rettention', 'neox-dynamo18-rettention', 'bert-ts14-rettention', 'bert-ts17-rettention',
-        'bert-dynamo18-rettention',
-    ],
     'crms/functions: the CRMSNormalization function written into an opset-14 model is an invalid graph in ORT (its Cast); verification catches it, nothing is written': [
         'bloom-ts14-crms',
     ],
