@@ -28,10 +28,6 @@ _GAPS: dict[str, list[str]] = {
     'crms/functions: the CRMSNormalization function written into an opset-14 model is an invalid graph in ORT (its Cast); verification catches it, nothing is written': [
         'bloom-ts14-crms',
     ],
-    'attention: transformers 5 passes an all-true bidirectional mask (built from aranges); not seen as no mask (fx) / site not found (dynamo)': [
-        'vit-dynamo18-rettention', 'vit-fx-rettention', 'deit-dynamo18-rettention', 'deit-fx-rettention',
-        'dinov2-dynamo18-rettention', 'dinov2-fx-rettention',
-    ],
     "residual: _classify_writer walks into a TorchScript Identity of an initializer (no graph input in the view): internal IndexError, exit 4 (TorchScript 14 and 17)": [
         'deit-ts14-rms', 'deit-ts14-crms', 'deit-ts14-lns', 'deit-ts14-osplus', 'deit-ts17-rms',
         'deit-ts17-crms', 'deit-ts17-lns', 'deit-ts17-osplus',
