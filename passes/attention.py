@@ -9,6 +9,20 @@ Recognised forms:
   decomposition the opset-18 exporter writes (``a = Q * sqrt(s)``, ``b = K^T * sqrt(s)``)
   and the one ``torch.export`` keeps for hand-written attention. The site then computes
   ``softmax(c * a b) V``: ``Q := a``, ``K := b^T``, ``scale := c`` (1 without the scalar op).
+  The TorchScript and dynamo exporters' spelling of masked SDPA is the same chain with a mask
+  on the scores (``Add(scores, mask)`` or ``Where(m, scores, -inf)``; BLOOM's alibi
+  ``baddbmm`` adds a bias too) and a NaN guard after the Softmax (``Where(IsNaN(p), 0, p)``);
+  in FX, ``softmax(.., dtype) -> to -> dropout(p=0) -> view -> bmm``. Such a site is found
+  when the scores come from a MatMul of two run-time tensors and the probabilities meet a
+  run-time V, and is declined as ``causal attention`` (the mask is built from a comparison
+  of two position tensors, ``j <= i``, or a Trilu) or ``has an attention mask`` (padding
+  mask or bias).
+
+A mask that keeps every key is no mask: transformers 5 passes bidirectional encoders
+(ViT, DeiT, Dinov2) an all-true mask built from aranges (``create_bidirectional_mask``).
+ONNX: a constant of zeros (additive) / true (boolean), an ``Expand`` / ``Cast`` of one,
+or ``Where(all true, 0, .)``, at every run-time shape; FX: an SDPA mask computed from no
+input at all, evaluated once and all true / all zero. The mask op then goes with the chain.
 
 Self- or cross-attention: ``Q`` and ``K`` are traced back through head reshapes,
 transposes, casts and scalar multiplications to the linear projection that made them;
@@ -280,14 +294,14 @@ def _scalar_like(view: OnnxView, value) -> bool:
     return shape is not None and all(d == 1 for d in shape)
 
 
-def _mask_kind(view: OnnxView, node, score_side, limit: int = 60) -> str:
+def _mask_kind(view: OnnxView, node, score_side, limit: int = 400) -> str:
     """``causal`` when the mask applied by ``node`` (an Add or Where on the scores) is built
     from a comparison of two position tensors (``j <= i``, not a tensor against a scalar as a
     padding mask's ``m >= 0``) or a Trilu; else ``padding``."""
     start = [i for i in node.inputs if i is not None and i is not score_side]
     seen, stack = set(), [v.producer() for v in start if v.producer() is not None]
-    while stack and len(seen) < limit:
-        n = stack.pop()
+    while stack and len(seen) < limit:  # breadth first: the comparison sits near the mask's root
+        n = stack.pop(0)
         if id(n) in seen:
             continue
         seen.add(id(n))
@@ -543,7 +557,7 @@ def _fx_chain(view: FxView, softmax) -> AttentionSite | None:
         ca = a if isinstance(a, (int, float)) else _scalar(view.const_value(a)) if hasattr(a, "op") else None
         cb = b if isinstance(b, (int, float)) else _scalar(view.const_value(b)) if hasattr(b, "op") else None
         if "add" in name or "where" in name or "masked_fill" in name:
-            reason = f"{softmax.name}: an attention mask or bias is applied to the scores ({node.name})"
+            reason = f"{softmax.name}: has an attention mask or bias on the scores ({node.name})"
             break
         if "mul" in name and cb is not None:
             scale *= float(cb)
