@@ -481,6 +481,10 @@ def _fx_sdpa(view: FxView, raw) -> AttentionSite:
     return s
 
 
+# aten ops whose values the graph does not fix (a mask built from them is not a constant)
+_FX_NONDETERMINISTIC = ("rand", "empty", "bernoulli", "dropout", "normal", "uniform", "multinomial")
+
+
 def _fx_keeps_every_key(mask, limit: int = 40) -> bool:
     """Whether an SDPA mask is computed from no input at all (aranges, fills: transformers 5's
     ``create_bidirectional_mask`` under ``torch.export``) and keeps every key: all true when
@@ -496,8 +500,9 @@ def _fx_keeps_every_key(mask, limit: int = 40) -> bool:
         if n in seen:
             continue
         seen.add(n)
-        if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload) or len(seen) > limit:
-            return False  # an input, a parameter, or not a plain aten op
+        if (n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload) or len(seen) > limit
+                or any(k in str(n.target) for k in _FX_NONDETERMINISTIC)):
+            return False  # an input, a parameter, not a plain aten op, or values not fixed by the graph
         order.append(n)
         stack.extend(n.all_input_nodes)
     index = {n: i for i, n in enumerate(mask.graph.nodes)}
