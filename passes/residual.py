@@ -59,7 +59,9 @@ _SOFTMAX = ("other:Softmax", "other:aten.softmax.int", "other:aten._softmax.defa
 @dataclasses.dataclass
 class Writer:
     """One write into the stream: ``value`` enters a join; ``node`` computes it through
-    ``path`` (layout ops, each with the channel axis of its output, negative)."""
+    ``path`` (layout ops, each with the channel axis of its output, negative). A ``const``
+    writer with a path (a token parameter expanded over the batch at run time) has the
+    parameter as ``value`` and the path from it to the join."""
 
     kind: str  # embedding | linear | conv | const | norm | input | other | gated
     value: Any
@@ -212,6 +214,12 @@ def _classify_writer(a: _Analysis, value, width: int | None) -> Writer:
     axis = -1
     u = value
     while True:
+        if u is not value and v.const_value(u) is not None:
+            if axis != -1:
+                return Writer("other", value, v.producer(value), path)
+            # a parameter (a cls / distillation token) expanded over the batch at run time:
+            # re-centred through its parameter, read by the last op of the path only
+            return Writer("const", u, None, path)
         p = v.producer(u)
         if p is None:
             return Writer("input", value, None, path, f"the stream starts at graph input {v.value_name(u)}")
@@ -258,6 +266,8 @@ def _classify_writer(a: _Analysis, value, width: int | None) -> Writer:
             axis = perm[axis % rank] - r
             u = p.inputs[0]
             continue
+        if not p.inputs:  # an op of parameters only that is not folded to a constant
+            return Writer("other", value, p, path)
         if lay is not None and lay.kind in ("identity", "reshape", "expand", "select", "reduce"):
             si, so = v.shape(p.inputs[0]), v.shape(u)
             new_axis = _map_axis_back(lay, si, so, axis)

@@ -406,12 +406,15 @@ class GraphView(abc.ABC):
         """Replace the constant target shape of a reshape / expand node."""
         raise NotImplementedError
 
-    def edit_const(self, value: Value, fn, *, width: int, new_width: int | None = None) -> str:
+    def edit_const(self, value: Value, fn, *, width: int, new_width: int | None = None,
+                   reader: Node | None = None) -> str:
         """Change the parameter a constant ``value`` is computed from: the chain of copies,
         casts, reshapes, expands and selections between a parameter and ``value`` is
         walked back and ``fn`` (float64 array -> array, acting on the last axis, where the
         ``width`` channels are) is applied to the parameter, copy-on-write. With
         ``new_width`` the width changes and reshape/expand targets along the chain follow.
+        With ``reader`` (a node reading ``value`` itself) only that reader gets the edited
+        parameter; the others keep the original.
         Returns the parameter's name; raises ``Declined`` when no such chain exists."""
         raise NotImplementedError
 

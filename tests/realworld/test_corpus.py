@@ -41,10 +41,6 @@ _GAPS: dict[str, list[str]] = {
         'vit-dynamo18-rettention', 'vit-fx-rettention', 'deit-dynamo18-rettention', 'deit-fx-rettention',
         'dinov2-dynamo18-rettention', 'dinov2-fx-rettention',
     ],
-    "residual: _classify_writer walks into a TorchScript Identity of an initializer (no graph input in the view): internal IndexError, exit 4 (TorchScript 14 and 17)": [
-        'deit-ts14-rms', 'deit-ts14-crms', 'deit-ts14-lns', 'deit-ts14-osplus', 'deit-ts17-rms',
-        'deit-ts17-crms', 'deit-ts17-lns', 'deit-ts17-osplus',
-    ],
     "shapes: crms declines the Reshape of Dinov2's position embedding (shape built from the stream width); the issue allows this decline naming the op, the narrowing is exact: coordinator's call": [
         'dinov2-ts14-crms', 'dinov2-ts17-crms',
     ],
