@@ -1169,7 +1169,8 @@ class OnnxView(GraphView):
             if width is None:
                 raise Declined(f"{name}: the width of its input is unknown")
             F.ensure_crms_function(self.model, "rms" if self.opset >= 23 else "chain")
-            nodes.append(F.crms_call(x, eps, width, f"{name}_crms"))
+            dtype = (x.dtype or ir.DataType.FLOAT) if F.needs_dtype(self.opset) else None
+            nodes.append(F.crms_call(x, eps, width, f"{name}_crms", dtype))
         else:
             raise ValueError(f"unknown norm kind {kind!r}")
         norm_node = nodes[-1]

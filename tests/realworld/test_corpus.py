@@ -34,9 +34,6 @@ _GAPS: dict[str, list[str]] = {
         'neox-ts17-rettention', 'neox-dynamo18-rettention', 'bert-ts14-rettention', 'bert-ts17-rettention',
         'bert-dynamo18-rettention',
     ],
-    'crms/functions: the CRMSNormalization function written into an opset-14 model is an invalid graph in ORT (its Cast); verification catches it, nothing is written': [
-        'bloom-ts14-crms',
-    ],
     'attention: transformers 5 passes an all-true bidirectional mask (built from aranges); not seen as no mask (fx) / site not found (dynamo)': [
         'vit-dynamo18-rettention', 'vit-fx-rettention', 'deit-dynamo18-rettention', 'deit-fx-rettention',
         'dinov2-dynamo18-rettention', 'dinov2-fx-rettention',
