@@ -878,6 +878,29 @@ class OnnxView(GraphView):
             return out
         return fallback
 
+    def resize_keeps(self, node: Node, axis: int) -> bool:
+        raw = node.raw[0]
+        if raw.domain not in ("", "ai.onnx") or raw.op_type != "Resize" or not raw.inputs:
+            return False
+        x = raw.inputs[0]
+        r = self.rank(x)
+        if r is None or not -r <= axis < 0 or raw.attributes.get_ints("axes", None) is not None:
+            return False
+        sizes = raw.inputs[3] if len(raw.inputs) > 3 else None
+        scales = raw.inputs[2] if len(raw.inputs) > 2 else None
+        if sizes is not None:
+            e = self.shape_entries(sizes)
+            if e is None or len(e) != r:
+                return False
+            k = e[r + axis]
+            si = self.shape(x)
+            return (isinstance(k, Dim) and k.value is x and k.axis == axis) or (
+                type(k) is int and si is not None and si[axis] == k)
+        if scales is not None:
+            c = self.const_value(scales)
+            return c is not None and c.size == r and float(c.reshape(-1)[r + axis]) == 1.0
+        return False
+
     def shape_target(self, node: Node) -> list | None:
         raw = node.raw[0]
         if raw.domain not in ("", "ai.onnx") or raw.op_type not in ("Reshape", "Expand") or len(raw.inputs) < 2:
@@ -988,6 +1011,17 @@ class OnnxView(GraphView):
                                     f"{self.value_name(x)} (read by {node.name}), but not as the channel axis "
                                     "of a tensor that narrows with it")
                     continue
+                if op == "Resize" and use.idx == 3:
+                    entries = self.shape_entries(t)
+                    where = self._tainted_parts(t, entries, seen, tainted)
+                    axis = narrowed(u.outputs[0])
+                    if entries is not None and axis is not None and where == [len(entries) + axis] \
+                            and narrowed(u.inputs[0]) == axis:
+                        continue  # the resampled tensor keeps its (narrowing) channel axis as it is
+                    problems.append(f"{op} ({u.name}) sizes its output from the width of {self.value_name(x)} "
+                                    f"(read by {node.name}), but not as the channel axis of a tensor that "
+                                    "narrows with it")
+                    continue
                 if op in _SHAPE_PASS_OPS and (use.idx == 0 or op == "Concat"):
                     entries = self.shape_entries(u.outputs[0])
                     if entries is not None and not any(tainted(e) for e in entries):
@@ -997,6 +1031,27 @@ class OnnxView(GraphView):
                 problems.append(f"{op} ({u.name}) computes from the width of {self.value_name(x)} "
                                 f"(read by {node.name}): narrowing would change its result")
         return list(dict.fromkeys(problems))
+
+    def _tainted_parts(self, t: ir.Value, entries: list | None, reached: set, tainted) -> list[int]:
+        """The entries of ``t`` (a shape being computed) that may follow a narrowing width:
+        a read of a narrowing axis, or (strictly) any entry not followed in a part of a
+        ``Concat`` reached from the shape read; the parts not reached can carry it only as
+        a read (a width that went through an op not followed is flagged there)."""
+        if entries is None:
+            return [-1]
+        p = t.producer()
+        if p is None or p.op_type != "Concat" or p.domain not in ("", "ai.onnx"):
+            return [i for i, e in enumerate(entries) if tainted(e)]
+        out, off = [], 0
+        for part in p.inputs:
+            pe = self.shape_entries(part)
+            if pe is None:
+                return [-1]
+            strict = part in reached
+            out += [off + i for i, e in enumerate(pe)
+                    if (tainted(e) if strict else isinstance(e, Dim) and tainted(e))]
+            off += len(pe)
+        return out
 
     def set_dim(self, value: Value, axis: int, size: int) -> None:
         if value.shape is None:

@@ -445,6 +445,12 @@ class GraphView(abc.ABC):
         """``users(value)`` less the readers of its shape or metadata only."""
         return [u for u in self.users(value) if not self.is_shape_reader(u) and not self.is_harmless_reader(u)]
 
+    def resize_keeps(self, node: Node, axis: int) -> bool:
+        """``node`` is a resampling (ONNX ``Resize``) that leaves ``axis`` (negative) as it
+        is: the same linear map on every slice along it, so a centring or a narrowing of
+        that axis commutes with it."""
+        return False
+
     def shape_target(self, node: Node) -> list[Entry] | None:
         """The target shape of a reshape / expand node, one entry per output axis: an int
         (a constant, ``-1`` / ``0`` as the op reads them), a ``Dim`` (a size read at run

@@ -38,9 +38,6 @@ _GAPS: dict[str, list[str]] = {
         'vit-dynamo18-rettention', 'vit-fx-rettention', 'deit-dynamo18-rettention', 'deit-fx-rettention',
         'dinov2-dynamo18-rettention', 'dinov2-fx-rettention',
     ],
-    "shapes: crms declines the Reshape of Dinov2's position embedding (shape built from the stream width); the issue allows this decline naming the op, the narrowing is exact: coordinator's call": [
-        'dinov2-ts14-crms', 'dinov2-ts17-crms',
-    ],
 }
 KNOWN_GAPS: dict[tuple[str, str, str], str] = {
     tuple(case.split("-")): why for why, cases in _GAPS.items() for case in cases}
