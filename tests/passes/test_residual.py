@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import pytest
+import torch
 
+import rewriter
 from passes.residual import analyze
 from rewriter.ir.fx_view import FxView, capture
 from rewriter.ir.onnx_view import OnnxView
@@ -75,13 +79,11 @@ def test_bloom_embedding_norm_is_a_writer_not_a_reader():
     assert len(s.other_norms) == 1 and "does not read the residual stream" in s.other_norms[0][1]
 
 
-class _Tokens(__import__("torch").nn.Module):
+class _Tokens(torch.nn.Module):
     """A cls and a distillation token (equal values: the TorchScript exporter writes the
     second as an Identity of the first) expanded over a dynamic batch, one pre-LN block."""
 
     def __init__(self, d: int = 8):
-        import torch
-
         super().__init__()
         g = torch.Generator().manual_seed(0)
         self.cls = torch.nn.Parameter(torch.randn(1, 1, d, generator=g))
@@ -94,8 +96,6 @@ class _Tokens(__import__("torch").nn.Module):
                 ln.bias.normal_(0.0, 0.2, generator=g)
 
     def forward(self, x):
-        import torch
-
         b = x.shape[0]
         h = torch.cat([self.cls.expand(b, -1, -1), self.dist.expand(b, -1, -1), self.proj(x)], 1)
         h = h + self.fc(self.ln1(h))
@@ -107,11 +107,6 @@ def test_tokens_expanded_at_run_time_are_const_writers(tmp_path, pass_name):
     """TorchScript opset 14, dynamic batch: tokens reached through Expand (one through an
     Identity of the other's initializer) are const writers re-centred via their parameters;
     the pass applies and is exact in ORT."""
-    import numpy as np
-    import onnx
-    import torch
-
-    import rewriter
     from tests.conftest import max_rel, run_ort
 
     torch.manual_seed(0)
