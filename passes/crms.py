@@ -100,7 +100,7 @@ class Crms(_StreamPass):
         for w in stream.writers:
             # a writer narrowed through its parameters; the others keep their width and are
             # followed by an inserted centring + slice (``_apply_writer``), already d - 1 wide
-            if w.kind in ("embedding", "linear", "conv", "const"):
+            if w.kind in ("embedding", "linear", "conv") or (w.kind == "const" and not w.path):
                 view.set_dim(w.value, -1, d - 1)
 
 
@@ -127,6 +127,7 @@ def _narrowed_values(view: GraphView, stream: ResidualStream) -> dict[int, tuple
         if w.kind in _PARAM_WRITERS and w.node is not None:
             rank = view.rank(w.node.output)
             add(w.node.output, 1 - rank if w.kind == "conv" and rank else -1)
+        if w.kind in _PARAM_WRITERS:
             for n, axis in w.path:
                 add(n.output, axis)
     for sn in stream.norms:

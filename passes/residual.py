@@ -59,7 +59,9 @@ _SOFTMAX = ("other:Softmax", "other:aten.softmax.int", "other:aten._softmax.defa
 @dataclasses.dataclass
 class Writer:
     """One write into the stream: ``value`` enters a join; ``node`` computes it through
-    ``path`` (layout ops, each with the channel axis of its output, negative)."""
+    ``path`` (layout ops, each with the channel axis of its output, negative). A ``const``
+    writer with a path (a token parameter expanded over the batch at run time) has the
+    parameter as ``value`` and the path from it to the join."""
 
     kind: str  # embedding | linear | conv | const | norm | input | other | gated
     value: Any
@@ -202,6 +204,14 @@ class _Analysis:
 
 def _classify_writer(a: _Analysis, value, width: int | None) -> Writer:
     """What computes ``value`` (a tensor entering a join)."""
+    state: dict[str, Writer] = {}
+    w = _walk_writer(a, value, width, state)
+    if "unconfirmed" in state and w.kind != "const":
+        return state["unconfirmed"]  # the reshape taken on trust was not confirmed
+    return w
+
+
+def _walk_writer(a: _Analysis, value, width: int | None, state: dict) -> Writer:
     v = a.view
     p = v.producer(value)
     if p is not None and p.op == "embedding":
@@ -211,7 +221,18 @@ def _classify_writer(a: _Analysis, value, width: int | None) -> Writer:
     path: list[tuple[Node, int]] = []
     axis = -1
     u = value
+    # a reshape whose input width is not known statically, taken as keeping the width on
+    # trust: confirmed only when the walk ends at a parameter whose channel axis is ``width``
+    unconfirmed: Writer | None = None
     while True:
+        if u is not value and v.const_value(u) is not None:
+            c = v.const_value(u)
+            if axis != -1 or (unconfirmed is not None and (c.ndim == 0 or c.shape[-1] != width)):
+                return unconfirmed or Writer("other", value, v.producer(value), path)
+            # a parameter (a cls / distillation token, a position embedding) reaching the
+            # stream through run-time expands / reshapes / resampling: re-centred through
+            # its parameter, read by the last op of the path only
+            return Writer("const", u, None, path)
         p = v.producer(u)
         if p is None:
             return Writer("input", value, None, path, f"the stream starts at graph input {v.value_name(u)}")
@@ -248,6 +269,11 @@ def _classify_writer(a: _Analysis, value, width: int | None) -> Writer:
                                   f"data-dependent gate ({p.name}, as in adaLN-Zero): the stream "
                                   "stops being zero-mean")
             return Writer("other", value, p, path)
+        if p.inputs and v.resize_keeps(p, axis):
+            # a resampling that keeps the channel axis (an interpolated position embedding)
+            path.append((p, axis))
+            u = _data_input(v, p)
+            continue
         lay = a._layout(p)
         if p.op == "transpose":
             r = v.rank(p.inputs[0])
@@ -258,18 +284,48 @@ def _classify_writer(a: _Analysis, value, width: int | None) -> Writer:
             axis = perm[axis % rank] - r
             u = p.inputs[0]
             continue
+        if not p.inputs:  # an op of parameters only that is not folded to a constant
+            return Writer("other", value, p, path)
         if lay is not None and lay.kind in ("identity", "reshape", "expand", "select", "reduce"):
             si, so = v.shape(p.inputs[0]), v.shape(u)
             new_axis = _map_axis_back(lay, si, so, axis)
-            if new_axis is None and axis == -1 and lay.kind in ("reshape", "expand") and keeps_width(v, p, p.inputs[0]):
+            if new_axis is None and axis == -1 and lay.kind in ("reshape", "expand") and keeps_width(v, p, _data_input(v, p)):
                 new_axis = -1  # a target computed at run time whose last entry is the input's width
+            if new_axis is None and axis == -1 and lay.kind == "reshape" and unconfirmed is None \
+                    and _reads_width(v, p, width):
+                unconfirmed = state["unconfirmed"] = Writer("other", value, p, list(path))
+                new_axis = -1
             if new_axis is None:
                 return Writer("other", value, p, path)
             path.append((p, axis))
             axis = new_axis
-            u = p.inputs[0]
+            u = _data_input(v, p)
             continue
         return Writer("other", value, p, path)
+
+
+def _reads_width(view: GraphView, node: Node, width: int | None) -> bool:
+    """A reshape whose input width is unknown and whose target ends with a run-time read
+    of a ``width``-wide last axis (the stream's)."""
+    si = view.shape(_data_input(view, node))
+    if width is None or (si and si[-1] is not None):
+        return False
+    t = view.shape_target(node)
+    last = t[-1] if t else None
+    if not isinstance(last, Dim) or last.axis != -1:
+        return False
+    so = view.shape(last.value)
+    return bool(so) and so[-1] == width
+
+
+def _data_input(view: GraphView, node: Node):
+    """The tensor a layout op moves: its first operand, also when that is a parameter
+    (an ONNX node's semantic inputs leave initializers out)."""
+    raw = node.raw[0] if node.raw else None
+    ins = getattr(raw, "inputs", None)
+    if getattr(view, "ir", "") == "onnx" and ins and ins[0] is not None:
+        return ins[0]
+    return node.inputs[0]
 
 
 def keeps_width(view: GraphView, node: Node, x) -> bool:

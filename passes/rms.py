@@ -206,7 +206,10 @@ class _StreamPass(Pass):
             def fn(a: np.ndarray) -> np.ndarray:
                 c = _center_rows(a)
                 return c[..., :k] if c.shape[-1] == d else c
-            view.edit_const(w.value, fn, width=d, new_width=k if self.compress else None)
+            # a parameter reached through a path (a token expanded over the batch): only
+            # the path's first op reads the edited copy
+            reader = w.path[-1][0] if w.path else None
+            view.edit_const(w.value, fn, width=d, new_width=k if self.compress else None, reader=reader)
         else:
             out = view.insert(w.value, "center")
             if self.compress:

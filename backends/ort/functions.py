@@ -16,7 +16,12 @@ Two bodies, both standard ops:
 
   one fused RMSNormalization, one ReduceSum, a row-wise factor and one Mul. ``rms_epsilon``
   carries ``eps1`` (it depends on ``d``, known when the pass writes the call).
-* ``chain`` (any opset >= 18): ReduceSumSquare and ReduceSum of ``x~``, then the formula.
+* ``chain`` (any opset): ReduceSumSquare and ReduceSum of ``x~``, then the formula, spelled
+  for the model's opset (the function imports the model's own default-domain opset): axes
+  as an input (ReduceSum from 13, ReduceSumSquare from 18) or an attribute; below opset 15
+  (no ``CastLike``, no ``Shape(start=)``) constants are cast with ``Cast(to=dtype)``, the
+  call stating ``dtype`` (its input's element type), and the width is a ``Slice`` of
+  ``Shape``.
 """
 
 from __future__ import annotations
@@ -37,8 +42,12 @@ def _axes_last() -> ir.Node:
     return _const("axes_last", np.array([-1], dtype=np.int64))
 
 
-def crms_function(variant: str = "rms") -> ir.Function:
-    """The ``rewriter::CRMSNormalization`` function (body of standard ops)."""
+def crms_function(variant: str = "rms", opset: int | None = None) -> ir.Function:
+    """The ``rewriter::CRMSNormalization`` function (body of standard ops), importing the
+    default-domain ``opset`` (23 for ``rms``, 18 for ``chain`` when not given)."""
+    opset = opset or (23 if variant == "rms" else 18)
+    if variant == "rms" and opset < 23:
+        raise ValueError("the rms body needs opset 23 (RMSNormalization)")
     x = ir.Value(name="X")
     nodes: list[ir.Node] = []
 
@@ -50,12 +59,28 @@ def crms_function(variant: str = "rms") -> ir.Function:
     axes_n = _axes_last()
     nodes.append(axes_n)
     axes = axes_n.outputs[0]
+
+    def cast(v):  # to X's dtype
+        if opset >= 15:
+            return add("CastLike", [v, x])
+        return add("Cast", [v], [ir.RefAttr("to", "dtype", ir.AttributeType.INT)])
+
+    def reduce(op, v):  # over the last axis, kept
+        if opset >= (18 if op == "ReduceSumSquare" else 13):
+            return add(op, [v, axes], [ir.AttrInt64("keepdims", 1)])
+        return add(op, [v], [ir.AttrInt64s("axes", [-1]), ir.AttrInt64("keepdims", 1)])
+
     # d - 1 and d as X's dtype
-    width = add("Shape", [x], [ir.AttrInt64("start", -1)])
-    width_f = add("CastLike", [width, x])
+    if opset >= 15:
+        width = add("Shape", [x], [ir.AttrInt64("start", -1)])
+    else:
+        end_n = _const("end_max", np.array([np.iinfo(np.int64).max], dtype=np.int64))
+        nodes.append(end_n)
+        width = add("Slice", [add("Shape", [x]), axes, end_n.outputs[0]])
+    width_f = cast(width)
     one_n = _const("one", np.array([1.0], dtype=np.float32))
     nodes.append(one_n)
-    one = add("CastLike", [one_n.outputs[0], x])
+    one = cast(one_n.outputs[0])
     d = add("Add", [width_f, one])
     if variant == "rms":
         ones = add("ConstantOfShape", [width], [ir.AttrTensor("value", ir.tensor(np.array([1.0], dtype=np.float32)))])
@@ -69,38 +94,48 @@ def crms_function(variant: str = "rms") -> ir.Function:
         factor = add("Sqrt", [f])
         out = add("Mul", [y, factor])
     elif variant == "chain":
-        ss = add("ReduceSumSquare", [x, axes], [ir.AttrInt64("keepdims", 1)])
-        s = add("ReduceSum", [x, axes], [ir.AttrInt64("keepdims", 1)])
+        ss = reduce("ReduceSumSquare", x)
+        s = reduce("ReduceSum", x)
         s2 = add("Mul", [s, s])
         tot = add("Add", [ss, s2])
         ms = add("Div", [tot, d])
         eps_c = ir.Node("", "Constant", [], [ir.RefAttr("value_float", "epsilon", ir.AttributeType.FLOAT)], name="eps")
         nodes.append(eps_c)
-        eps = add("CastLike", [eps_c.outputs[0], x])
+        eps = cast(eps_c.outputs[0])
         r = add("Sqrt", [add("Add", [ms, eps])])
         out = add("Div", [x, r])
     else:
         raise ValueError(f"unknown CRMSNormalization body {variant!r}")
     out.name = "Y"
-    graph = ir.Graph([x], [out], nodes=nodes, opset_imports={"": 23 if variant == "rms" else 18},
-                     name=CRMS_NAME)
-    return ir.Function(DOMAIN, CRMS_NAME, graph=graph, attributes=[
-        ir.AttrFloat32("epsilon", 1e-5), ir.AttrFloat32("rms_epsilon", 1e-5)])
+    graph = ir.Graph([x], [out], nodes=nodes, opset_imports={"": opset}, name=CRMS_NAME)
+    attrs = [ir.AttrFloat32("epsilon", 1e-5), ir.AttrFloat32("rms_epsilon", 1e-5)]
+    if opset < 15:
+        attrs.append(ir.AttrInt64("dtype", ir.DataType.FLOAT))
+    return ir.Function(DOMAIN, CRMS_NAME, graph=graph, attributes=attrs)
+
+
+def needs_dtype(opset: int) -> bool:
+    """Calls state their input's element type (``dtype``) below opset 15 (no CastLike)."""
+    return opset < 15
 
 
 def ensure_crms_function(model: ir.Model, variant: str) -> None:
-    """Add the function (and the ``rewriter`` opset import) to ``model`` once."""
+    """Add the function (and the ``rewriter`` opset import) to ``model`` once, spelled for
+    the model's default-domain opset (which the function imports, as ONNX Runtime wants)."""
     key = (DOMAIN, CRMS_NAME, "")
     if key not in model.functions:
-        model.functions[key] = crms_function(variant)
+        model.functions[key] = crms_function(variant, model.opset_imports.get("", None))
     model.opset_imports.setdefault(DOMAIN, FUNCTION_OPSET)
 
 
-def crms_call(x: ir.Value, eps: float, width: int, name: str) -> ir.Node:
-    """A call ``rewriter::CRMSNormalization(x)`` for a compressed width ``width`` (= d - 1)."""
+def crms_call(x: ir.Value, eps: float, width: int, name: str, dtype: int | None = None) -> ir.Node:
+    """A call ``rewriter::CRMSNormalization(x)`` for a compressed width ``width`` (= d - 1);
+    ``dtype`` (x's element type) for a function spelled below opset 15."""
     d = width + 1
-    return ir.Node(DOMAIN, CRMS_NAME, [x], [ir.AttrFloat32("epsilon", eps),
-                                           ir.AttrFloat32("rms_epsilon", eps * d / (d - 1))], name=name)
+    attrs = [ir.AttrFloat32("epsilon", eps), ir.AttrFloat32("rms_epsilon", eps * d / (d - 1))]
+    if dtype is not None:
+        attrs.append(ir.AttrInt64("dtype", int(dtype)))
+    return ir.Node(DOMAIN, CRMS_NAME, [x], attrs, name=name)
 
 
 def rms_nodes(x: ir.Value, scale: ir.Value, eps: float, opset: int, name: str,

@@ -616,7 +616,8 @@ class FxView(GraphView):
         raw.args = (raw.args[0], [int(t) for t in target], *raw.args[2:])
         self.invalidate()
 
-    def edit_const(self, value: Value, fn, *, width: int, new_width: int | None = None) -> str:
+    def edit_const(self, value: Value, fn, *, width: int, new_width: int | None = None,
+                   reader: Node | None = None) -> str:
         chain: list[fx.Node] = []
         v = value
         while v.op != "get_attr":
@@ -641,7 +642,11 @@ class FxView(GraphView):
         consumer = chain[-1] if chain else None
         anchor = consumer if consumer is not None else next(iter(value.users))
         param = self._new_param(anchor, v.target, new, v)
-        if consumer is None:
+        if consumer is None and reader is not None:
+            for r in reader.raw:
+                if isinstance(r, fx.Node):
+                    r.replace_input_with(value, param)
+        elif consumer is None:
             value.replace_all_uses_with(param)
         else:
             consumer.args = (param, *consumer.args[1:])

@@ -88,6 +88,23 @@ def _read_tensor(t: ir.TensorProtocol) -> np.ndarray:
     return map_array(t) if isinstance(t, ir.ExternalTensor) else t.numpy()
 
 
+def _entry_op(op: str, e: list):
+    """One entry of Mul / Equal / Where over shape entries (Equal gives 0 / 1); None when
+    it depends on a run-time value in a way not followed."""
+    if op == "Mul":
+        a, b = e
+        return a * b if type(a) is int and type(b) is int else None
+    if op == "Equal":
+        a, b = e
+        if type(a) is int and type(b) is int:
+            return int(a == b)
+        if isinstance(a, Dim) and type(b) is int and b < 0 or isinstance(b, Dim) and type(a) is int and a < 0:
+            return 0  # a size read at run time is never negative
+        return None
+    c, a, b = e
+    return None if type(c) is not int else (a if c else b)
+
+
 class OnnxView(GraphView):
     """A GraphView over ``onnx_ir.Model``."""
 
@@ -708,7 +725,8 @@ class OnnxView(GraphView):
         raw.replace_input_with(1, self._new_initializer(f"{node.name}_shape", arr))
         self._const_cache.clear()
 
-    def edit_const(self, value: Value, fn, *, width: int, new_width: int | None = None) -> str:
+    def edit_const(self, value: Value, fn, *, width: int, new_width: int | None = None,
+                   reader: Node | None = None) -> str:
         chain: list[ir.Node] = []
         v = value
         while True:
@@ -740,6 +758,8 @@ class OnnxView(GraphView):
         if consumer is None:
             # the value itself is the parameter: replace it in its readers
             users = [(u.node, u.idx) for u in value.uses()]
+            if reader is not None:
+                users = [(n, i) for n, i in users if any(n is r for r in reader.raw)]
             for n, i in users:
                 n.replace_input_with(i, init)
         else:
@@ -781,7 +801,11 @@ class OnnxView(GraphView):
         if op == "Shape":
             r = self.rank(p.inputs[0])
             if r is None:
-                return fallback
+                # the length of a shape vector being computed (TorchScript's expand idiom:
+                # ConstantOfShape(Shape(target)))
+                inner = self.shape_entries(p.inputs[0], depth + 1)
+                plain = p.attributes.get_int("start", 0) == 0 and "end" not in p.attributes
+                return [len(inner)] if inner is not None and plain else fallback
             start = p.attributes.get_int("start", 0)
             end = p.attributes.get_int("end", r)
             start, end = (min(max(a + r if a < 0 else a, 0), r) for a in (start, end))
@@ -821,6 +845,29 @@ class OnnxView(GraphView):
             s0, e0, st = int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0]), int(steps.reshape(-1)[0])
             e0 = max(min(e0, n), -n - 1) if st > 0 else e0
             return inner[slice(s0, e0, st)] if st != 0 else fallback
+        if op == "ConstantOfShape":
+            n = self.shape_entries(p.inputs[0], depth + 1)
+            t = p.attributes.get("value")
+            fill = 0 if t is None else np.asarray(t.as_tensor().numpy()).reshape(-1)
+            if n is None or len(n) != 1 or type(n[0]) is not int or (t is not None and fill.size != 1):
+                return fallback
+            if t is not None and not np.issubdtype(fill.dtype, np.integer) and not np.issubdtype(fill.dtype, np.bool_):
+                return fallback
+            return [int(fill if t is None else fill[0])] * n[0]
+        if op in ("Mul", "Equal", "Where"):
+            # entry-wise arithmetic of the TorchScript expand idiom
+            # Where(Equal(s, ConstantOfShape(Shape(s)) * -1), ones, s): -1 entries become 1
+            parts = [self.shape_entries(v, depth + 1) for v in p.inputs]
+            if any(x is None for x in parts):
+                return fallback
+            n = max(len(x) for x in parts)
+            if any(len(x) not in (1, n) for x in parts):
+                return fallback
+            out = []
+            for i in range(n):
+                e = [x[i] if len(x) == n else x[0] for x in parts]
+                out.append(_entry_op(op, e))
+            return out
         if op == "Concat" and p.attributes.get_int("axis", 0) in (0, -1):
             out: list = []
             for v in p.inputs:
@@ -830,6 +877,29 @@ class OnnxView(GraphView):
                 out += part
             return out
         return fallback
+
+    def resize_keeps(self, node: Node, axis: int) -> bool:
+        raw = node.raw[0]
+        if raw.domain not in ("", "ai.onnx") or raw.op_type != "Resize" or not raw.inputs:
+            return False
+        x = raw.inputs[0]
+        r = self.rank(x)
+        if r is None or not -r <= axis < 0 or raw.attributes.get_ints("axes", None) is not None:
+            return False
+        sizes = raw.inputs[3] if len(raw.inputs) > 3 else None
+        scales = raw.inputs[2] if len(raw.inputs) > 2 else None
+        if sizes is not None:
+            e = self.shape_entries(sizes)
+            if e is None or len(e) != r:
+                return False
+            k = e[r + axis]
+            si = self.shape(x)
+            return (isinstance(k, Dim) and k.value is x and k.axis == axis) or (
+                type(k) is int and si is not None and si[axis] == k)
+        if scales is not None:
+            c = self.const_value(scales)
+            return c is not None and c.size == r and float(c.reshape(-1)[r + axis]) == 1.0
+        return False
 
     def shape_target(self, node: Node) -> list | None:
         raw = node.raw[0]
@@ -941,6 +1011,17 @@ class OnnxView(GraphView):
                                     f"{self.value_name(x)} (read by {node.name}), but not as the channel axis "
                                     "of a tensor that narrows with it")
                     continue
+                if op == "Resize" and use.idx == 3:
+                    entries = self.shape_entries(t)
+                    where = self._tainted_parts(t, entries, seen, tainted)
+                    axis = narrowed(u.outputs[0])
+                    if entries is not None and axis is not None and where == [len(entries) + axis] \
+                            and narrowed(u.inputs[0]) == axis:
+                        continue  # the resampled tensor keeps its (narrowing) channel axis as it is
+                    problems.append(f"{op} ({u.name}) sizes its output from the width of {self.value_name(x)} "
+                                    f"(read by {node.name}), but not as the channel axis of a tensor that "
+                                    "narrows with it")
+                    continue
                 if op in _SHAPE_PASS_OPS and (use.idx == 0 or op == "Concat"):
                     entries = self.shape_entries(u.outputs[0])
                     if entries is not None and not any(tainted(e) for e in entries):
@@ -950,6 +1031,27 @@ class OnnxView(GraphView):
                 problems.append(f"{op} ({u.name}) computes from the width of {self.value_name(x)} "
                                 f"(read by {node.name}): narrowing would change its result")
         return list(dict.fromkeys(problems))
+
+    def _tainted_parts(self, t: ir.Value, entries: list | None, reached: set, tainted) -> list[int]:
+        """The entries of ``t`` (a shape being computed) that may follow a narrowing width:
+        a read of a narrowing axis, or (strictly) any entry not followed in a part of a
+        ``Concat`` reached from the shape read; the parts not reached can carry it only as
+        a read (a width that went through an op not followed is flagged there)."""
+        if entries is None:
+            return [-1]
+        p = t.producer()
+        if p is None or p.op_type != "Concat" or p.domain not in ("", "ai.onnx"):
+            return [i for i, e in enumerate(entries) if tainted(e)]
+        out, off = [], 0
+        for part in p.inputs:
+            pe = self.shape_entries(part)
+            if pe is None:
+                return [-1]
+            strict = part in reached
+            out += [off + i for i, e in enumerate(pe)
+                    if (tainted(e) if strict else isinstance(e, Dim) and tainted(e))]
+            off += len(pe)
+        return out
 
     def set_dim(self, value: Value, axis: int, size: int) -> None:
         if value.shape is None:
@@ -1122,7 +1224,8 @@ class OnnxView(GraphView):
             if width is None:
                 raise Declined(f"{name}: the width of its input is unknown")
             F.ensure_crms_function(self.model, "rms" if self.opset >= 23 else "chain")
-            nodes.append(F.crms_call(x, eps, width, f"{name}_crms"))
+            dtype = (x.dtype or ir.DataType.FLOAT) if F.needs_dtype(self.opset) else None
+            nodes.append(F.crms_call(x, eps, width, f"{name}_crms", dtype))
         else:
             raise ValueError(f"unknown norm kind {kind!r}")
         norm_node = nodes[-1]

@@ -406,12 +406,15 @@ class GraphView(abc.ABC):
         """Replace the constant target shape of a reshape / expand node."""
         raise NotImplementedError
 
-    def edit_const(self, value: Value, fn, *, width: int, new_width: int | None = None) -> str:
+    def edit_const(self, value: Value, fn, *, width: int, new_width: int | None = None,
+                   reader: Node | None = None) -> str:
         """Change the parameter a constant ``value`` is computed from: the chain of copies,
         casts, reshapes, expands and selections between a parameter and ``value`` is
         walked back and ``fn`` (float64 array -> array, acting on the last axis, where the
         ``width`` channels are) is applied to the parameter, copy-on-write. With
         ``new_width`` the width changes and reshape/expand targets along the chain follow.
+        With ``reader`` (a node reading ``value`` itself) only that reader gets the edited
+        parameter; the others keep the original.
         Returns the parameter's name; raises ``Declined`` when no such chain exists."""
         raise NotImplementedError
 
@@ -441,6 +444,12 @@ class GraphView(abc.ABC):
     def data_users(self, value: Value) -> list[Node]:
         """``users(value)`` less the readers of its shape or metadata only."""
         return [u for u in self.users(value) if not self.is_shape_reader(u) and not self.is_harmless_reader(u)]
+
+    def resize_keeps(self, node: Node, axis: int) -> bool:
+        """``node`` is a resampling (ONNX ``Resize``) that leaves ``axis`` (negative) as it
+        is: the same linear map on every slice along it, so a centring or a narrowing of
+        that axis commutes with it."""
+        return False
 
     def shape_target(self, node: Node) -> list[Entry] | None:
         """The target shape of a reshape / expand node, one entry per output axis: an int

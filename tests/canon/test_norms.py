@@ -186,6 +186,22 @@ def test_crms_on_torchscript_opset14(files, key):
     assert after["CRMSNormalization"] == 5 and after["Sqrt"] == 0
 
 
+@pytest.mark.parametrize("key,opset", [("gpt2-ts14", 14), ("gpt2-ts17-dyn", 17)])
+def test_crms_function_spelled_for_the_model_opset(files, key, opset):
+    """crms kept below opset 18 (no upgrade): the CRMSNormalization function imports the
+    model's own opset and uses only ops and signatures of that opset (no CastLike / Shape
+    start before 15, reduce axes as attributes before 18); the model is valid and exact."""
+    res, _ = rewrite_checked(files(key), "crms", upgrade_opset="false")
+    assert res.model.opset_imports[""] == opset
+    fn = res.model.functions[("rewriter", "CRMSNormalization", "")]
+    assert fn.opset_imports[""] == opset
+    body = {n.op_type: n for n in fn}
+    assert ("CastLike" in body) == (opset >= 15) and ("Cast" in body) == (opset < 15)
+    assert "axes" in body["ReduceSumSquare"].attributes and len(body["ReduceSumSquare"].inputs) == 1
+    assert ops(res.model)["CRMSNormalization"] == 5
+    onnx.checker.check_model(ir.serde.serialize_model(res.model), full_check=True)
+
+
 def test_rms_on_vit_opset14(files):
     """rms on the TorchScript ViT: exact, every LayerNorm chain replaced (one centring
     ReduceMean is inserted after the patch embedding, which its parameters cannot re-centre)."""

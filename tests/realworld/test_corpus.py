@@ -24,18 +24,7 @@ from tests.realworld.expected import EXPECTED, matches
 # Cases that a correct tool gets right but today's does not, grouped by the component to fix
 # (the branch that fixes it, where one is at work), as "arch-exporter-pass". strict: a case
 # that starts passing fails here, so its entry is removed when the fix lands.
-_GAPS: dict[str, list[str]] = {
-    'crms/functions: the CRMSNormalization function written into an opset-14 model is an invalid graph in ORT (its Cast); verification catches it, nothing is written': [
-        'bloom-ts14-crms',
-    ],
-    "residual: _classify_writer walks into a TorchScript Identity of an initializer (no graph input in the view): internal IndexError, exit 4 (TorchScript 14 and 17)": [
-        'deit-ts14-rms', 'deit-ts14-crms', 'deit-ts14-lns', 'deit-ts14-osplus', 'deit-ts17-rms',
-        'deit-ts17-crms', 'deit-ts17-lns', 'deit-ts17-osplus',
-    ],
-    "shapes: crms declines the Reshape of Dinov2's position embedding (shape built from the stream width); the issue allows this decline naming the op, the narrowing is exact: coordinator's call": [
-        'dinov2-ts14-crms', 'dinov2-ts17-crms',
-    ],
-}
+_GAPS: dict[str, list[str]] = {}
 KNOWN_GAPS: dict[tuple[str, str, str], str] = {
     tuple(case.split("-")): why for why, cases in _GAPS.items() for case in cases}
 
