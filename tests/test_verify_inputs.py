@@ -147,13 +147,11 @@ def test_gpt2_decode_step_inputs_run(gpt2_step):
 
 
 def test_gpt2_decode_step_rms(gpt2_step):
-    """rms on the decode step: applied and verified on the generated inputs (once Shape readers no longer block the stream)."""
+    """rms on the decode step (Shape readers of the stream, KV cache, mask): applied and verified on the generated inputs."""
     import rewriter
 
     res = rewriter.rewrite(str(gpt2_step), ["rms"], shapes={"input_ids": [2, 1]})
     rec = res.records[0]
-    if not rec.applied and all("read by other:Shape" in s.reason for s in rec.declined):
-        pytest.skip("Shape readers of the residual stream still block rms (issue 13 point 2, branch shapes)")
     assert res.passed and rec.applied
     assert res.verification["inputs"]["attention_mask"] == [2, DEFAULT_PAST_LENGTH + 1]
     assert res.verification["max_rel_error"] <= 1e-5
