@@ -121,8 +121,13 @@ def _block_mask(layout: BlockLayout, device: str):
     def t(a):
         return torch.as_tensor(a, device=device)[None, None]  # [B=1, H=1, ...] broadcast
 
+    # compute_q_blocks=False: the transposed (query-block) lists serve only the backward pass,
+    # which the Re-ttention ops do not have, and building them runs ``vmap``, which fails
+    # inside the custom op when it is first called from a compiled program ("Cannot access
+    # storage of BatchedTensorImpl": the op runs under AOTAutograd's aliasing checker)
     bm = BlockMask.from_kv_blocks(t(kv_num), t(kv_idx), t(full_num), t(full_idx), BLOCK_SIZE=layout.block,
-                                  mask_mod=mask_mod_of(layout.spec), seq_lengths=(layout.spec.n, layout.spec.n))
+                                  mask_mod=mask_mod_of(layout.spec), seq_lengths=(layout.spec.n, layout.spec.n),
+                                  compute_q_blocks=False)
     log.debug("flex block mask for %s, block %d: %d partial + %d full key blocks", layout.spec.describe(),
               layout.block, int(kv_num.sum()), int(full_num.sum()))
     return bm

@@ -141,3 +141,28 @@ def test_ops_have_fakes_and_stay_opaque_under_compile():
         fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
         o, rho, res = kern.refresh(fq, fk, fv, 0.35, layout)
     assert o.shape == q.shape and rho.shape == (1, 2, 64) and rho.dtype == torch.float32 and res.shape == q.shape
+
+
+@pytest.mark.slow
+def test_compiled_program_builds_block_mask_on_first_call(monkeypatch):
+    """A compiled program whose first call builds the flex block mask inside the sparse op
+    (the op then runs under AOTAutograd's aliasing checker) runs and equals eager."""
+    monkeypatch.setenv(kern.KERNEL_ENV, "flex")
+    n, h, d = 128, 1, 16
+    spec = MaskSpec.band(n, 0.125)
+    layout = BlockLayout(spec, auto_block(spec))
+    flex._block_mask.cache_clear()  # the first compiled call must build it
+
+    class Sparse(torch.nn.Module):
+        def forward(self, q, k, v, rho, res):
+            return kern.sparse(q * 1.0, k, v, rho, res, 0.04, 0.25, layout) + 1.0
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v, res = (torch.randn(1, h, n, d, generator=g) for _ in range(4))
+    rho = torch.rand(1, h, n, generator=g)
+    with torch.no_grad():
+        got = torch.compile(Sparse())(q, k, v, rho, res)
+    want = Sparse()(q, k, v, rho, res)
+    # the same kernel on the same inputs, eager and from the compiled program: equal bits
+    # except the two elementwise ops around it, which Inductor may fuse (one rounding each)
+    assert torch.allclose(got, want, rtol=2 * torch.finfo(torch.float32).eps, atol=0)
