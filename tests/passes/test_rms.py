@@ -7,6 +7,7 @@ against the original on the same inputs: fp32 max relative error <= 1e-5.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -154,8 +155,11 @@ def test_rms_declines_with_reason(name, ir_kind, needle):
 def test_cli_post_ln_exit_3_nothing_written(tmp_path):
     """`rewrite zoo:postnorm-gpt --passes rms`: exit 3, a post-LN reason, no file written."""
     out = tmp_path / "out.onnx"
-    proc = subprocess.run([str(ROOT / ".venv/bin/rewrite"), "zoo:postnorm-gpt", "--passes", "rms", "-o", str(out)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    # this checkout's code through the running interpreter (not a .venv inside the checkout:
+    # a worktree or the soak's clone has none)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "rewriter.cli", "zoo:postnorm-gpt", "--passes", "rms", "-o", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "post-LN" in proc.stdout + proc.stderr
     assert not out.exists() and not list(tmp_path.iterdir())
