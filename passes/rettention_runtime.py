@@ -61,15 +61,35 @@ class RettentionState(nn.Module):
         self.request: Any = 0
         self._state: dict[tuple[int, Any], tuple[torch.Tensor, torch.Tensor]] = {}
         self._functional: dict | None = None  # set by StepProgram for one call
+        # What forward reads of the step: the phase of each site (a few values) and the
+        # sparse step's coefficient lam * k as a tensor filled in place. Under torch.compile
+        # Dynamo then guards on the phases only, so a sampling loop compiles one graph per
+        # phase (dense, refresh, sparse), not one per step value.
+        self._phases: tuple[int, ...] = ()
+        self.register_buffer("_coef", torch.zeros(0), persistent=False)
 
     def add_site(self, cfg: SiteConfig) -> int:
         self.sites.append(cfg)
+        self._coef = torch.zeros(len(self.sites), device=self._coef.device)
+        self._sync_step()
         return len(self.sites) - 1
 
     def set_step(self, step: int, request: Any = 0) -> None:
         """Set the 0-based denoising step (and the request) of the next forward passes."""
         self.step = int(step)
         self.request = request
+        self._sync_step()
+
+    def _sync_step(self) -> None:
+        phases, coefs = [], []
+        for cfg in self.sites:
+            phase, kk = cfg.schedule.phase(self.step)
+            phases.append(phase)
+            coefs.append(cfg.schedule.lam * kk if phase == SPARSE else 0.0)
+        self._phases = tuple(phases)
+        if coefs:
+            with torch.no_grad():
+                self._coef.copy_(torch.tensor(coefs, dtype=self._coef.dtype))
 
     def reset(self, request: Any = None) -> None:
         """Forget the state of ``request`` (every request when None)."""
@@ -88,7 +108,9 @@ class RettentionState(nn.Module):
         if self._functional is not None:
             return self._step_forward(q, k, v, site)
         cfg = self.sites[site]
-        phase, kk = cfg.schedule.phase(self.step)
+        if len(self._phases) != len(self.sites):  # sites added after set_step
+            self._sync_step()
+        phase = self._phases[site]
         if phase == DENSE:
             return F.scaled_dot_product_attention(q, k, v, scale=cfg.scale)
         key = (site, self.request)
@@ -102,17 +124,17 @@ class RettentionState(nn.Module):
         state = self._state.get(key)
         if state is None or state[0].shape != q.shape[:3]:
             raise RuntimeError(
-                f"rettention site {site} ({cfg.name}): sparse step {self.step} without a refresh step for "
+                f"rettention site {site} ({cfg.name}): a sparse step without a refresh step for "
                 f"request {self.request!r} and this batch; drive every step in order from 0 (set_step) "
                 "or reset()")
         rho, res = state
         if cfg.variant == "naive":
-            rho, res, coef = torch.ones_like(rho), torch.zeros_like(res), 0.0
+            rho, res = torch.ones_like(rho), torch.zeros_like(res)
         elif cfg.variant == "residual":
-            rho, coef = torch.ones_like(rho), 0.0
-        else:
-            coef = cfg.schedule.lam * kk
-        return kern.sparse(q, k, v, rho, res, coef, cfg.scale, cfg.layout)
+            rho = torch.ones_like(rho)
+        else:  # rho + lam * k, the coefficient a tensor (see __init__)
+            rho = rho + self._coef[site].to(rho.dtype)
+        return kern.sparse(q, k, v, rho, res, 0.0, cfg.scale, cfg.layout)
 
 
     def _step_forward(self, q, k, v, site: int) -> torch.Tensor:

@@ -6,8 +6,10 @@
   kernel off CUDA (Inductor fuses a norm into one kernel) and the Triton kernel on CUDA;
   ``rettention_refresh`` / ``rettention_sparse`` are opaque custom ops with registered
   fakes (their kernel, FlexAttention or Triton, is compiled on its own). A Re-ttention
-  model's step is a Python attribute (``gm.rettention.set_step``), so Dynamo keeps one
-  graph per phase (dense, refresh, each sparse ``k``): a few recompilations, then none.
+  model's step is set with ``gm.rettention.set_step``; forward reads only each site's
+  phase (a Python int Dynamo guards on) and the sparse coefficient ``lam * k`` (a buffer
+  filled in place), so a sampling loop of any length compiles four graphs (dense, the
+  first refresh, sparse, a refresh with the state present) and then none.
   On CPU, Inductor options from ``backends.flex_rettention.compile_options``.
 * ``graph_breaks(gm, args)``: ``torch._dynamo.explain`` counts (``{graphs, graph_breaks,
   reasons}``), what ``Result.compile`` records in the report.
