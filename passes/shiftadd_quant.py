@@ -204,32 +204,53 @@ def _apot_t(alpha: torch.Tensor, terms: int) -> torch.Tensor:
     return torch.from_numpy(apot_value(alpha.numpy(), terms))
 
 
-def fit_bcq(values: torch.Tensor, q: int, terms: int, rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_bcq(values: torch.Tensor, q: int, terms: int, rounds: int,
+            weights: torch.Tensor | None = None, outlier_init: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Alternating BCQ fit of each row of ``values`` ``[G, m]``: ``(alpha [G, q] >= 0,
-    sorted descending, power-of-two sums; codes [G, m])``."""
+    sorted descending, power-of-two sums; codes [G, m])``. ``weights`` (``[m]`` or
+    ``[G, m]``, >= 0): the squared error of each value is weighted (the scales' least
+    squares; the nearest level of a value does not depend on its weight).
+
+    Two starts, the better kept per row: the greedy residual fit, and (``outlier_init``)
+    one whose top level is the row's largest magnitude. Alternating refinement from the
+    greedy start stays in the optimum that clips a lone large weight (real models' outlier
+    weights) to a level fitted to the bulk; its error there can exceed that of all other
+    values together, and the second start reaches the optimum that codes it."""
     v = values.to(torch.float64)
     g, m = v.shape
+    wt = None if weights is None else weights.to(torch.float64).expand(g, m)
     r = v.clone()
     alpha = torch.zeros(g, q, dtype=torch.float64)
-    signs = torch.zeros(g, m, q, dtype=torch.float64)
     for k in range(q):  # greedy init
         b = _sign(r)
-        a = r.abs().mean(-1)
-        alpha[:, k], signs[:, :, k] = a, b
+        a = r.abs().mean(-1) if wt is None else (r.abs() * wt).sum(-1) / wt.sum(-1).clamp_min(1e-300)
+        alpha[:, k] = a
         r = r - a[:, None] * b
+    if outlier_init and q >= 2:
+        # a_1 = a_2 = (top - t) / 2 and the greedy a_1..a_{q-2} (sum t) after them: the
+        # top level sum(a) is the largest magnitude, the rest stay at the bulk's scale
+        top = v.abs().amax(-1)
+        rest = alpha[:, : q - 2]
+        half = ((top - rest.sum(-1)) / 2).clamp_min(0.0)[:, None]
+        alpha = torch.cat([alpha, torch.cat([half, half, rest], dim=1)])
+        v = torch.cat([v, v])
+        wt = None if wt is None else torch.cat([wt, wt])
     best_alpha, best_err = None, None
     eye = torch.eye(q, dtype=torch.float64)
+    signs = None
     for it in range(rounds + 1):
         if it > 0:  # least squares for alpha given the signs
-            btb = signs.transpose(1, 2) @ signs
-            btv = (signs.transpose(1, 2) @ v[:, :, None])[..., 0]
+            sw = signs if wt is None else signs * wt[:, :, None]
+            btb = sw.transpose(1, 2) @ signs
+            btv = (sw.transpose(1, 2) @ v[:, :, None])[..., 0]
             scale = btb.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1.0)[:, None, None]
             alpha = torch.linalg.solve(btb + 1e-9 * scale * eye, btv)
         alpha = _apot_t(alpha.abs(), terms)  # the levels do not depend on the signs
         alpha = alpha.sort(dim=-1, descending=True).values
         codes = nearest_codes(v, alpha)
         signs = codes_to_signs(codes, q)
-        err = ((signs @ alpha[:, :, None])[..., 0] - v).square().sum(-1)
+        err = ((signs @ alpha[:, :, None])[..., 0] - v).square()
+        err = (err if wt is None else err * wt).sum(-1)
         if best_err is None:
             best_alpha, best_codes, best_err = alpha, codes, err
         else:
@@ -239,6 +260,10 @@ def fit_bcq(values: torch.Tensor, q: int, terms: int, rounds: int) -> tuple[torc
             best_err = torch.where(better, err, best_err)
             if not better.any():
                 break
+    if best_alpha.shape[0] > g:  # two starts: keep the better fit of each row
+        pick = best_err[g:] < best_err[:g]
+        best_alpha = torch.where(pick[:, None], best_alpha[g:], best_alpha[:g])
+        best_codes = torch.where(pick[:, None], best_codes[g:], best_codes[:g])
     return best_alpha, best_codes
 
 
@@ -297,7 +322,8 @@ def row_scales(w: np.ndarray) -> np.ndarray:
 def quantize_bcq(w: np.ndarray, h: np.ndarray | None = None, *, bits: int = 3, terms: int = 3,
                  group_rows: int = 128, rounds: int = 20, act_order: bool = True,
                  compensate: bool = True, damp: float = 0.01, row_scale: bool = False,
-                 static_scales: bool = True, progress: Progress | None = None) -> Packed:
+                 static_scales: bool = True, weighted_scales: bool = False,
+                 progress: Progress | None = None) -> Packed:
     """BCQ with 8-column x row-group power-of-two-sum scales, GPTQ-compensated (see the
     module docstring). ``w`` ``[N, K]``, ``h`` ``[K, K]`` or None (identity).
     ``row_scale``: rows are first divided by a power of two near their RMS (kept in
@@ -307,7 +333,8 @@ def quantize_bcq(w: np.ndarray, h: np.ndarray | None = None, *, bits: int = 3, t
         rs = row_scales(w)
         p = quantize_bcq(np.asarray(w, np.float64) / rs[:, None], h, bits=bits, terms=terms,
                          group_rows=group_rows, rounds=rounds, act_order=act_order, compensate=compensate,
-                         damp=damp, row_scale=False, static_scales=static_scales, progress=progress)
+                         damp=damp, row_scale=False, static_scales=static_scales,
+                         weighted_scales=weighted_scales, progress=progress)
         p.row_scale = rs
         return p
     n, k = w.shape
@@ -335,12 +362,18 @@ def quantize_bcq(w: np.ndarray, h: np.ndarray | None = None, *, bits: int = 3, t
         blk = (w0p if static_scales else wp)[:, pos : pos + width]
         grp = torch.cat([blk, blk.new_zeros(pad, width)]) if pad else blk
         grp = grp.reshape(ng, g, width)
+        # weighted_scales: each column's squared error weighted by its input's mean square
+        # (diag H), so a block holding an outlier input feature fits that column's levels
+        cw = ht.diagonal()[perm[pos : pos + width]] if weighted_scales else None
         if pad:  # padded rows must not pull the fit: refit the last group on its real rows
-            alpha, _ = fit_bcq(grp[:-1].reshape(ng - 1, -1), q, terms, rounds) if ng > 1 else (None, None)
-            last, _ = fit_bcq(blk[(ng - 1) * g :].reshape(1, -1), q, terms, rounds)
+            nl = n - (ng - 1) * g
+            alpha, _ = fit_bcq(grp[:-1].reshape(ng - 1, -1), q, terms, rounds,
+                               None if cw is None else cw.repeat(g)) if ng > 1 else (None, None)
+            last, _ = fit_bcq(blk[(ng - 1) * g :].reshape(1, -1), q, terms, rounds,
+                              None if cw is None else cw.repeat(nl))
             alpha = last if alpha is None else torch.cat([alpha, last])
         else:
-            alpha, _ = fit_bcq(grp.reshape(ng, -1), q, terms, rounds)
+            alpha, _ = fit_bcq(grp.reshape(ng, -1), q, terms, rounds, None if cw is None else cw.repeat(g))
         alpha_b[cols[0] // BLOCK_COLS] = alpha
         lv, lcodes = _levels(alpha)
         mid = ((lv[:, 1:] + lv[:, :-1]) / 2).contiguous()
@@ -435,6 +468,7 @@ def quantize(w: np.ndarray, h: np.ndarray | None = None, *, mode: str = "bcq", *
             kw.pop("rounds", None)
             kw.pop("row_scale", None)
             kw.pop("static_scales", None)
+            kw.pop("weighted_scales", None)
             return quantize_denseshift(w, h, **kw)
         raise ValueError(f"unknown shiftadd mode {mode!r}")
     finally:

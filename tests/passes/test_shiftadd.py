@@ -291,6 +291,27 @@ def test_trained_layer_beats_round_to_nearest():
             assert p.bits_per_weight == pytest.approx(8 * p.nbytes / w.size) and p.bits_per_weight < 3.23
 
 
+def test_lone_outlier_weight_is_coded():
+    """A 128 x 8 block with one weight at 40 sigma (real models' outlier weights): the
+    greedy start alone clips it to the bulk's top level (error ~ (40 - 2)^2 sigma^2, more than
+    all other values' together); the outlier start codes it, and the kept fit is never worse."""
+    rng = np.random.default_rng(3)
+    v = rng.standard_normal((2, 1024))
+    v[0, 517] = 40.0  # row 0 has the outlier, row 1 is plain Gaussian
+    vt = torch.tensor(v)
+
+    def fit(outlier_init):
+        alpha, codes = sq.fit_bcq(vt, 3, 3, 8, outlier_init=outlier_init)
+        q = (sq.codes_to_signs(codes, 3) * alpha[:, None, :]).sum(-1).numpy()
+        return q, ((q - v) ** 2).sum(-1)
+
+    q0, e0 = fit(False)
+    q1, e1 = fit(True)
+    assert abs(q0[0, 517] - 40.0) > 20.0  # clipped by the greedy start alone
+    assert abs(q1[0, 517] - 40.0) < 10.0 and e1[0] < 0.5 * e0[0]
+    assert (e1 <= e0 + 1e-9).all()  # per row the better start is kept
+
+
 @pytest.mark.parametrize("group_rows", [7, 16])
 def test_partial_row_groups(group_rows):
     """Row groups that do not divide N: scales [T, q, ceil(K/8), ceil(N/G)]; error falls with bits."""
