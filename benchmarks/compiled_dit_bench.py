@@ -8,7 +8,7 @@ wall time of whole 20-step sampling loops, compiled original vs compiled rewritt
 interleaved ``reps`` times; compile (first loop) timed apart.
 
     nice -n 10 python benchmarks/compiled_dit_bench.py quality --seeds 8 --steps 20
-    nice -n 10 python benchmarks/compiled_dit_bench.py e2e --image-size 64 --steps 20 --reps 3
+    nice -n 10 python benchmarks/compiled_dit_bench.py e2e --image-size 64 --steps 20 --reps 3 [--threads 1]
 """
 
 from __future__ import annotations
@@ -109,7 +109,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: torch's default; 1 on a loaded machine, where OpenMP "
+                         "barriers of 2 threads wait on descheduled peers)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     with torch.inference_mode():
         res = quality(a.seeds, a.steps) if a.what == "quality" else e2e(a.image_size, a.steps, a.reps, a.batch)
     json.dump(res, sys.stdout, indent=1)
