@@ -434,6 +434,28 @@ def run(t: Task, method: str, bits: float, opts: dict, sequential: bool = True) 
     return row
 
 
+def check_onnx(original: str, rewritten: str, data: str) -> dict:
+    """Mean-pooled sentence-embedding cosine (attention-mask weighted, as
+    sentence-transformers pools) of two ONNX encoders in plain onnxruntime with graph
+    optimizations off, on the feeds of ``data``."""
+    import onnxruntime as ort
+
+    feeds = dict(np.load(data))
+    pooled = []
+    for path in (original, rewritten):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        names = {i.name for i in sess.get_inputs()}
+        h = sess.run(["last_hidden_state"], {k: v for k, v in feeds.items() if k in names})[0].astype(np.float64)
+        m = feeds["attention_mask"][..., None].astype(np.float64)
+        pooled.append((h * m).sum(1) / m.sum(1))
+    a, b = pooled
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    return {"sentences": len(cos), "mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()),
+            "original_mb": os.path.getsize(original) / 1e6, "rewritten_mb": os.path.getsize(rewritten) / 1e6}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="minilm", choices=["minilm", "mpnet", "gpt"])
@@ -444,10 +466,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--no-sequential", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--check-onnx", nargs=2, default=None, metavar=("ORIGINAL", "REWRITTEN"),
+                    help="plain onnxruntime (optimizations off): mean-pooled embedding cosine of two "
+                         "exported encoders on --data, then stop")
+    ap.add_argument("--data", default=None, help="feeds .npz for --check-onnx (e.g. DIR/eval.npz)")
     ap.add_argument("--export", default=None, metavar="DIR",
                     help="write DIR/model.onnx (opset 17), DIR/calib.npz and DIR/eval.npz, then stop")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.check_onnx:
+        print(json.dumps(check_onnx(*args.check_onnx, args.data), indent=1))
+        return
     torch.manual_seed(0)
     torch.set_num_threads(1)
     t = task(args.model)
