@@ -358,7 +358,8 @@ def quantize_model(t: Task, method: str, bits: float, opts: dict, sequential: bo
     groups = linear_groups(t, model)
     records = []
     widths: dict[str, int] = {}
-    fp32_h = all_hessians(t, t.model) if (method != "rtn" and (bits != int(bits) or not sequential)) else {}
+    mixed = bits != int(bits)
+    fp32_h = all_hessians(t, t.model) if (mixed or (method != "rtn" and not sequential)) else {}
     if bits != int(bits):  # mixed: DP over {2, 3, 4} on the fp32-calibrated errors
         errs, sizes, names = [], [], []
         for grp in groups:
