@@ -79,6 +79,7 @@ class ShiftAdd(Pass):
         group_rows: int = 128  # output rows per scale block (0: all rows)
         row_scale: bool = False  # a power-of-two scale per output row (applied after the call)
         static_scales: bool = True  # block scales fitted to the original weights (GPTQ static groups)
+        weighted_scales: bool = False  # scale fit weights each column's error by its input's diag H
         rounds: int = 8  # alternating refinement rounds
         act_order: bool = True  # quantize columns by decreasing Hessian diagonal (GPTQ)
         compensate: bool = True  # GPTQ-style output error compensation
@@ -164,7 +165,8 @@ class ShiftAdd(Pass):
         o = self.options
         return sq.quantize(w, h, mode=o.mode, bits=bits, terms=o.terms, group_rows=o.group_rows,
                            rounds=o.rounds, act_order=o.act_order, compensate=o.compensate,
-                           row_scale=o.row_scale, static_scales=o.static_scales)
+                           row_scale=o.row_scale, static_scales=o.static_scales,
+                           weighted_scales=o.weighted_scales)
 
     def apply(self, view: GraphView, sites: list[Site]) -> None:
         """Sites are visited in graph order, grouped by the tensor they read (q/k/v share

@@ -312,6 +312,33 @@ def test_lone_outlier_weight_is_coded():
     assert (e1 <= e0 + 1e-9).all()  # per row the better start is kept
 
 
+def test_weighted_scale_fit_follows_the_hessian_diagonal():
+    """A 128 x 8 block whose column 0 is 10x smaller but reads an input 1000x larger in
+    mean square: the diag-H weighted fit's weighted error is under half the unweighted
+    fit's (0.11-0.19 of it over seeds 0-4); the quantizer option changes the fitted scales
+    (off by default in the pass)."""
+    rng = np.random.default_rng(0)
+    blk = rng.standard_normal((128, 8))
+    blk[:, 0] *= 0.1
+    cw = np.ones(8)
+    cw[0] = 1000.0
+    v, wt = torch.tensor(blk.reshape(1, -1)), torch.tensor(np.tile(cw, 128))
+    errs = []
+    for weights in (None, wt):
+        alpha, codes = sq.fit_bcq(v, 3, 3, 8, weights=weights)
+        q = (sq.codes_to_signs(codes, 3) * alpha[:, None, :]).sum(-1)
+        errs.append(float(((q - v) ** 2 * wt).sum()))
+    assert errs[1] < 0.5 * errs[0]
+    from passes.shiftadd import ShiftAdd
+
+    assert ShiftAdd.Options().weighted_scales is False
+    w = rng.standard_normal((16, 16))
+    h = np.diag(np.r_[1000.0, np.ones(15)])
+    p0 = sq.quantize(w, h, bits=3, weighted_scales=False)
+    p1 = sq.quantize(w, h, bits=3, weighted_scales=True)
+    assert not np.array_equal(p0.exps, p1.exps)  # the option changes the fitted scales
+
+
 @pytest.mark.parametrize("group_rows", [7, 16])
 def test_partial_row_groups(group_rows):
     """Row groups that do not divide N: scales [T, q, ceil(K/8), ceil(N/G)]; error falls with bits."""
