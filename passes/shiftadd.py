@@ -79,8 +79,8 @@ class ShiftAdd(Pass):
         group_rows: int = 128  # output rows per scale block (0: all rows)
         row_scale: bool = False  # a power-of-two scale per output row (applied after the call)
         static_scales: bool = True  # block scales fitted to the original weights (GPTQ static groups)
-        weighted_scales: bool = False  # scale fit weights each column's error by its input's diag H
-        rounds: int = 20  # alternating refinement rounds
+        weighted_scales: bool = True  # scale fit weights each column's error by its input's diag H
+        rounds: int = 8  # alternating refinement rounds
         act_order: bool = True  # quantize columns by decreasing Hessian diagonal (GPTQ)
         compensate: bool = True  # GPTQ-style output error compensation
         candidates: list[int] = dataclasses.field(default_factory=lambda: [2, 3, 4])  # bit widths of the DP

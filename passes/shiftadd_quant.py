@@ -320,9 +320,9 @@ def row_scales(w: np.ndarray) -> np.ndarray:
 
 
 def quantize_bcq(w: np.ndarray, h: np.ndarray | None = None, *, bits: int = 3, terms: int = 3,
-                 group_rows: int = 128, rounds: int = 20, act_order: bool = True,
+                 group_rows: int = 128, rounds: int = 8, act_order: bool = True,
                  compensate: bool = True, damp: float = 0.01, row_scale: bool = False,
-                 static_scales: bool = True, weighted_scales: bool = False,
+                 static_scales: bool = True, weighted_scales: bool = True,
                  progress: Progress | None = None) -> Packed:
     """BCQ with 8-column x row-group power-of-two-sum scales, GPTQ-compensated (see the
     module docstring). ``w`` ``[N, K]``, ``h`` ``[K, K]`` or None (identity).

@@ -316,7 +316,7 @@ def test_weighted_scale_fit_follows_the_hessian_diagonal():
     """A 128 x 8 block whose column 0 is 10x smaller but reads an input 1000x larger in
     mean square: the diag-H weighted fit's weighted error is under half the unweighted
     fit's (0.11-0.19 of it over seeds 0-4); the quantizer option changes the fitted scales
-    (off by default in the pass)."""
+    (on by default in the pass)."""
     rng = np.random.default_rng(0)
     blk = rng.standard_normal((128, 8))
     blk[:, 0] *= 0.1
@@ -331,7 +331,7 @@ def test_weighted_scale_fit_follows_the_hessian_diagonal():
     assert errs[1] < 0.5 * errs[0]
     from passes.shiftadd import ShiftAdd
 
-    assert ShiftAdd.Options().weighted_scales is False
+    assert ShiftAdd.Options().weighted_scales is True
     w = rng.standard_normal((16, 16))
     h = np.diag(np.r_[1000.0, np.ones(15)])
     p0 = sq.quantize(w, h, bits=3, weighted_scales=False)
