@@ -236,21 +236,18 @@ def linear_groups(t: Task, model) -> list[list[str]]:
     return groups
 
 
-def capture_hessian(t: Task, model, name: str) -> np.ndarray:
-    mod = dict(model.named_modules())[name]
+def capture_hessian(t: Task, module: torch.nn.Module, run) -> np.ndarray:
+    """The input Hessian of ``module`` during ``run()`` (a forward pass), which stops as
+    soon as that input is captured."""
     box = {}
 
     def hook(m, a):
-        x = a[0].detach()
-        mask = t.token_mask()
-        if mask is not None and x.shape[:2] == mask.shape:
-            x = x[mask]
-        box["h"] = sq.hessian(x.double().numpy())
+        box["h"] = _masked_hessian(t, a[0])
         raise _Stop
 
-    h = mod.register_forward_pre_hook(hook)
+    h = module.register_forward_pre_hook(hook)
     try:
-        t.calib_forward(model)
+        run()
     except _Stop:
         pass
     finally:
@@ -360,7 +357,7 @@ def quantize_model(t: Task, method: str, bits: float, opts: dict, sequential: bo
     widths: dict[str, int] = {}
     mixed = bits != int(bits)
     fp32_h = all_hessians(t, t.model) if (mixed or (method != "rtn" and not sequential)) else {}
-    if bits != int(bits):  # mixed: DP over {2, 3, 4} on the fp32-calibrated errors
+    if mixed:  # DP over {2, 3, 4} on the fp32-calibrated errors
         errs, sizes, names = [], [], []
         for grp in groups:
             h = fp32_h[grp[0]]
@@ -390,20 +387,7 @@ def quantize_model(t: Task, method: str, bits: float, opts: dict, sequential: bo
             x, calls = block_calls(t, model, blocks)
             for i, blk in enumerate(blocks):
                 for grp in [g for g in groups if g[0].startswith(f"{prefix}.{i}.")]:
-                    box = {}
-
-                    def hook(m, a):
-                        box["h"] = _masked_hessian(t, a[0])
-                        raise _Stop
-
-                    hd = mods[grp[0]].register_forward_pre_hook(hook)
-                    try:
-                        _call_block(blk, x, calls[i])
-                    except _Stop:
-                        pass
-                    finally:
-                        hd.remove()
-                    do_group(grp, box["h"])
+                    do_group(grp, capture_hessian(t, mods[grp[0]], lambda: _call_block(blk, x, calls[i])))
                     done.update(grp)
                 x = _call_block(blk, x, calls[i])
                 calls[i] = None  # streaming: drop what this block needed
@@ -412,7 +396,8 @@ def quantize_model(t: Task, method: str, bits: float, opts: dict, sequential: bo
             continue
         h = None
         if method != "rtn":
-            h = capture_hessian(t, model, grp[0]) if sequential else fp32_h[grp[0]]
+            h = (capture_hessian(t, mods[grp[0]], lambda: t.calib_forward(model)) if sequential
+                 else fp32_h[grp[0]])
         do_group(grp, h)
     order = {n: i for i, n in enumerate(n for g in groups for n in g)}
     records.sort(key=lambda r: order[r["layer"]])
@@ -439,14 +424,12 @@ def check_onnx(original: str, rewritten: str, data: str) -> dict:
     """Mean-pooled sentence-embedding cosine (attention-mask weighted, as
     sentence-transformers pools) of two ONNX encoders in plain onnxruntime with graph
     optimizations off, on the feeds of ``data``."""
-    import onnxruntime as ort
+    from backends.ort.session import make_session
 
     feeds = dict(np.load(data))
     pooled = []
     for path in (original, rewritten):
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        sess = make_session(path)  # optimizations off
         names = {i.name for i in sess.get_inputs()}
         h = sess.run(["last_hidden_state"], {k: v for k, v in feeds.items() if k in names})[0].astype(np.float64)
         m = feeds["attention_mask"][..., None].astype(np.float64)

@@ -108,9 +108,7 @@ class RettentionState(nn.Module):
         if self._functional is not None:
             return self._step_forward(q, k, v, site)
         cfg = self.sites[site]
-        if len(self._phases) != len(self.sites):  # sites added after set_step
-            self._sync_step()
-        phase = self._phases[site]
+        phase = self._phases[site]  # kept current by add_site and set_step
         if phase == DENSE:
             return F.scaled_dot_product_attention(q, k, v, scale=cfg.scale)
         key = (site, self.request)

@@ -365,15 +365,16 @@ def quantize_bcq(w: np.ndarray, h: np.ndarray | None = None, *, bits: int = 3, t
         # weighted_scales: each column's squared error weighted by its input's mean square
         # (diag H), so a block holding an outlier input feature fits that column's levels
         cw = ht.diagonal()[perm[pos : pos + width]] if weighted_scales else None
+
+        def fit(values: torch.Tensor, rows: int) -> torch.Tensor:  # groups of ``rows`` x width values
+            return fit_bcq(values, q, terms, rounds, None if cw is None else cw.repeat(rows))[0]
+
         if pad:  # padded rows must not pull the fit: refit the last group on its real rows
-            nl = n - (ng - 1) * g
-            alpha, _ = fit_bcq(grp[:-1].reshape(ng - 1, -1), q, terms, rounds,
-                               None if cw is None else cw.repeat(g)) if ng > 1 else (None, None)
-            last, _ = fit_bcq(blk[(ng - 1) * g :].reshape(1, -1), q, terms, rounds,
-                              None if cw is None else cw.repeat(nl))
+            alpha = fit(grp[:-1].reshape(ng - 1, -1), g) if ng > 1 else None
+            last = fit(blk[(ng - 1) * g :].reshape(1, -1), n - (ng - 1) * g)
             alpha = last if alpha is None else torch.cat([alpha, last])
         else:
-            alpha, _ = fit_bcq(grp.reshape(ng, -1), q, terms, rounds, None if cw is None else cw.repeat(g))
+            alpha = fit(grp.reshape(ng, -1), g)
         alpha_b[cols[0] // BLOCK_COLS] = alpha
         lv, lcodes = _levels(alpha)
         mid = ((lv[:, 1:] + lv[:, :-1]) / 2).contiguous()
