@@ -36,6 +36,7 @@ _MODULES = (
     "models_zoo.prenorm",
     "models_zoo.gpt",
     "models_zoo.dit",
+    "models_zoo.tta_cnn",
 )
 _loaded = False
 
