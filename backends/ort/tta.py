@@ -138,7 +138,7 @@ def unmix_function(opset: int = MIN_OPSET) -> ir.Function:
     var_t = f("Max", [f("Sub", [f("MatMul", [w, f("Add", [v_new, f("Mul", [m_new, m_new])])]),
                                 f("Mul", [mu_t, mu_t])]), zero])
     k = f("Div", [f("Unsqueeze", [scale, f.i64("ax0k", [0])]), f("Sqrt", [f("Add", [var_t, eps])])])  # [N, C]
-    ones = f("ConstantOfShape", [f("Sub", [rank, f.i64("two_r", 2)])],
+    ones = f("ConstantOfShape", [f("Reshape", [f("Sub", [rank, f.i64("two_r", 2)]), f.i64("shape1", [1])])],
              [ir.AttrTensor("value", ir.tensor(np.array([1], dtype=np.int64)))])
     full = f("Concat", [nc, ones], [ir.AttrInt64("axis", 0)])  # [N, C, 1, ...]
     bshape = f("Concat", [f.i64("one_n", [1]), f("Slice", [full, f.i64("s1", [1]), f.i64("big", [1 << 30])])],
