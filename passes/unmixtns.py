@@ -54,10 +54,11 @@ import dataclasses
 import logging
 
 import numpy as np
+import torch
 
 from backends.ort.tta import MIN_OPSET, emit_unmix, state_names, state_sites
 from backends.tta import emit_unmix_fx, init_components, state_module, unmix_step
-from passes.alphabn import BnParams, bn_params, folded_sites
+from passes.alphabn import EXACT_TOL, BnParams, bn_params, folded_sites
 from rewriter.ir.view import Declined, GraphView
 from rewriter.pass_api import Kind, Pass, Site, register
 
@@ -138,8 +139,6 @@ class UnmixTns(Pass):
         """One call from the initial components: each site's output and updated components
         == the float64 formula on the input the site receives. Tolerance: float32 sums of
         the instance statistics, ``H W`` x float32 eps (at least the exact-pass tolerance)."""
-        from rewriter.verify import tolerance
-
         fx = after.ir == "torch"
         if fx:
             state_module(after.gm).reset()
@@ -157,7 +156,7 @@ class UnmixTns(Pass):
                 m_got, v_got = got[len(values) + 2 * i], got[len(values) + 2 * i + 1]
             want = reference_step(x, a["params"], o)
             hw = int(np.prod(x.shape[2:])) if x.ndim > 2 else 1
-            tol = max(tolerance(np.asarray(x).dtype), hw * float(np.finfo(np.float32).eps))
+            tol = max(EXACT_TOL, hw * float(np.finfo(np.float32).eps))
             for label, w, g in (("output", want[0], y), ("component means", want[1], m_got),
                                 ("component variances", want[2], v_got)):
                 diff = float(np.abs(np.asarray(g, np.float64) - w).max()) if w.size else 0.0
@@ -176,8 +175,6 @@ class UnmixTns(Pass):
 def reference_step(x: np.ndarray, p: BnParams, o, comp: tuple[np.ndarray, np.ndarray] | None = None):
     """``(y, m_new, v_new)`` of one call in float64 (from the initial components unless
     ``comp`` gives the current ones)."""
-    import torch
-
     m, v = comp if comp is not None else init_components(p.mean, p.var, o.k, o.spread)
     t = lambda a: torch.as_tensor(np.asarray(a, np.float64))  # noqa: E731
     y, mn, vn = unmix_step(t(x), t(m), t(v), t(p.var), t(p.gamma), t(p.beta), p.eps, o.tau, o.rho)

@@ -15,7 +15,7 @@ spatial axes of ``X`` (all axes but 1; axis 0 only for a rank-2 ``X``)::
 
 The per-channel inputs ``[C]`` are reshaped to the statistics' shape ``[1, C, 1, ...]``.
 ``Alpha`` and ``Epsilon`` are one-element tensors (initializers of the rewritten model, so
-``Alpha`` can be overridden at load time). ``ReduceSum`` takes its axes as an input from
+another alpha is an edit of that one tensor). ``ReduceSum`` takes its axes as an input from
 opset 13: the body needs 13 and is declared at the model's own opset.
 
 ``rewriter::UnMixTNS(X, Scale, B, SrcVar, CompMean, CompVar, Params) -> (Y, CompMeanOut,
