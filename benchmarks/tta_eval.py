@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--alphas", default="0.5,0.8,0.9,0.95")
     ap.add_argument("--run", type=int, default=64, help="images per single-class run in the label-shifted stream")
     ap.add_argument("--stream-batches", default="4,16,64")
-    ap.add_argument("--unmix", default="k=4,tau=1.0,rho=0.3,spread=0.5")
+    ap.add_argument("--unmix", default="k=4,tau=1.0,rho=0.1,spread=0.5")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--check-onnx", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(40_000)
     order = label_runs(sets["clean"][1], args.run, rng)
     stream_models = {"source": (models["source"], False), "tbn (alpha=0)": (models["tbn (alpha=0)"], False),
-                     "alphabn 0.9": (models.get("alphabn 0.9", rewritten(base, "alphabn", alpha=0.9)), False),
+                     **{f"alphabn {a}": (models[f"alphabn {a}"], False) for a in alphas if a in (0.6, 0.9)},
                      "unmixtns": (unmix, True)}
     for name, (model, st) in stream_models.items():
         for b in [int(v) for v in args.stream_batches.split(",")]:

@@ -76,7 +76,7 @@ class UnmixTns(Pass):
     class Options:
         k: int = 4  # statistics components per BatchNorm
         tau: float = 1.0  # softmax temperature of the assignment
-        rho: float = 0.3  # update rate of the components per call
+        rho: float = 0.1  # update rate of the components per call
         spread: float = 0.5  # initial component means: mu_s +- spread * sqrt(var_s)
 
     def __init__(self, options=None, context=None):
