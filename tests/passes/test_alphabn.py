@@ -214,3 +214,18 @@ def test_torchscript_transformers_resnet(tmp_path):
     folded = rewriter.rewrite(str(paths[True]), ["alphabn"], verify=False, allow_unapplied=True)
     declined = folded.report["passes"][0]["declined"]
     assert len(declined) == 6 and all("--no-fold" in d["reason"] for d in declined)
+
+
+def test_fx_dynamic_batch_graphmodule():
+    """FX: a GraphModule exported with a dynamic batch (torch.export Dim) is rewritten as
+    given, so the result runs at batch 1 and 7 (test-time BN is used at several batch
+    sizes); alpha = 1 equals the module at both."""
+    m = _torch_bn()
+    x = torch.randn(2, 3, 6, 6)
+    ep = torch.export.export(m, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    res = _alphabn(ep.module(), 1.0, example_inputs=(x,))
+    assert res.report["passes"][0]["applied"] == 1
+    for n in (1, 7):
+        xb = torch.randn(n, 3, 6, 6) * 2 + 1
+        with torch.no_grad():
+            assert max_rel(m(xb).numpy(), res.model(xb).numpy()) <= TOL
