@@ -182,20 +182,32 @@ def test_dynamo_optimize_false_export(tmp_path):
                    run_ort(res.model, {orig.graph.input[0].name: x})[0]) <= TOL
 
 
+def _hf_cnn(arch):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if arch == "resnet":
+        cfg = tf.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic", num_labels=5)
+        return tf.ResNetForImageClassification(cfg).eval(), 6
+    if arch == "mobilenetv2":
+        cfg = tf.MobileNetV2Config(depth_multiplier=0.35, image_size=32, num_labels=5)
+        return tf.MobileNetV2ForImageClassification(cfg).eval(), 52
+    cfg = tf.RegNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], groups_width=8, num_labels=5)
+    return tf.RegNetForImageClassification(cfg).eval(), 9
+
+
 @pytest.mark.slow
-def test_torchscript_transformers_resnet(tmp_path):
-    """transformers ResNet exported by the TorchScript exporter with
-    do_constant_folding=False keeps its BatchNormalization nodes: all are rewritten and
+@pytest.mark.parametrize("arch", ["resnet", "mobilenetv2", "regnet"])
+def test_torchscript_transformers_cnns(tmp_path, arch):
+    """transformers ResNet / MobileNetV2 / RegNet exported by the TorchScript exporter with
+    do_constant_folding=False keep their BatchNormalization nodes: all are rewritten and
     alpha = 1 equals the original at batch 3 (dynamic batch); the default export (folded)
     is declined with the way out."""
     import warnings
 
     import onnx
-    from transformers import ResNetConfig, ResNetForImageClassification
 
-    torch.manual_seed(0)
-    cfg = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic", num_labels=5)
-    model = ResNetForImageClassification(cfg).eval()
+    model, n_bn = _hf_cnn(arch)
     x = torch.randn(2, 3, 32, 32)
     paths = {}
     for fold in (False, True):
@@ -207,13 +219,13 @@ def test_torchscript_transformers_resnet(tmp_path):
                               do_constant_folding=fold)
     res = _alphabn(str(paths[False]), 1.0)
     types = op_types(res.model)
-    assert "BatchNormalization" not in types and types.count("AlphaBatchNormalization") == 6
+    assert "BatchNormalization" not in types and types.count("AlphaBatchNormalization") == n_bn
     xb = np.random.default_rng(2).standard_normal((3, 3, 32, 32)).astype(np.float32)
     orig = onnx.load(str(paths[False]))
     assert max_rel(run_ort(orig, {"pixel_values": xb})[0], run_ort(res.model, {"pixel_values": xb})[0]) <= TOL
     folded = rewriter.rewrite(str(paths[True]), ["alphabn"], verify=False, allow_unapplied=True)
     declined = folded.report["passes"][0]["declined"]
-    assert len(declined) == 6 and all("--no-fold" in d["reason"] for d in declined)
+    assert declined and all("--no-fold" in d["reason"] for d in declined)
 
 
 def test_fx_dynamic_batch_graphmodule():
