@@ -38,10 +38,11 @@ linear) has one sample per channel at batch 1 (``var_b = 0``, ``mu_b = x``): suc
 declined unless ``flat=true``.
 
 Rewrite. ONNX: the ``BatchNormalization`` node becomes one ``rewriter::AlphaBatchNormalization``
-call (a model-local function of standard ops, ``backends/ort/tta.py``) whose ``Alpha`` is
-an initializer (``<bn>.alpha``): another alpha is an edit of that tensor, not a new rewrite. FX: ``aten.batch_norm``
-becomes ``torch.ops.rewriter.alpha_batch_norm`` (``backends/tta.py``; one node, decomposed
-into differentiable aten ops when run), its statistics and alpha buffers.
+call (a model-local function of standard ops, ``backends/ort/tta.py``) whose ``Alpha`` is an
+initializer (``<bn>.alpha``): another alpha is an edit of that tensor, not a new rewrite.
+FX: ``aten.batch_norm`` becomes ``torch.ops.rewriter.alpha_batch_norm`` (``backends/tta.py``;
+one node, decomposed into differentiable aten ops when run), reading its statistics and
+alpha as buffers.
 
 Declined, with the reason: a BatchNorm in training mode; one whose statistics are not
 constant; a non-float32 ONNX BatchNorm; a rank-2 one without ``flat``; and a model whose
