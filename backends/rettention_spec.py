@@ -374,7 +374,6 @@ class BlockLayout:
         return max(0, b - self.c), min(self.nb, b + self.c + 1)
 
     def describe(self) -> str:
-        """``block 64, 3 of 64 key blocks per query block (block density 4.7 %)``."""
+        """``3 of 64 key blocks per query block (block density 4.7 %)`` (the mean count)."""
         mean = float(np.mean([len(x) for x in self._lists]))
-        return (f"block {self.block}, {mean:.3g} of {self.nb} key blocks per query block "
-                f"(block density {100 * self.block_density():.3g} %)")
+        return f"{mean:.3g} of {self.nb} key blocks per query block (block density {100 * self.block_density():.3g} %)"
