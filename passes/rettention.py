@@ -59,7 +59,7 @@ from backends.rettention_spec import BlockLayout, MaskSpec, Schedule, TokenLayou
 from passes.attention import AttentionSite, describe, find_attention
 from rewriter.ir.fx_view import FxView
 from rewriter.ir.onnx_view import PROVENANCE_PASS, PROVENANCE_REPLACED, OnnxView
-from rewriter.ir.view import GraphView
+from rewriter.ir.view import Declined, GraphView
 from rewriter.pass_api import Kind, Pass, Site, register
 
 log = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ def layout_from_patch_embed(view: GraphView, s: AttentionSite) -> tuple[TokenLay
             continue
         try:
             w = view.conv(node).weight
-        except Exception:  # noqa: BLE001 - a conv the view cannot read is not a patch embedding
+        except Declined:  # a conv the view cannot read (non-constant weight) is not a patch embedding
             continue
         kh, kw = w.shape[2:4]
         h, gw = out[2], out[3]

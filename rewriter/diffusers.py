@@ -57,6 +57,7 @@ from torch import nn
 
 from backends.ort.rettention import RettentionRunner
 from passes.rettention_runtime import state_module
+from rewriter.api import rewrite
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +126,6 @@ def rewrite_transformer(transformer: nn.Module, example: Mapping[str, Any], pass
     """Rewrite ``transformer`` (torch path) at the call ``example`` and wrap the result for a
     pipeline. ``rewrite_kwargs`` go to ``rewriter.rewrite`` (``options``, ``verify``, ...);
     the ``Result`` is kept as ``.result``."""
-    from rewriter.api import rewrite
-
     names, tensors, fixed = split_call(example)
     adapter = CallAdapter(transformer.eval(), names, fixed)
     result = rewrite(adapter, list(passes), example_inputs=tensors, **rewrite_kwargs)
