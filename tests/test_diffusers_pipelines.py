@@ -182,6 +182,7 @@ def test_onnx_path_runs_and_matches_a_hand_driven_loop(setup, tmp_path):
         res = rewriter.rewrite(str(path), ["rettention"],
                                options={"rettention": {**opts, "density": 0.3, "mask": MASKS[kind]}})
         assert len(res.records[0].applied) == 2, res.records[0].sites
+        assert "mask=auto chose " + ("joint" if kind == "cogvideox" else "window2d") in res.records[0].sites[0].reason
         rw = rd.OnnxTransformer(res.model, pipe.transformer.config, optimize=False)
         with rd.installed(pipe, rw):
             outs[name] = _run(pipe, kw)
