@@ -156,7 +156,16 @@ class MaskSpec:
         return self.allowed(idx[:, None], idx[None, :])
 
     def density(self) -> float:
-        """Share of allowed (query, key) pairs (computed in row chunks)."""
+        """Share of allowed (query, key) pairs (joint: counted per axis; else in row chunks)."""
+        if self.kind == "joint":
+            def reach(size: int, r: int) -> int:  # sum over positions of the clipped window length
+                p = np.arange(size)
+                return int((np.minimum(r, p) + np.minimum(r, size - 1 - p) + 1).sum())
+
+            frames = self.frames ** 2 if self.tradius < 0 else reach(self.frames, self.tradius)
+            video = frames * reach(self.grid_h, self.radius) * reach(self.grid_w, self.radius)
+            t = self.text
+            return (t * self.n + (self.n - t) * t + video) / float(self.n) ** 2
         idx = np.arange(self.n)
         step = max(1, (1 << 22) // max(self.n, 1))
         total = sum(int(self.allowed(idx[a:a + step, None], idx[None, :]).sum()) for a in range(0, self.n, step))
@@ -235,6 +244,19 @@ class TokenLayout:
         return f"{self.text}+{grid}" if self.text else grid
 
 
+def _dilate(grid: np.ndarray, axis: int, r: int) -> np.ndarray:
+    """Boolean dilation of ``grid`` by ``r`` cells each way along ``axis`` (clipped)."""
+    out = grid.copy()
+    n = grid.shape[axis]
+    for d in range(1, min(r, n - 1) + 1):
+        src = [slice(None)] * grid.ndim
+        dst = [slice(None)] * grid.ndim
+        src[axis], dst[axis] = slice(0, n - d), slice(d, n)
+        out[tuple(dst)] |= grid[tuple(src)]
+        out[tuple(src)] |= grid[tuple(dst)]
+    return out
+
+
 def auto_block(spec: MaskSpec) -> int:
     """Query/key block size: the halo rounded up to a power of two, within [16, 128]
     (joint: the in-frame halo ``r * gw + r``)."""
@@ -301,10 +323,29 @@ class BlockLayout:
                 hit = ok.reshape(bq, hi - lo, bq).any(axis=(0, 2))
                 out.append(cand[hit])
                 continue
-            i = b * bq + np.arange(bq)
-            ok = spec.allowed(i[:, None], j[None, :]) & (i < spec.n)[:, None]
-            out.append(np.flatnonzero(ok.reshape(bq, nb, bq).any(axis=(0, 2))))
+            out.append(self._joint_blocks(b))
         return out
+
+    def _joint_blocks(self, b: int) -> np.ndarray:
+        """The key blocks of query block ``b`` under a joint mask: every block when it holds a
+        text row; else the text blocks and the blocks of the query tokens' windows, found by
+        dilating their (frame, row, col) positions on the ``F x H x W`` grid (``O(N)`` per block)."""
+        spec, bq = self.spec, self.block
+        t, f, h, w, r = spec.text, spec.frames, spec.grid_h, spec.grid_w, spec.radius
+        lo, hi = b * bq, min((b + 1) * bq, spec.n)
+        if lo < t:
+            return np.arange(self.nb)
+        grid = np.zeros((f, h, w), bool)
+        grid.reshape(-1)[lo - t:hi - t] = True
+        for axis, rad in ((1, r), (2, r)):
+            grid = _dilate(grid, axis, rad)
+        if spec.tradius < 0 or spec.tradius >= f - 1:
+            grid = np.broadcast_to(grid.any(axis=0, keepdims=True), grid.shape)
+        else:
+            grid = _dilate(grid, 0, spec.tradius)
+        keys = t + np.flatnonzero(grid.reshape(-1))
+        text_blocks = np.arange(-(-t // bq))
+        return np.union1d(text_blocks, keys // bq).astype(np.int64)
 
     def key_blocks(self) -> list[np.ndarray]:
         """Per query block, the key blocks a sparse kernel visits (those with an allowed pair)."""

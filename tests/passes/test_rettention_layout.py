@@ -96,6 +96,23 @@ def test_listed_layout_covers_the_mask_exactly(spec):
     assert lay.block_density() >= spec.density() - 1e-12
 
 
+@pytest.mark.parametrize("text", ["6+3x4x5", "40+2x6x6", "0+3x5x7"])
+def test_joint_block_lists_and_density_equal_brute_force(text):
+    """The per-axis key-block lists (grid dilation) and the per-axis density equal the ones
+    read off the dense N x N mask, for every frame reach and two block sizes."""
+    for tr in (-1, 0, 1):
+        spec = MaskSpec.joint(TokenLayout.parse(text), 0.3, tr)
+        m = spec.dense()
+        assert abs(spec.density() - m.mean()) < 1e-12
+        for bq in (16, 32):
+            lay = BlockLayout(spec, bq)
+            pad = np.zeros((lay.padded, lay.padded), bool)
+            pad[:spec.n, :spec.n] = m
+            want = [np.flatnonzero(pad[b * bq:(b + 1) * bq].reshape(bq, lay.nb, bq).any(axis=(0, 2)))
+                    for b in range(lay.nb)]
+            assert all(np.array_equal(a, g) for a, g in zip(want, lay.key_blocks())), (tr, bq)
+
+
 def test_block_density_is_below_one_on_a_wider_layout():
     """On 8 + 4 x 8 x 8 tokens, +-1 frame, the sparse step visits a fraction of the key blocks."""
     spec = MaskSpec.joint(WIDE, 0.15, tradius=1)
