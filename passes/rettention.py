@@ -176,9 +176,7 @@ class Rettention(Pass):
             note = f"{describe(s)}; {layout.spec.describe()}, block {layout.block} ({layout.width} keys per query block)"
             if chose:
                 note += f"; {chose}"
-            if not layout.spec.structured or self.options.mask == "auto":
-                tok = f"token density {100 * layout.spec.density():.3g} %, " if layout.spec.n <= 32768 else ""
-                note += f"; {tok}{layout.describe()}"
+            note += f"; token density {100 * layout.spec.density():.3g} %, {layout.describe()}"
             if s.note:
                 note += f"; {s.note}"
             assumed = _assumed_dims(view, s)

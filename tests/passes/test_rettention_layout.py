@@ -98,12 +98,15 @@ def test_listed_layout_covers_the_mask_exactly(spec):
 
 @pytest.mark.parametrize("text", ["6+3x4x5", "40+2x6x6", "0+3x5x7"])
 def test_joint_block_lists_and_density_equal_brute_force(text):
-    """The per-axis key-block lists (grid dilation) and the per-axis density equal the ones
-    read off the dense N x N mask, for every frame reach and two block sizes."""
+    """The per-axis key-block lists (grid dilation) and the per-axis densities (joint, band,
+    window2d) equal the ones read off the dense N x N mask, for every frame reach and two block sizes."""
     for tr in (-1, 0, 1):
         spec = MaskSpec.joint(TokenLayout.parse(text), 0.3, tr)
         m = spec.dense()
         assert abs(spec.density() - m.mean()) < 1e-12
+        for other in (MaskSpec.band(spec.n, 0.3), MaskSpec.window2d(spec.n - spec.text, 0.3, (spec.frames *
+                                                                                              spec.grid_h, spec.grid_w))):
+            assert abs(other.density() - other.dense().mean()) < 1e-12
         for bq in (16, 32):
             lay = BlockLayout(spec, bq)
             pad = np.zeros((lay.padded, lay.padded), bool)
