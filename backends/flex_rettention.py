@@ -71,6 +71,18 @@ def compile_options(device: str | torch.device = "cpu") -> dict:
 def mask_mod_of(spec: MaskSpec):
     """``mask_mod(b, h, q_idx, kv_idx)`` of ``spec`` (indices past ``n`` are masked)."""
     n, half, gw, r = spec.n, spec.half, max(spec.grid_w, 1), spec.radius
+    if spec.kind == "joint":
+        t, hw, tr = spec.text, spec.grid_h * gw, spec.tradius
+
+        def joint(b, h, q_idx, kv_idx):
+            vi, vj = (q_idx - t).clamp(min=0), (kv_idx - t).clamp(min=0)
+            pi, pj = vi % hw, vj % hw
+            near = ((pi // gw - pj // gw).abs() <= r) & ((pi % gw - pj % gw).abs() <= r)
+            if tr >= 0:
+                near = near & ((vi // hw - vj // hw).abs() <= tr)
+            return ((q_idx < t) | (kv_idx < t) | near) & (kv_idx < n)
+
+        return joint
     if spec.kind == "band":
         def band(b, h, q_idx, kv_idx):
             return ((q_idx - kv_idx).abs() <= half) & (kv_idx < n)
@@ -94,11 +106,11 @@ def block_lists(layout: BlockLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray
     kv_idx = np.zeros((nb, nb), np.int32)
     full_idx = np.zeros((nb, nb), np.int32)
     r = np.arange(bq)
+    lists = layout.key_blocks()
     for b in range(nb):
-        lo, hi = layout.key_block_range(b)
         i = b * bq + r
         qi_ok = i < n
-        for kb in range(lo, hi):
+        for kb in lists[b]:
             j = kb * bq + r
             ok = spec.allowed(i[:, None], j[None, :])
             if not ok.any():

@@ -14,8 +14,17 @@ Per (batch, head, query ``i``) with ``S = scale * Q K^T``, a static mask ``M`` a
 kept before the output projection (``to_out`` is affine, so this equals the paper's
 after-projection cache). ``rho`` is never clamped. Mask (``backends/rettention_spec.py``):
 the paper's band ``|i - j| <= floor(floor(N * density) / 2)`` over the flattened tokens,
-or a 2-D local window on the token grid (``mask=window2d``, ``grid=HxW``, square by
-default).
+a 2-D local window on the token grid (``mask=window2d``, ``grid=HxW``, square by
+default), or the paper's video / joint text+image mask (``mask=joint``): text rows and
+columns dense, a 2-D window inside each frame and at the same position in the frames
+within ``frames_window`` (-1: all). ``mask=auto`` chooses from the token layout: joint
+when it has text tokens or several frames, window2d for one image grid, the band when no
+layout is known. The layout (``T`` text tokens first, then ``F x H x W``) comes from the
+``layout`` option (``"226+13x30x45"``) or from the patch embedding: a convolution whose
+kernel tiles its input (``H_in = h * kh``) gives the grid ``h x w``, its batch over the
+attention's batch the frames, and the remaining tokens are text (assumed first, as in
+CogVideoX's joint attention). The site reason says which mask was chosen and why, with
+the token density and the block density of the sparse kernels' layout.
 
 Sites: self-attention found by ``passes/attention.py`` (FX SDPA or the matmul-softmax
 chain; ONNX ``Attention`` or the opset-18 decomposition), with static ``H``, ``N``, ``Dh``.
@@ -46,11 +55,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from backends.rettention_spec import BlockLayout, MaskSpec, Schedule, auto_block
+from backends.rettention_spec import BlockLayout, MaskSpec, Schedule, TokenLayout, auto_block
 from passes.attention import AttentionSite, describe, find_attention
 from rewriter.ir.fx_view import FxView
 from rewriter.ir.onnx_view import PROVENANCE_PASS, PROVENANCE_REPLACED, OnnxView
-from rewriter.ir.view import GraphView
+from rewriter.ir.view import Declined, GraphView
 from rewriter.pass_api import Kind, Pass, Site, register
 
 log = logging.getLogger(__name__)
@@ -80,8 +89,10 @@ class Rettention(Pass):
         warmup: int = 5  # dense steps before the first refresh
         period: int = 5  # a refresh every `period` steps
         lam: float = 0.04  # rho grows by lam per sparse step since the refresh
-        mask: Literal["band", "window2d"] = "band"  # sparse mask: 1-D band or 2-D local window
-        grid: str = ""  # window2d token grid "HxW" (default: square)
+        mask: Literal["band", "window2d", "joint", "auto"] = "band"  # sparse mask (auto: from the layout)
+        grid: str = ""  # window2d token grid "HxW" (default: the layout's, else square)
+        layout: str = ""  # token layout "T+FxHxW" (text first; default: read from the patch embedding)
+        frames_window: int = -1  # joint: frames each side a video token also sees (-1: every frame)
         block: int = 0  # query/key block of the sparse kernels (0: auto)
         cross: bool = False  # also rewrite same-length attention over another sequence
         budget: float = 1e-4  # max rel. error of the default (dense) step vs the original
@@ -97,10 +108,28 @@ class Rettention(Pass):
             return f"block={o.block} must be 0 (auto) or >= 16"
         return ""
 
-    def _mask(self, n: int) -> MaskSpec:
-        o = self.options
+    def _mask(self, view: GraphView, s: AttentionSite) -> tuple[MaskSpec, str]:
+        """The site's mask and, for ``mask=auto`` / a layout, what was chosen and why."""
+        o, n = self.options, s.tokens
         if o.mask == "band":
-            return MaskSpec.band(n, o.density)
+            return MaskSpec.band(n, o.density), ""
+        lay, source = None, ""
+        if o.layout:
+            lay, source = TokenLayout.parse(o.layout), "layout option"
+        elif o.mask in ("joint", "auto") or (o.mask == "window2d" and not o.grid):
+            lay, source = layout_from_patch_embed(view, s)
+        if lay is not None and lay.n != n:
+            if o.layout:
+                raise ValueError(f"layout={o.layout} holds {lay.n} tokens, the site has {n}")
+            lay = None  # the patch embedding does not describe this site's tokens
+        joint = lay is not None and (lay.text > 0 or lay.frames > 1)
+        if o.mask == "joint" or (o.mask == "auto" and joint):
+            if lay is None:
+                raise ValueError("mask=joint needs the token layout: give layout=T+FxHxW "
+                                 "(no patch embedding of this site's tokens was found)")
+            spec = MaskSpec.joint(lay, o.density, o.frames_window)
+            why = f"layout {lay.describe()} from the {source}"
+            return spec, (f"mask=auto chose joint ({why}: text tokens or frames)" if o.mask == "auto" else why)
         grid = None
         if o.grid:
             try:
@@ -108,7 +137,15 @@ class Rettention(Pass):
             except ValueError:
                 raise ValueError(f"grid={o.grid!r}: expected HxW") from None
             grid = (gh, gw)
-        return MaskSpec.window2d(n, o.density, grid)
+        elif lay is not None and not joint:
+            grid = (lay.grid_h, lay.grid_w)
+        if o.mask == "auto":
+            if grid is None:
+                return MaskSpec.band(n, o.density), "mask=auto chose band (no token layout found)"
+            return (MaskSpec.window2d(n, o.density, grid),
+                    f"mask=auto chose window2d (image grid {grid[0]}x{grid[1]} from the {source or 'grid option'})")
+        return MaskSpec.window2d(n, o.density, grid), (f"grid from the {source}" if grid and lay is not None
+                                                         and not o.grid else "")
 
     def match(self, view: GraphView) -> list[Site]:
         sites: list[Site] = []
@@ -126,10 +163,10 @@ class Rettention(Pass):
                 continue
             s.reason = ""
             why = problem or self._ir_problem(view, s)
-            layout = None
+            layout, chose = None, ""
             if not why:
                 try:
-                    spec = self._mask(s.tokens)
+                    spec, chose = self._mask(view, s)
                     layout = BlockLayout(spec, self.options.block or auto_block(spec))
                 except ValueError as err:
                     why = f"{s.name}: {err}"
@@ -137,6 +174,9 @@ class Rettention(Pass):
                 sites.append(Site(s.name, False, why))
                 continue
             note = f"{describe(s)}; {layout.spec.describe()}, block {layout.block} ({layout.width} keys per query block)"
+            if chose:
+                note += f"; {chose}"
+            note += f"; token density {100 * layout.spec.density():.3g} %, {layout.describe()}"
             if s.note:
                 note += f"; {s.note}"
             assumed = _assumed_dims(view, s)
@@ -180,6 +220,32 @@ class Rettention(Pass):
 
     def error_budget(self) -> float | None:
         return self.options.budget
+
+
+def layout_from_patch_embed(view: GraphView, s: AttentionSite) -> tuple[TokenLayout | None, str]:
+    """The token layout of site ``s`` read from a patch embedding (module doc), with where
+    it came from; ``(None, "")`` when no convolution tiles its input into this site's tokens."""
+    qs = view.shape(s.q)
+    batch = qs[0] if qs and isinstance(qs[0], int) else None
+    for node in view.nodes():
+        if node.op != "conv" or not node.inputs:
+            continue
+        src, out = view.shape(node.inputs[0]), view.shape(node.output)
+        if not src or not out or len(src) != 4 or len(out) != 4 or not all(isinstance(d, int) for d in (*src, *out)):
+            continue
+        try:
+            w = view.conv(node).weight
+        except Declined:  # a conv the view cannot read (non-constant weight) is not a patch embedding
+            continue
+        kh, kw = w.shape[2:4]
+        h, gw = out[2], out[3]
+        if src[2] != h * kh or src[3] != gw * kw or (kh, kw) == (1, 1):
+            continue
+        frames = out[0] // batch if batch and out[0] % batch == 0 else 1
+        text = s.tokens - frames * h * gw
+        if text >= 0:
+            return TokenLayout(text, frames, h, gw), f"patch embedding {node.name} ({kh}x{kw} patches)"
+    return None, ""
 
 
 def _assumed_dims(view: GraphView, s) -> str:

@@ -79,7 +79,8 @@ class FunctionConfig:
     def to_json(self) -> str:
         s = self.layout.spec
         return json.dumps({"n": s.n, "kind": s.kind, "half": s.half, "grid": [s.grid_h, s.grid_w],
-                           "radius": s.radius, "block": self.layout.block, "head_dim": self.head_dim,
+                           "radius": s.radius, "text": s.text, "frames": s.frames, "tradius": s.tradius,
+                           "block": self.layout.block, "head_dim": self.head_dim,
                            "scale": self.scale, "warmup": self.schedule.warmup, "period": self.schedule.period,
                            "lam": self.schedule.lam})
 
@@ -87,7 +88,8 @@ class FunctionConfig:
     def from_json(text: str) -> FunctionConfig:
         d = json.loads(text)
         spec = MaskSpec(d["kind"], d["n"], half=d["half"], grid_h=d["grid"][0], grid_w=d["grid"][1],
-                        radius=d["radius"])
+                        radius=d["radius"], text=d.get("text", 0), frames=d.get("frames", 1),
+                        tradius=d.get("tradius", -1))
         return FunctionConfig(BlockLayout(spec, d["block"]), d["head_dim"], d["scale"],
                               Schedule(d["warmup"], d["period"], d["lam"]))
 
@@ -143,6 +145,7 @@ def _blocked_masked(bd: _Builder, q: ir.Value, k: ir.Value, v: ir.Value, cfg: Fu
     """``O_M [B,H,N,D]`` (and ``LSE_M [B,H,N,1]``) from the blocked window of each query block."""
     lay, d = cfg.layout, cfg.head_dim
     n, npad, nb, bq = lay.spec.n, lay.padded, lay.nb, lay.block
+    q0, k0, v0 = q, k, v
     if npad != n:
         pads = bd.ints([0, 0, 0, 0, 0, 0, npad - n, 0])
         q, k, v = (bd.add("Pad", [t, pads]) for t in (q, k, v))
@@ -165,11 +168,31 @@ def _blocked_masked(bd: _Builder, q: ir.Value, k: ir.Value, v: ir.Value, cfg: Fu
     else:
         o = bd.add("MatMul", [bd.add("Softmax", [s], [ir.AttrInt64("axis", -1)]), vw])
     o = bd.add("Reshape", [o, bd.ints([0, 0, npad, d])])
-    if npad != n:
-        start, end, ax = bd.ints([0]), bd.ints([n]), bd.ints([2])
+    p = lay.prefix
+    if npad != n or p:
+        start, end, ax = bd.ints([p]), bd.ints([n]), bd.ints([2])
         o = bd.add("Slice", [o, start, end, ax])
         lse = None if lse is None else bd.add("Slice", [lse, start, end, ax])
+    if p:  # joint masks: the text query blocks are dense rows under the prefix bias
+        o_p, lse_p = _dense_prefix(bd, q0, k0, v0, cfg, with_lse=with_lse, opset=opset)
+        o = bd.add("Concat", [o_p, o], [ir.AttrInt64("axis", 2)])
+        lse = None if lse is None else bd.add("Concat", [lse_p, lse], [ir.AttrInt64("axis", 2)])
     return o, lse
+
+
+def _dense_prefix(bd: _Builder, q, k, v, cfg: FunctionConfig, *, with_lse: bool, opset: int):
+    """``(O_M, LSE_M)`` of the first ``P`` query rows (``BlockLayout.prefix``), dense over the
+    keys under ``prefix_bias``: ``[B, H, P, N]`` scores."""
+    lay = cfg.layout
+    qp = bd.add("Slice", [q, bd.ints([0]), bd.ints([lay.prefix]), bd.ints([2])])
+    s = bd.add("Add", [_scaled_scores(bd, qp, k, cfg), bd.const(lay.prefix_bias(), "prefix_bias")])
+    if not with_lse:
+        return bd.add("MatMul", [bd.add("Softmax", [s], [ir.AttrInt64("axis", -1)]), v]), None
+    axes = bd.ints([-1])
+    mx = _reduce_max(bd, s, axes, opset)
+    e = bd.add("Exp", [bd.add("Sub", [s, mx])])
+    z = bd.add("ReduceSum", [e, axes], [ir.AttrInt64("keepdims", 1)])
+    return bd.add("Div", [bd.add("MatMul", [e, v]), z]), bd.add("Add", [mx, bd.add("Log", [z])])
 
 
 def _scaled_scores(bd: _Builder, q, k, cfg: FunctionConfig):

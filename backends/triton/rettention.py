@@ -17,11 +17,11 @@ bounds of the key loop) and applies the mask inside the window, so a step costs
 
 Ops (``torch.ops.rewriter``):
 
-* ``rettention_refresh(q, k, v, scale, kind, n, half, grid_w, radius, block) -> (o, rho, R)``
-* ``rettention_sparse(q, k, v, rho, R, coef, scale, kind, n, half, grid_w, radius, block) -> o``
+* ``rettention_refresh(q, k, v, scale, kind, n, half, grid_w, radius, text, frames, tradius, block) -> (o, rho, R)``
+* ``rettention_sparse(q, k, v, rho, R, coef, scale, kind, n, half, grid_w, radius, text, frames, tradius, block) -> o``
 
 ``q, k, v``: ``[B, H, N, Dh]``; ``rho``: ``[B, H, N]`` fp32; ``R``: ``[B, H, N, Dh]`` fp32;
-``kind`` 0 = band, 1 = window2d. The ops are opaque to ``torch.compile`` / ``torch.export``
+``kind`` 0 = band, 1 = window2d, 2 = joint (``MaskSpec.to_args``). The ops are opaque to ``torch.compile`` / ``torch.export``
 (registered fakes); each call runs FlexAttention (``backends/flex_rettention.py``), the
 Triton kernels or the CPU block kernels, chosen by ``kernel_for`` (see there). ``triton_refresh`` /
 ``triton_sparse`` launch the kernels directly (tests run them under ``TRITON_INTERPRET=1``).
@@ -34,7 +34,7 @@ import logging
 
 import torch
 
-from backends.rettention_spec import BlockLayout, MaskSpec
+from backends.rettention_spec import KINDS, BlockLayout, MaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +44,14 @@ try:  # triton is optional at import time (the CPU kernels do not need it)
 except ImportError:  # pragma: no cover - depends on the platform
     triton = None
 
-KINDS = ("band", "window2d")
+def spec_of(*args: int) -> MaskSpec:
+    """The mask from its op arguments (``MaskSpec.from_args``)."""
+    return MaskSpec.from_args(*args)
 
 
-def spec_of(kind: int, n: int, half: int, grid_w: int, radius: int) -> MaskSpec:
-    if kind == 0:
-        return MaskSpec("band", n, half=half)
-    return MaskSpec("window2d", n, grid_h=n // grid_w, grid_w=grid_w, radius=radius)
-
-
-def spec_args(spec: MaskSpec) -> tuple[int, int, int, int, int]:
-    """``(kind, n, half, grid_w, radius)``: the mask as op arguments."""
-    return KINDS.index(spec.kind), spec.n, spec.half, spec.grid_w, spec.radius
+def spec_args(spec: MaskSpec) -> tuple[int, ...]:
+    """``(kind, n, half, grid_w, radius, text, frames, tradius)``: the mask as op arguments."""
+    return spec.to_args()
 
 
 # -- references (dense under the mask; tests) ----------------------------------------------
@@ -114,7 +110,24 @@ def masked_blocks(q, k, v, scale: float, layout: BlockLayout, *, with_lse: bool)
     else:
         lse, p = None, torch.softmax(s, -1)
     o = torch.matmul(p, vw).reshape(b_, h_, npad, d)[:, :, :n]
-    return o, (None if lse is None else lse.reshape(b_, h_, npad)[:, :, :n])
+    lse = None if lse is None else lse.reshape(b_, h_, npad)[:, :, :n]
+    if layout.prefix:  # joint masks: the rows of the text query blocks are dense rows
+        o, lse = _with_prefix(qf[:, :, :n], kf[:, :, :n], vf[:, :, :n], scale, layout, o, lse)
+    return o, lse
+
+
+def _with_prefix(qf, kf, vf, scale: float, layout: BlockLayout, o, lse):
+    """Replace the first ``layout.prefix`` rows of the blocked result by dense rows under
+    ``prefix_bias`` (``backends/rettention_spec.py``)."""
+    key = ("prefix", layout, str(qf.device))
+    if key not in _LAYOUT_CACHE:
+        _LAYOUT_CACHE[key] = torch.as_tensor(layout.prefix_bias(), device=qf.device)
+    p = layout.prefix
+    s = torch.matmul(qf[:, :, :p], kf.transpose(-1, -2)).mul_(scale).add_(_LAYOUT_CACHE[key])
+    lse_p = torch.logsumexp(s, -1)
+    o_p = torch.matmul(torch.exp(s - lse_p[..., None]), vf)
+    o = torch.cat([o_p, o[:, :, p:]], 2)
+    return o, (None if lse is None else torch.cat([lse_p, lse[:, :, p:]], 2))
 
 
 def cpu_refresh(q, k, v, scale: float, layout: BlockLayout):
@@ -143,13 +156,15 @@ if triton is not None:
     def _attn_fwd(Q, K, V, O, LSE, RHO, RES, OFULL, LSEFULL,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                   H, N, D, scale, coef, half, grid_w, radius, c_blocks,
+                  text, hw, tradius, KV_NUM, KV_IDX, nbk,
                   MASKED: tl.constexpr, KIND: tl.constexpr, EPILOGUE: tl.constexpr,
                   BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
         """One query block of one (batch, head): online softmax over the key blocks of its
         window (MASKED) or of the whole sequence; the dots run in the input dtype (fp32
         inputs: TF32 on NVIDIA GPUs) with fp32 accumulation. EPILOGUE 0: write O and LSE; 1 (sparse):
         O = (rho + coef) * O_M + R; 2 (refresh): rho = exp(LSE_M - LSE_full),
-        R = O_full - rho * O_M (written to RHO, RES)."""
+        R = O_full - rho * O_M (written to RHO, RES). KIND 2 (joint): the key blocks are
+        read from the layout's lists (KV_NUM [nb], KV_IDX [nb, nbk])."""
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -164,12 +179,20 @@ if triton is not None:
         l_i = tl.zeros([BLOCK], tl.float32)
         acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
         if MASKED:
-            lo = tl.maximum(pid_m - c_blocks, 0)
-            hi = tl.minimum(pid_m + c_blocks + 1, tl.cdiv(N, BLOCK))
+            if KIND == 2:
+                lo = 0
+                hi = tl.load(KV_NUM + pid_m)
+            else:
+                lo = tl.maximum(pid_m - c_blocks, 0)
+                hi = tl.minimum(pid_m + c_blocks + 1, tl.cdiv(N, BLOCK))
         else:
             lo = 0
             hi = tl.cdiv(N, BLOCK)
-        for kb in range(lo, hi):
+        for jj in range(lo, hi):
+            if MASKED and KIND == 2:
+                kb = tl.load(KV_IDX + pid_m * nbk + jj)
+            else:
+                kb = jj
             offs_n = kb * BLOCK + tl.arange(0, BLOCK)
             n_ok = offs_n < N
             kt = tl.load(K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None],
@@ -180,10 +203,22 @@ if triton is not None:
                 if KIND == 0:
                     dist = offs_m[:, None] - offs_n[None, :]
                     ok = ok & (dist <= half) & (dist >= -half)
-                else:
+                elif KIND == 1:
                     dr = offs_m[:, None] // grid_w - offs_n[None, :] // grid_w
                     dc = offs_m[:, None] % grid_w - offs_n[None, :] % grid_w
                     ok = ok & (dr <= radius) & (dr >= -radius) & (dc <= radius) & (dc >= -radius)
+                else:  # joint: text rows / columns dense, else the in-frame window in near frames
+                    vi = tl.maximum(offs_m - text, 0)
+                    vj = tl.maximum(offs_n - text, 0)
+                    pi = vi % hw
+                    pj = vj % hw
+                    dr = pi[:, None] // grid_w - pj[None, :] // grid_w
+                    dc = pi[:, None] % grid_w - pj[None, :] % grid_w
+                    df = vi[:, None] // hw - vj[None, :] // hw
+                    near = (dr <= radius) & (dr >= -radius) & (dc <= radius) & (dc >= -radius)
+                    near = near & ((tradius < 0) | ((df <= tradius) & (df >= -tradius)))
+                    dense = (offs_m[:, None] < text) | (offs_n[None, :] < text)
+                    ok = ok & (dense | near)
             s = tl.where(ok, s, -1.0e30)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp(m_i - m_new)
@@ -236,6 +271,10 @@ def _launch(q, k, v, scale, layout: BlockLayout, *, masked: bool, epilogue: int,
     if o is None:
         o = torch.empty_like(q)
     dummy = lse
+    if spec.structured:
+        kv_num = kv_idx = torch.zeros(1, dtype=torch.int32, device=q.device)
+    else:
+        kv_num, kv_idx = (torch.as_tensor(a, device=q.device) for a in layout.block_lists())
     wrap(_attn_fwd)[grid](
         q, k, v, o, lse,
         rho if rho is not None else dummy, res if res is not None else dummy,
@@ -243,6 +282,7 @@ def _launch(q, k, v, scale, layout: BlockLayout, *, masked: bool, epilogue: int,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         h_, n, d, float(scale), float(coef), spec.half, max(spec.grid_w, 1), spec.radius, layout.c,
+        spec.text, max(spec.grid_h * spec.grid_w, 1), spec.tradius, kv_num, kv_idx, layout.nb,
         MASKED=masked, KIND=KINDS.index(spec.kind), EPILOGUE=epilogue, BLOCK=block, BLOCK_D=block_d)
     return o, lse
 
@@ -310,13 +350,14 @@ def _define() -> None:
 
     from backends import flex_rettention as flex
 
-    def layout_of(kind, n, half, grid_w, radius, block):
-        return BlockLayout(spec_of(kind, n, half, grid_w, radius), block)
+    def layout_of(kind, n, half, grid_w, radius, text, frames, tradius, block):
+        return BlockLayout(spec_of(kind, n, half, grid_w, radius, text, frames, tradius), block)
 
     @custom_op("rewriter::rettention_refresh", mutates_args=())
     def refresh_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kind: int, n: int,
-                   half: int, grid_w: int, radius: int, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        layout = layout_of(kind, n, half, grid_w, radius, block)
+                   half: int, grid_w: int, radius: int, text: int, frames: int, tradius: int,
+                   block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        layout = layout_of(kind, n, half, grid_w, radius, text, frames, tradius, block)
         which = kernel_for(q, n)
         if which == "flex":
             o, rho, res = flex.refresh(q, k, v, scale, layout)
@@ -326,7 +367,7 @@ def _define() -> None:
         return cpu_refresh(q, k, v, scale, layout)
 
     @register_fake("rewriter::rettention_refresh")
-    def _refresh_fake(q, k, v, scale, kind, n, half, grid_w, radius, block):
+    def _refresh_fake(q, k, v, scale, kind, n, half, grid_w, radius, text, frames, tradius, block):
         b_, h_, n_, d = q.shape
         return (q.new_empty(q.shape), q.new_empty((b_, h_, n_), dtype=torch.float32),
                 q.new_empty((b_, h_, n_, d), dtype=torch.float32))
@@ -334,8 +375,8 @@ def _define() -> None:
     @custom_op("rewriter::rettention_sparse", mutates_args=())
     def sparse_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rho: torch.Tensor, res: torch.Tensor,
                   coef: float, scale: float, kind: int, n: int, half: int, grid_w: int, radius: int,
-                  block: int) -> torch.Tensor:
-        layout = layout_of(kind, n, half, grid_w, radius, block)
+                  text: int, frames: int, tradius: int, block: int) -> torch.Tensor:
+        layout = layout_of(kind, n, half, grid_w, radius, text, frames, tradius, block)
         which = kernel_for(q, n)
         if which == "flex":
             return flex.sparse(q, k, v, rho, res, coef, scale, layout).contiguous()
@@ -344,7 +385,7 @@ def _define() -> None:
         return cpu_sparse(q, k, v, rho, res, coef, scale, layout)
 
     @register_fake("rewriter::rettention_sparse")
-    def _sparse_fake(q, k, v, rho, res, coef, scale, kind, n, half, grid_w, radius, block):
+    def _sparse_fake(q, k, v, rho, res, coef, scale, kind, n, half, grid_w, radius, text, frames, tradius, block):
         return q.new_empty(q.shape)
 
     _DEFINED = True
