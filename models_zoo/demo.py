@@ -106,7 +106,7 @@ def sparse_step_latency(result, feeds: dict[str, np.ndarray], *, runs: int) -> d
     step, which is dense)."""
     from backends.ort.rettention import STEP_INPUT, RettentionRunner, site_configs
     from rewriter import api
-    from rewriter import bench as B
+    from rewriter.run import bench as B
 
     schedule = site_configs(result.view.model)[0].schedule
     runner = RettentionRunner(result.view.model, optimize=False)

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def _input_names(view: GraphView) -> list[str]:
-    from rewriter.verify import input_specs
+    from rewriter.run.verify import input_specs
 
     return [s.name for s in input_specs(view)]
 
@@ -65,7 +65,7 @@ def calibration_feeds(pass_name: str, view: GraphView, context: Context) -> tupl
         if len(feeds) == len(names):
             log.info("%s: no --calib data: calibrating on the model's example inputs", pass_name)
             return feeds, "example"
-    from rewriter.verify import input_specs, make_inputs
+    from rewriter.run.verify import input_specs, make_inputs
 
     log.warning("%s: no calibration data (--calib FILE.npz): calibrating on seeded random inputs; the rewrite "
                 "stays exact, but its statistics do not describe real activations", pass_name)

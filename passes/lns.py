@@ -179,7 +179,7 @@ class LayerNormScaling(Pass):
         The original norm is recomputed in float64 from its original parameters; a norm
         with non-constant parameters (``train`` mode) is compared with its own unscaled
         output, which ``train`` mode leaves in the graph."""
-        from rewriter.verify import tolerance
+        from rewriter.run.verify import tolerance
 
         values = []
         for a in self.applied:

@@ -56,7 +56,7 @@ from rewriter.pass_api import Kind, Pass, Site, register
 log = logging.getLogger(__name__)
 
 
-# find_attention's reasons that better shape inference may lift (rewriter.shapes.resolve_static)
+# find_attention's reasons that better shape inference may lift (rewriter.run.shapes.resolve_static)
 _SHAPE_PROBLEMS = ("the shapes of Q, K, V are unknown", "heads, tokens and head width must be static",
                    "Q, K, V are not [B, H, N, Dh]")
 
@@ -115,7 +115,7 @@ class Rettention(Pass):
         problem = self._problem()
         found = find_attention(view)
         if isinstance(view, OnnxView) and any(p in s.reason for s in found for p in _SHAPE_PROBLEMS):
-            from rewriter.shapes import resolve_static
+            from rewriter.run.shapes import resolve_static
 
             if resolve_static(view):  # static inputs: infer the inner shapes onnx's inference left open
                 found = find_attention(view)
@@ -184,7 +184,7 @@ class Rettention(Pass):
 
 def _assumed_dims(view: GraphView, s) -> str:
     """``H=2, N=16``: the dims of the site that the file leaves symbolic and the analysis took
-    from ``--shape`` / ``--inputs`` (``rewriter.shapes``); empty when the file states them."""
+    from ``--shape`` / ``--inputs`` (``rewriter.run.shapes``); empty when the file states them."""
     if not isinstance(view, OnnxView) or not view.shape_hints or s.q is None:
         return ""
     if all(v.shape is not None and all(isinstance(d, int) for d in v.shape)

@@ -54,7 +54,7 @@ from passes import shiftadd_quant as sq
 from rewriter.errors import BadInput
 from rewriter.ir.view import Declined, GraphView, LinearOp, Node
 from rewriter.pass_api import Kind, Pass, Site, register
-from rewriter.verify import Budget
+from rewriter.run.verify import Budget
 
 log = logging.getLogger(__name__)
 

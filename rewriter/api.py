@@ -29,7 +29,7 @@ from rewriter.ir.view import GraphView
 from rewriter.loader import Source, load_onnx, resolve, save, to_view
 from rewriter.manager import PassRecord, run_passes
 from rewriter.pass_api import Context, Pass, get_pass, make_options
-from rewriter.verify import Runner, compare, input_specs, load_inputs, make_inputs
+from rewriter.run.verify import Runner, compare, input_specs, load_inputs, make_inputs
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class Result:
     def bench(self, *, runs: int = 100, warmup: int = 5, threads: int | None = None, profile: bool = True,
               per_pass: bool = False, labels: tuple[str, str] = ("original", "rewritten"),
               progress: BenchProgress | None = None, compiled: bool = False) -> dict[str, Any]:
-        """Time the original and the rewritten model interleaved (``rewriter.bench``) on the
+        """Time the original and the rewritten model interleaved (``rewriter.run.bench``) on the
         verification inputs; sets and returns ``report["latency"]`` (schema
         ``LATENCY_SECTION``; ``speedup`` > 1 means faster). ``per_pass`` also times the model
         after each prefix of the pass list; ``profile`` adds per-op-type time; ``compiled``
@@ -230,12 +230,12 @@ def latency(before: Any, after: Any, feeds: Mapping[str, np.ndarray], *, runs: i
             prefixes: Sequence[Any] = (), labels: tuple[str, str] = ("original", "rewritten"),
             progress: BenchProgress | None = None, compiled: bool = False) -> dict[str, Any]:
     """The ``latency`` section: ``before`` and ``after`` (GraphViews or ready
-    ``rewriter.bench.Target``s; ``after`` may be None) timed interleaved, plus the models
+    ``rewriter.run.bench.Target``s; ``after`` may be None) timed interleaved, plus the models
     in ``prefixes`` (after each pass of ``pass_names``) and, with ``profile``, per-op-type
     time from a separate profiling run (ORT's profiler, or the torch profiler). Torch
     models with ``compiled``: under ``torch.compile`` (backend ``torch-inductor``; the
     compiling first call is timed apart, ``compile_s``)."""
-    from rewriter import bench as B
+    from rewriter.run import bench as B
 
     if runs < 1:
         raise BadInput(f"--runs {runs}: must be at least 1")
@@ -323,7 +323,7 @@ def verification_feeds(view: GraphView, inputs: Any = None,
                        max_input_bytes: int | None = None) -> tuple[dict, list[str]]:
     """The inputs verification runs on: ``inputs`` (a ``.npz`` path or ``{name: array}``),
     else the example inputs of a torch model, else seeded inputs from the signature
-    (``rewriter.verify.make_inputs``); ``max_input_bytes`` bounds their total size."""
+    (``rewriter.run.verify.make_inputs``); ``max_input_bytes`` bounds their total size."""
     specs = input_specs(view)
     if inputs is None:
         if isinstance(view, FxView):
@@ -347,7 +347,7 @@ def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, A
     ``options``: ``{"foldnorm": {"direction": "next"}}`` (strings are parsed like ``--set``).
     ``inputs``: a ``.npz`` path or ``{name: array}`` for verification (default: seeded
     random inputs, or the example inputs of a torch module); ``max_input_bytes`` bounds
-    their total size (default ``rewriter.verify.DEFAULT_MAX_INPUT_BYTES``, checked before
+    their total size (default ``rewriter.run.verify.DEFAULT_MAX_INPUT_BYTES``, checked before
     anything is allocated). ``freeze_initializer_inputs``: initializers that are also graph
     inputs (IR v3 files) become constants and leave the inputs (``--freeze-initializer-inputs``).
     Returns a ``Result``; a
@@ -368,7 +368,7 @@ def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, A
     calib_data = None
     if calib is not None:
         if isinstance(calib, (str, os.PathLike)):
-            from rewriter.verify import load_calib
+            from rewriter.run.verify import load_calib
 
             calib_data = load_calib(str(calib), input_specs(view))
         else:
@@ -463,7 +463,7 @@ def _onnx_file(spec: str) -> bool:
 def _specialise(view: GraphView, shapes: Mapping[str, list[int]] | None, inputs: Any,
                 feeds: Mapping[str, np.ndarray] | None) -> dict | None:
     """Concrete dims for the analysis from ``--shape`` and the arrays of ``--inputs``
-    (``rewriter.shapes.specialise``); the report's ``assumed_shapes``, or None."""
+    (``rewriter.run.shapes.specialise``); the report's ``assumed_shapes``, or None."""
     if not isinstance(view, OnnxView):
         return None
     given = {k: list(v) for k, v in (shapes or {}).items()}
@@ -471,7 +471,7 @@ def _specialise(view: GraphView, shapes: Mapping[str, list[int]] | None, inputs:
         given.update({k: list(np.shape(v)) for k, v in feeds.items()})
     if not given:
         return None
-    from rewriter.shapes import specialise
+    from rewriter.run.shapes import specialise
 
     return specialise(view, given)
 
@@ -508,7 +508,7 @@ def _calib_or_random(view: GraphView, feeds, notes: list[str], calib: Mapping[st
 def _final_tolerance(passes: list[Pass]):
     """The final comparison's budget: the approximate passes' (a ``Budget`` when one
     states a metric, the loosest of that metric), else the largest float budget."""
-    from rewriter.verify import Budget
+    from rewriter.run.verify import Budget
 
     budgets = [p.error_budget() for p in passes if p.error_budget() is not None]
     metric = [b for b in budgets if isinstance(b, Budget)]

@@ -57,7 +57,7 @@ def _split_passes(text: str) -> list[str]:
 
 
 def _parse_bytes(text: str | None) -> int | None:
-    from rewriter.verify import parse_bytes
+    from rewriter.run.verify import parse_bytes
 
     return None if text is None else parse_bytes(text)
 
@@ -348,7 +348,7 @@ def explain_cmd(
         if freeze:
             loader.freeze_initializer_inputs(view)
         if shapes:
-            from rewriter.verify import input_specs, resolve_shapes
+            from rewriter.run.verify import input_specs, resolve_shapes
 
             resolve_shapes(input_specs(view), shapes)  # names and ranks checked as in a run
         _specialise(view, shapes, None, None)

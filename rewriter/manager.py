@@ -21,7 +21,7 @@ import numpy as np
 from rewriter.errors import BadInput, RewriterError
 from rewriter.ir.view import GraphView
 from rewriter.pass_api import Kind, Pass, Site
-from rewriter.verify import Runner, compare
+from rewriter.run.verify import Runner, compare
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ import rewriter
 from models_zoo.norm_transformers import PowerNorm, TransposedBatchNorm, UnifiedNorm
 from rewriter.ir.fx_view import FxView, capture
 from rewriter.ir.onnx_view import OnnxView
-from rewriter.verify import input_specs
+from rewriter.run.verify import input_specs
 from tests.conftest import max_rel
 
 PASSES = ("foldnorm", "rms", "crms", "osplus")

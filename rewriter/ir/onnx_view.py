@@ -126,7 +126,7 @@ class OnnxView(GraphView):
         self.canon_near_misses: list[tuple[str, str]] = []  # norm-like chains not recognised, why
         self._skip_joins: dict[ir.Value, Node] = {}  # input_skip_bias_sum of a Skip*Norm -> its join
         # value name -> concrete dims assumed for the analysis where the file's are symbolic
-        # (``rewriter.shapes.specialise``, from --shape / --inputs); the model is not changed
+        # (``rewriter.run.shapes.specialise``, from --shape / --inputs); the model is not changed
         self.shape_hints: dict[str, tuple] = {}
 
     @property
@@ -1346,7 +1346,7 @@ class OnnxView(GraphView):
             if cv.dtype is None:
                 cv.dtype = ir.DataType.FLOAT
             model.graph.outputs.append(cv)
-        from rewriter.verify import Runner
+        from rewriter.run.verify import Runner
 
         # external data (a dynamo export's .onnx.data) or > 2 GB: the session reads a copy on disk
         sess = Runner(self)._onnx_session(model)

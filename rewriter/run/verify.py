@@ -12,7 +12,7 @@ checked against ``--max-input-bytes`` before anything is allocated.
 The error measure is per output: ``max|a - b|`` and ``max|a - b| / max|a|``. Exact passes
 must stay within ``tolerance(dtype)``.
 
-An ONNX model holding bfloat16 is run through its float32 shadow (``rewriter.shadow``: ONNX
+An ONNX model holding bfloat16 is run through its float32 shadow (``rewriter.run.shadow``: ONNX
 Runtime on CPU has no bfloat16 kernels for most ops), the original and every rewritten model
 alike; outputs come back as bfloat16, so the bfloat16 tolerance applies, and ``compare``
 marks the record (``"shadow": "float32"`` and a note).
@@ -424,11 +424,11 @@ class Runner:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _run_shadow(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """A bfloat16 model through its float32 shadow (``rewriter.shadow``), after checking
+        """A bfloat16 model through its float32 shadow (``rewriter.run.shadow``), after checking
         that ORT loads the real model: its types must resolve, and a missing bfloat16 kernel
         is the only error accepted."""
         from backends.ort import run_onnx
-        from rewriter import shadow
+        from rewriter.run import shadow
 
         try:
             self._onnx_session()
@@ -447,7 +447,7 @@ class Runner:
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if isinstance(self.view, OnnxView):
             from backends.ort import run_onnx
-            from rewriter.shadow import holds_bfloat16
+            from rewriter.run.shadow import holds_bfloat16
 
             if holds_bfloat16(self.view.model):
                 return self._run_shadow(feeds)
@@ -566,8 +566,8 @@ def compare(reference: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray
         outputs.append(rec)
     result = {"passed": passed, "max_abs_error": worst_abs, "max_rel_error": worst_rel, "outputs": outputs}
     through = getattr(actual, "shadow", None) or getattr(reference, "shadow", None)
-    if through:  # a bfloat16 model run through its float32 shadow (rewriter.shadow)
-        from rewriter.shadow import NOTE
+    if through:  # a bfloat16 model run through its float32 shadow (rewriter.run.shadow)
+        from rewriter.run.shadow import NOTE
 
         result["shadow"] = through
         result["notes"] = [NOTE]
