@@ -27,6 +27,7 @@ import numpy as np
 from rewriter.errors import BadInput
 from rewriter.ir.view import GraphView
 from rewriter.pass_api import Context
+from rewriter.run.capture import capture
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def capture_rows(view: GraphView, values: Sequence[Any], feeds: dict[str, np.nda
                  max_rows: int | None = None) -> list[np.ndarray]:
     """The activations ``values`` take on ``feeds``, each ``[rows, channels]`` float64."""
     unique = list({id(v): v for v in values}.values())  # capture each value once
-    by_id = dict(zip([id(v) for v in unique], view.capture(unique, feeds)))
+    by_id = dict(zip([id(v) for v in unique], capture(view, unique, feeds)))
     arrays = [by_id[id(v)] for v in values]
     out = []
     for a in arrays:

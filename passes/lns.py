@@ -50,6 +50,7 @@ from passes.residual import StreamNorm, analyze
 from rewriter.canon import near_miss_note
 from rewriter.ir.view import GraphView, NormParams
 from rewriter.pass_api import Kind, Pass, Site, register
+from rewriter.run.capture import capture
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ class LayerNormScaling(Pass):
             ref = a["input"] if a["params"] is not None else a["norm"]
             values += [_value_named(after, ref), _value_named(after, a["after"])]
         unique = list({id(v): v for v in values}.values())  # capture each value once
-        got_by_id = dict(zip([id(v) for v in unique], after.capture(unique, feeds)))
+        got_by_id = dict(zip([id(v) for v in unique], capture(after, unique, feeds)))
         arrays = [got_by_id[id(v)] for v in values]
         outputs, worst_abs, worst_rel = [], 0.0, 0.0
         for i, a in enumerate(self.applied):

@@ -54,6 +54,7 @@ from passes import shiftadd_quant as sq
 from rewriter.errors import BadInput
 from rewriter.ir.view import Declined, GraphView, LinearOp, Node
 from rewriter.pass_api import Kind, Pass, Site, register
+from rewriter.run.capture import capture
 from rewriter.run.verify import Budget
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ class ShiftAdd(Pass):
         """``H = X^T X / n`` of one value on the calibration data, run on ``view`` as it is
         now (earlier linears already quantized: layer-sequential calibration)."""
         try:
-            (acts,) = view.capture([value], self.context.calib)
+            (acts,) = capture(view, [value], self.context.calib)
         except KeyError as err:
             raise BadInput(f"--calib: missing model input {err}; calibration arrays are named after "
                            "the model inputs") from None

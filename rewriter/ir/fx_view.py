@@ -20,8 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
 
+from rewriter.canon.fx_adapter import canonicalize_norms
+from rewriter.ir import fx_consts
 from rewriter.ir.dtypes import to_numpy, to_torch
+from rewriter.ir.fx_consts import FxConsts
 from rewriter.ir.view import (
     Affine,
     ConvParams,
@@ -65,7 +69,6 @@ _HARMLESS = {aten._assert_tensor_metadata.default}
 _SYM_SIZE = {aten.sym_size.int}
 _SHAPE_READERS = {aten.sym_size.int, aten.sym_size.default, aten.sym_numel.default, aten.sym_stride.int,
                   aten.sym_stride.default, aten.sym_storage_offset.default}
-_IMPURE_NAMES = ("rand", "normal", "bernoulli", "dropout", "uniform", "empty", "copy_", "_guards")
 
 
 class ConstantScale(torch.nn.Module):
@@ -125,8 +128,6 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
             g.erase_node(node)
     g.lint()
     gm.recompile()
-    from rewriter.canon.fx_adapter import canonicalize_norms
-
     canonicalize_norms(gm)  # norm chains (HF LlamaRMSNorm, decomposed LayerNorm) -> aten norms
     return gm
 
@@ -140,8 +141,6 @@ def capture(module: torch.nn.Module, example_inputs: Sequence[Any]) -> fx.GraphM
         log.info("torch.export failed (%s); falling back to symbolic_trace", err)
         gm = fx.symbolic_trace(module)
         try:
-            from torch.fx.passes.shape_prop import ShapeProp
-
             ShapeProp(gm).propagate(*example_inputs)
         except Exception as perr:  # noqa: BLE001
             log.info("shape propagation failed: %s", perr)
@@ -157,7 +156,7 @@ class FxView(GraphView):
         super().__init__()
         self.gm = gm
         self.example_inputs = tuple(example_inputs)
-        self._const_cache: dict[fx.Node, np.ndarray | None] = {}
+        self.consts = FxConsts(gm)
         self._names = itertools.count()
 
     @property
@@ -166,7 +165,7 @@ class FxView(GraphView):
 
     def invalidate(self) -> None:
         super().invalidate()
-        self._const_cache.clear()
+        self.consts.clear()
 
     # -- structure ---------------------------------------------------------------------
     def _build_nodes(self) -> list[Node]:
@@ -231,64 +230,26 @@ class FxView(GraphView):
         return any(u.op == "output" for u in value.users)
 
     def _meta_shape(self, value: Value):
-        val = value.meta.get("val") if isinstance(value, fx.Node) else None
-        if val is None:
-            tm = value.meta.get("tensor_meta") if isinstance(value, fx.Node) else None
-            return None if tm is None else tm.shape
-        return getattr(val, "shape", None)
+        return fx_consts.meta_shape(value)
 
     def rank(self, value: Value) -> int | None:
-        s = self._meta_shape(value)
-        return None if s is None else len(s)
+        return fx_consts.rank(value)
 
     def shape(self, value: Value) -> tuple | None:
-        s = self._meta_shape(value)
-        if s is None:
-            return None
-        return tuple(int(d) if isinstance(d, int) or str(d).isdigit() else None for d in s)
+        return fx_consts.shape(value)
 
     def value_name(self, value: Value) -> str:
         return value.name
 
     # -- constants ---------------------------------------------------------------------
     def const_value(self, value: Any) -> np.ndarray | None:
-        t = self._const_tensor(value)
-        # bfloat16 as float32: the same values, and numpy math works on it
-        return None if t is None else to_numpy(t.float() if t.dtype == torch.bfloat16 else t)
+        return self.consts.value(value)
 
     def _const_tensor(self, value: Any) -> torch.Tensor | None:
-        if not isinstance(value, fx.Node):
-            return None
-        if value in self._const_cache:
-            return self._const_cache[value]
-        self._const_cache[value] = None
-        result = None
-        if value.op == "get_attr":
-            obj = self._attr(value.target)
-            if isinstance(obj, torch.Tensor):
-                result = obj
-        elif value.op == "call_function" and isinstance(value.target, torch._ops.OpOverload):
-            name = str(value.target)
-            if value.all_input_nodes and not any(k in name for k in _IMPURE_NAMES):
-                if all(self._const_tensor(a) is not None for a in value.all_input_nodes):
-                    args, kwargs = fx.node.map_arg((value.args, value.kwargs), self._const_tensor)
-                    try:
-                        with torch.no_grad():
-                            out = value.target(*args, **kwargs)
-                        if isinstance(out, torch.Tensor):
-                            result = out
-                    except Exception as err:  # noqa: BLE001 - best effort
-                        log.debug("could not evaluate %s: %s", value.name, err)
-        self._const_cache[value] = result
-        return result
+        return self.consts.tensor(value)
 
     def _attr(self, target: str) -> Any:
-        obj: Any = self.gm
-        for part in target.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                return None
-        return obj
+        return fx_consts.attr(self.gm, target)
 
     def _new_param(self, before: fx.Node, base: str, array: np.ndarray, like: Any) -> fx.Node:
         like_t = self._const_tensor(like) if isinstance(like, fx.Node) else None
@@ -777,32 +738,6 @@ class FxView(GraphView):
         g.lint()
         self.gm.recompile()
         self.invalidate()
-
-    def capture(self, values, feeds) -> list[np.ndarray]:
-        names = [n.name for n in self.graph.nodes if n.op == "placeholder"]
-        args = [to_torch(feeds[n]) for n in names]
-        want: dict[fx.Node, Any] = {v: None for v in values}
-
-        class _Recorder(fx.Interpreter):
-            def run_node(self, n):
-                result = super().run_node(n)
-                if n in want:
-                    want[n] = result.detach().clone()
-                return result
-
-        # export specialises the batch dim: run in chunks of the example inputs' batch
-        ex = [to_torch(e) for e in self.example_inputs]
-        step = min((e.shape[0] for e in ex if e.dim()), default=None)
-        total = min((a.shape[0] for a in args if a.dim()), default=None)
-        starts = [0] if not step or not total or total <= step else range(0, total // step * step, step)
-        got: dict[fx.Node, list] = {v: [] for v in values}
-        for i in starts:
-            chunk = [a[i : i + step] if step and a.dim() and len(starts) > 1 else a for a in args]
-            with torch.no_grad():
-                _Recorder(self.gm).run(*chunk)
-            for v in values:
-                got[v].append(want[v].float() if want[v].dtype == torch.bfloat16 else want[v])
-        return [torch.cat(got[v]).numpy() if len(got[v]) > 1 else got[v][0].numpy() for v in values]
 
     def set_norm(self, node: Node, *, weight: np.ndarray | None = None, bias: np.ndarray | None = None) -> None:
         raw = node.raw[0]

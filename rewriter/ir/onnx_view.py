@@ -1331,38 +1331,6 @@ class OnnxView(GraphView):
         self._retargeted.clear()
         self.invalidate()
 
-    def capture(self, values, feeds) -> list[np.ndarray]:
-        from backends.ort import run_onnx
-
-        model = self.model.clone()
-        by_name = {v.name: v for v in model.graph.inputs}
-        by_name.update({o.name: o for n in model.graph.all_nodes() for o in n.outputs})
-        names = []
-        for v in values:
-            cv = by_name[v.name]
-            names.append(cv.name)
-            if cv.is_graph_input() or cv.is_graph_output():
-                continue
-            if cv.dtype is None:
-                cv.dtype = ir.DataType.FLOAT
-            model.graph.outputs.append(cv)
-        from rewriter.run.verify import Runner
-
-        # external data (a dynamo export's .onnx.data) or > 2 GB: the session reads a copy on disk
-        sess = Runner(self)._onnx_session(model)
-        specs = {i.name: i.shape for i in sess.get_inputs()}
-        feeds = {k: np.asarray(v) for k, v in feeds.items() if k in specs}
-        # a static batch dim smaller than the data's: run in chunks of it
-        static = {specs[k][0] for k in feeds if specs[k] and isinstance(specs[k][0], int)}
-        total = {len(v) for v in feeds.values() if v.ndim}
-        step = min(static) if static and total and min(static) < min(total) else None
-        if step is None:
-            chunks = [run_onnx(sess, feeds)]
-        else:
-            n = min(total) // step * step
-            chunks = [run_onnx(sess, {k: v[i : i + step] for k, v in feeds.items()}) for i in range(0, n, step)]
-        return [np.asarray(feeds[n]) if n in specs else np.concatenate([c[n] for c in chunks]) for n in names]
-
     def set_norm(self, node: Node, *, weight: np.ndarray | None = None, bias: np.ndarray | None = None) -> None:
         if "canon" in node.attrs:
             self._set_chain_norm(node, node.attrs["canon"], weight, bias)

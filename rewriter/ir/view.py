@@ -487,11 +487,6 @@ class GraphView(abc.ABC):
         """Whether ``node`` reads a value without computing from it (a metadata check)."""
         return False
 
-    def capture(self, values: Sequence[Value], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Run the model on ``feeds`` and return the arrays ``values`` (intermediate tensors
-        or graph inputs) take, in order: the activations calibration reads."""
-        raise NotImplementedError
-
     def replace_linear(self, node: Node, op: LinearOp, bias: np.ndarray | None) -> Node:
         """Replace the linear ``node`` by a call of ``op`` on its input (plus ``bias``);
         the old weight is dropped. Returns the new semantic node (tag it)."""
