@@ -26,7 +26,7 @@ from rewriter.errors import BadInput, NothingApplied, VerificationFailed
 from rewriter.ir.fx_view import FxView, capture
 from rewriter.ir.onnx_view import OnnxView
 from rewriter.ir.view import GraphView
-from rewriter.loader import Source, load_onnx, resolve, save, to_view
+from rewriter.loader import Source, as_view, load_onnx, param_stats, resolve, save, to_view  # noqa: F401 - as_view, param_stats: public here
 from rewriter.manager import PassRecord, run_passes
 from rewriter.pass_api import Context, Pass, get_pass, make_options
 from rewriter.run.verify import Runner, compare, input_specs, load_inputs, make_inputs
@@ -39,21 +39,6 @@ log = logging.getLogger(__name__)
 
 #: ``progress(description, done, total)``: ``done``/``total`` are None while a phase has no count.
 BenchProgress = Callable[[str, "int | None", "int | None"], None]
-
-
-def param_stats(view: GraphView) -> dict[str, int]:
-    """Number of parameter elements and their bytes."""
-    if isinstance(view, OnnxView):
-        count = nbytes = 0
-        for v in view.graph.initializers.values():
-            t = v.const_value
-            if t is not None:
-                count += t.size
-                nbytes += t.nbytes
-        return {"count": int(count), "bytes": int(nbytes)}
-    tensors = {id(t): t for t in list(view.gm.parameters()) + list(view.gm.buffers())}
-    return {"count": int(sum(t.numel() for t in tensors.values())),
-            "bytes": int(sum(t.numel() * t.element_size() for t in tensors.values()))}
 
 
 @dataclasses.dataclass
@@ -288,34 +273,6 @@ def _instantiate(passes: Sequence[str | Pass], options: Mapping[str, Any] | None
     if options:
         raise BadInput(f"options given for pass(es) not in the list: {', '.join(sorted(options))}")
     return out
-
-
-def as_view(model: Any, *, example_inputs: Sequence[Any] | None = None, ir_kind: str | None = None) -> GraphView:
-    """Accept a path, ``zoo:NAME``, ``module:factory``, ModelProto, onnx_ir Model or nn.Module."""
-    if isinstance(model, GraphView):
-        return model.copy()
-    if isinstance(model, (onnx.ModelProto, ir.Model)):
-        from rewriter.loader import infer_shapes, check_model
-
-        view = OnnxView(ir.from_proto(model) if isinstance(model, onnx.ModelProto) else model.clone())
-        check_model(view, "model")
-        infer_shapes(view)
-        return view
-    if isinstance(model, torch.nn.Module):
-        if example_inputs is None:
-            raise BadInput("a torch module needs example_inputs")
-        if ir_kind == "onnx":
-            src = Source("factory", type(model).__name__, type(model).__name__.lower(), model.eval(), tuple(example_inputs))
-            return to_view(src, "onnx")
-        if isinstance(model, torch.fx.GraphModule):
-            return FxView(model, tuple(example_inputs)).copy()  # the caller's module stays as it was
-        return FxView(capture(model.eval(), tuple(example_inputs)), tuple(example_inputs))
-    if isinstance(model, (str, os.PathLike)):
-        src = resolve(str(model))
-        if src.kind == "onnx":
-            return load_onnx(src.name)
-        return to_view(src, ir_kind or "onnx")
-    raise BadInput(f"cannot rewrite a {type(model).__name__}")
 
 
 def verification_feeds(view: GraphView, inputs: Any = None,

@@ -37,6 +37,8 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
+from rewriter.loader import as_view, param_stats
+
 log = logging.getLogger(__name__)
 
 __all__ = ["Snapshot", "SnapNode", "snapshot", "graph_diff", "diff_models"]
@@ -267,8 +269,6 @@ def _fx_snapshot(view) -> Snapshot:
         prov = n.meta.get("rewriter")
         nodes[n.name] = SnapNode(n.name, _target_name(n), ins, [n.name], params, ";".join(other),
                                  dict(prov) if prov else None)
-    from rewriter.api import param_stats
-
     return Snapshot("torch", nodes, shapes, io_in, io_out, view.op_counts(), param_stats(view))
 
 
@@ -279,8 +279,6 @@ def snapshot(model: Any) -> Snapshot:
     if isinstance(model, Snapshot):
         return model
     if not hasattr(model, "ir") or not hasattr(model, "op_counts"):
-        from rewriter.api import as_view
-
         model = as_view(model)
     return _onnx_snapshot(model) if isinstance(model, OnnxView) else _fx_snapshot(model)
 
