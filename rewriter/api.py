@@ -22,6 +22,7 @@ import onnx
 import onnx_ir as ir
 import torch
 
+import passes  # noqa: F401 - importing the package registers every pass (rewriter.pass_api)
 from rewriter.errors import BadInput, NothingApplied, VerificationFailed
 from rewriter.ir.fx_view import FxView, capture
 from rewriter.ir.onnx_view import OnnxView
