@@ -51,6 +51,7 @@ from rewriter.canon import near_miss_note
 from rewriter.ir.view import GraphView, NormParams
 from rewriter.pass_api import Kind, Pass, Site, register
 from rewriter.run.capture import capture
+from rewriter.run.verify import tolerance
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +181,6 @@ class LayerNormScaling(Pass):
         The original norm is recomputed in float64 from its original parameters; a norm
         with non-constant parameters (``train`` mode) is compared with its own unscaled
         output, which ``train`` mode leaves in the graph."""
-        from rewriter.run.verify import tolerance
-
         values = []
         for a in self.applied:
             ref = a["input"] if a["params"] is not None else a["norm"]

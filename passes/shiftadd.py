@@ -50,6 +50,8 @@ from typing import Literal
 
 import numpy as np
 
+from backends.ort.shiftadd import MIN_OPSET, function_for
+from backends.triton.shiftadd import MODES, shiftadd_linear_op
 from passes import shiftadd_quant as sq
 from rewriter.errors import BadInput
 from rewriter.ir.view import Declined, GraphView, LinearOp, Node
@@ -102,8 +104,6 @@ class ShiftAdd(Pass):
         if opt.bits <= 0 or (opt.bits != int(opt.bits) and not opt.candidates):
             raise BadInput(f"--set shiftadd.bits={opt.bits}: expected a positive width")
         sites: list[Site] = []
-        from backends.ort.shiftadd import MIN_OPSET
-
         low_opset = view.ir == "onnx" and getattr(view, "opset", MIN_OPSET) < MIN_OPSET
         for node in view.nodes():
             if node.op == "embedding":
@@ -196,9 +196,6 @@ class ShiftAdd(Pass):
                         errors[i][b] = sq.weighted_error(params[i].weight, self._quantize(params[i].weight, h, b).dense(), h)
                     log.info("shiftadd: %s errors by width %s", sites[i].site, errors[i])
             widths = sq.allocate_bits(errors, [p.weight.size for p in params], float(o.bits))
-        from backends.ort.shiftadd import function_for
-        from backends.triton.shiftadd import MODES, shiftadd_linear_op
-
         for grp in order:
             h = self._hessian(view, nodes[grp[0]].inputs[0]) if calib else None
             for i in grp:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,14 +22,22 @@ import onnx_ir as ir
 import torch
 
 import passes  # noqa: F401 - importing the package registers every pass (rewriter.pass_api)
+from rewriter.compile import compile_module, graph_breaks
+from rewriter.diff import diff_models
 from rewriter.errors import BadInput, NothingApplied, VerificationFailed
+from rewriter.html import render_html, write_html
+from rewriter.ir.dtypes import to_numpy
 from rewriter.ir.fx_view import FxView, capture
+from rewriter.ir.onnx_reader import materialize
 from rewriter.ir.onnx_view import OnnxView
 from rewriter.ir.view import GraphView
 from rewriter.loader import Source, as_view, load_onnx, param_stats, resolve, save, to_view  # noqa: F401 - as_view, param_stats: public here
+from rewriter.loader import check_runnable, freeze_initializer_inputs as freeze
 from rewriter.manager import PassRecord, run_passes
-from rewriter.pass_api import Context, Pass, get_pass, make_options
-from rewriter.run.verify import Runner, compare, input_specs, load_inputs, make_inputs
+from rewriter.pass_api import Context, Kind, Pass, get_pass, make_options
+from rewriter.run import bench as B
+from rewriter.run.shapes import specialise
+from rewriter.run.verify import Budget, Runner, compare, input_specs, load_calib, load_inputs, make_inputs
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +77,6 @@ class Result:
         """The rewritten model, self-contained: weights that were mapped from a one-file
         input (``rewriter.ir.onnx_reader``) are read into memory the first time."""
         if isinstance(self.view, OnnxView):
-            from rewriter.ir.onnx_reader import materialize
-
             materialize(self.view.model)
             return self.view.model
         return self.view.gm
@@ -133,8 +138,6 @@ class Result:
         With ``check``, Dynamo's trace at the example inputs is counted first and recorded
         in ``report["compile"]`` (``graphs``, ``graph_breaks``, ``reasons``). A Re-ttention
         model keeps its ``gm.rettention.set_step`` protocol."""
-        from rewriter.compile import compile_module, graph_breaks
-
         if not isinstance(self.view, FxView):
             raise BadInput("compile: only torch models (rewrite with --ir torch, or a .pt2 / torch module)")
         gm = self.view.gm
@@ -149,8 +152,6 @@ class Result:
         if self._diff_error is not None:
             raise self._diff_error
         if self._snapshots is None:
-            from rewriter.diff import diff_models
-
             try:
                 d, sa, sb = diff_models(self.original, self.view, copy_on_write=True)
             except Exception as e:
@@ -200,8 +201,6 @@ class Result:
         ``images``: optional ``{name: PNG bytes}`` shown (as data URIs) in the samples
         section, next to ``report["samples"]``'s metrics. When the graph diff fails the page
         is written without the graphs (logged as a warning)."""
-        from rewriter.html import render_html, write_html
-
         if self._snapshots is None:
             try:
                 self.diff()
@@ -221,8 +220,6 @@ def latency(before: Any, after: Any, feeds: Mapping[str, np.ndarray], *, runs: i
     time from a separate profiling run (ORT's profiler, or the torch profiler). Torch
     models with ``compiled``: under ``torch.compile`` (backend ``torch-inductor``; the
     compiling first call is timed apart, ``compile_s``)."""
-    from rewriter.run import bench as B
-
     if runs < 1:
         raise BadInput(f"--runs {runs}: must be at least 1")
     if warmup < 0:
@@ -285,8 +282,6 @@ def verification_feeds(view: GraphView, inputs: Any = None,
     specs = input_specs(view)
     if inputs is None:
         if isinstance(view, FxView):
-            from rewriter.ir.dtypes import to_numpy
-
             return {s.name: to_numpy(x) for s, x in zip(specs, view.example_inputs)}, []
         return make_inputs(specs, shapes, seed=seed, max_bytes=max_input_bytes)
     if isinstance(inputs, (str, os.PathLike)):
@@ -320,14 +315,10 @@ def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, A
     original_factory = _original_factory(model, view, example_inputs=example_inputs, ir_kind=ir_kind)
     frozen = []
     if freeze_initializer_inputs:
-        from rewriter.loader import freeze_initializer_inputs as freeze
-
         frozen = freeze(view)
     calib_data = None
     if calib is not None:
         if isinstance(calib, (str, os.PathLike)):
-            from rewriter.run.verify import load_calib
-
             calib_data = load_calib(str(calib), input_specs(view))
         else:
             calib_data = dict(calib)
@@ -338,8 +329,6 @@ def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, A
     before_ops = view.op_counts()
     before_params = param_stats(view)
     if verify and isinstance(view, OnnxView):
-        from rewriter.loader import check_runnable
-
         check_runnable(view, source or "model")
     feeds, notes = (verification_feeds(view, inputs, shapes, max_input_bytes=max_input_bytes)
                     if verify else (None, []))
@@ -429,8 +418,6 @@ def _specialise(view: GraphView, shapes: Mapping[str, list[int]] | None, inputs:
         given.update({k: list(np.shape(v)) for k, v in feeds.items()})
     if not given:
         return None
-    from rewriter.run.shapes import specialise
-
     return specialise(view, given)
 
 
@@ -442,8 +429,6 @@ def _calib_or_random(view: GraphView, feeds, notes: list[str], calib: Mapping[st
     """Without ``--inputs``: verify on the calibration data when there is some (the first
     ``VERIFY_CALIB_SAMPLES`` samples, or one static batch), else keep the random / example
     inputs and say that approximate passes are judged on them."""
-    from rewriter.pass_api import Kind
-
     approximate = [p.name for p in passes if p.kind is Kind.APPROXIMATE]
     if calib:
         specs = {s.name: s for s in input_specs(view)}
@@ -466,8 +451,6 @@ def _calib_or_random(view: GraphView, feeds, notes: list[str], calib: Mapping[st
 def _final_tolerance(passes: list[Pass]):
     """The final comparison's budget: the approximate passes' (a ``Budget`` when one
     states a metric, the loosest of that metric), else the largest float budget."""
-    from rewriter.run.verify import Budget
-
     budgets = [p.error_budget() for p in passes if p.error_budget() is not None]
     metric = [b for b in budgets if isinstance(b, Budget)]
     if metric:

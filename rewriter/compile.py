@@ -17,7 +17,7 @@
   Re-ttention model is exported as its ``StepProgram`` (``passes/rettention_runtime.py``):
   inputs ``(*model inputs, step, rho_0, R_0, ...)``, outputs ``(*model outputs, rho_0',
   R_0', ...)``, every phase in the program, as the ONNX protocol does. Load it with
-  ``load_program(path)`` (which registers the project's ops first).
+  ``load_program(path)``. Importing this module registers the project's ops.
 """
 
 from __future__ import annotations
@@ -29,20 +29,17 @@ from typing import Any
 
 import torch
 
+from backends.flex_rettention import compile_options
+import backends.triton.crms_norm  # noqa: F401 - defines torch.ops.rewriter.* (the project's ops)
+import backends.triton.rettention  # noqa: F401
+import backends.triton.shiftadd  # noqa: F401
+from passes.rettention_runtime import MODULE_NAME, RettentionState, export_step_program
+
 log = logging.getLogger(__name__)
-
-
-def _register_ops() -> None:
-    import backends.triton.crms_norm  # noqa: F401 - defines torch.ops.rewriter.*
-    import backends.triton.rettention  # noqa: F401
-    import backends.triton.shiftadd  # noqa: F401
 
 
 def compile_module(module: torch.nn.Module, device: str | torch.device | None = None):
     """``torch.compile(module)`` with the project's Inductor options (module doc)."""
-    from backends.flex_rettention import compile_options
-
-    _register_ops()
     if device is None:
         p = next(iter(module.parameters()), None)
         device = p.device if p is not None else "cpu"
@@ -51,7 +48,6 @@ def compile_module(module: torch.nn.Module, device: str | torch.device | None = 
 
 def graph_breaks(module: torch.nn.Module, args: Sequence[Any]) -> dict[str, Any]:
     """``{graphs, graph_breaks, reasons}`` of Dynamo's trace of ``module(*args)``."""
-    _register_ops()
     torch._dynamo.reset()
     ex = torch._dynamo.explain(module)(*args)
     torch._dynamo.reset()
@@ -60,22 +56,16 @@ def graph_breaks(module: torch.nn.Module, args: Sequence[Any]) -> dict[str, Any]
 
 
 def has_rettention(module: torch.nn.Module) -> bool:
-    from passes.rettention_runtime import MODULE_NAME, RettentionState
-
     return isinstance(getattr(module, MODULE_NAME, None), RettentionState)
 
 
 def export_program(module: torch.nn.Module, args: Sequence[Any]):
     """The ``torch.export`` program of ``module`` (a step program for Re-ttention)."""
-    _register_ops()
     if has_rettention(module):
-        from passes.rettention_runtime import export_step_program
-
         return export_step_program(module, tuple(args))
     return torch.export.export(module, tuple(args))
 
 
 def load_program(path: str | os.PathLike):
     """``torch.export.load`` after registering the project's ops."""
-    _register_ops()
     return torch.export.load(str(path))

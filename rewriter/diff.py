@@ -36,7 +36,13 @@ from typing import Any
 
 import networkx as nx
 import numpy as np
+import onnx_ir as ir
+import torch
 
+from rewriter.ir.dtypes import to_numpy
+from rewriter.ir.fx_view import _target_name
+from rewriter.ir.onnx_reader import is_mapped, map_array
+from rewriter.ir.onnx_view import OnnxView, PROVENANCE_PASS, PROVENANCE_REPLACED
 from rewriter.loader import as_view, param_stats
 
 log = logging.getLogger(__name__)
@@ -138,11 +144,6 @@ def _shape_json(shape: tuple | None) -> list | None:
 
 
 def _onnx_snapshot(view) -> Snapshot:
-    import onnx_ir as ir
-
-    from rewriter.ir.onnx_reader import is_mapped, map_array
-    from rewriter.ir.onnx_view import PROVENANCE_PASS, PROVENANCE_REPLACED
-
     graph = view.graph
     nodes: dict[str, SnapNode] = {}
     shapes: dict[str, tuple | None] = {}
@@ -218,11 +219,6 @@ def _onnx_snapshot(view) -> Snapshot:
 
 
 def _fx_snapshot(view) -> Snapshot:
-    import torch
-
-    from rewriter.ir.dtypes import to_numpy
-    from rewriter.ir.fx_view import _target_name
-
     gm = view.gm
     nodes: dict[str, SnapNode] = {}
     shapes: dict[str, tuple | None] = {}
@@ -274,8 +270,6 @@ def _fx_snapshot(view) -> Snapshot:
 
 def snapshot(model: Any) -> Snapshot:
     """A Snapshot of a GraphView, an ``onnx.ModelProto``, an ``onnx_ir.Model`` or a path."""
-    from rewriter.ir.onnx_view import OnnxView
-
     if isinstance(model, Snapshot):
         return model
     if not hasattr(model, "ir") or not hasattr(model, "op_counts"):

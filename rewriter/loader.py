@@ -14,20 +14,26 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import networkx as nx
+import onnx
 import onnx_ir as ir
 import torch
 
+import models_zoo
+from rewriter.compile import export_program
 from rewriter.errors import BadInput
 from rewriter.ir.fx_view import FxView, capture
 from rewriter.ir.onnx_reader import load_mapped, shape_only_proto
 from rewriter.ir.onnx_view import OnnxView
 from rewriter.ir.onnx_writer import save_single_file
 from rewriter.ir.view import GraphView
+from rewriter.torch_export import export_to_onnx
 
 _EXTERNAL_THRESHOLD = 1 << 30  # save weights as external data above 1 GiB
 
@@ -46,8 +52,6 @@ class Source:
 def resolve(spec: str) -> Source:
     """Parse MODEL without loading heavy things yet; errors are BadInput."""
     if spec.startswith("zoo:"):
-        import models_zoo
-
         name = spec[4:]
         try:
             module, inputs = models_zoo.build(name)
@@ -183,8 +187,6 @@ def check_dataflow(graph: ir.Graph, where: str) -> None:
 
 def _cycle(graph: ir.Graph) -> str:
     """One cycle of ``graph``'s nodes, as ``'a' -> 'b' -> 'a'``."""
-    import networkx as nx
-
     dg = nx.DiGraph()
     for g in [graph, *(a.value for n in graph.all_nodes() for a in n.attributes.values()
                        if a.type == ir.AttributeType.GRAPH)]:
@@ -223,8 +225,6 @@ def infer_shapes(view: OnnxView) -> None:
     if not missing:
         return
     try:
-        import onnx
-
         inferred = onnx.shape_inference.infer_shapes(shape_only_proto(view.model), strict_mode=False)
         infos = {vi.name: vi.type for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
         for v in missing:
@@ -236,8 +236,6 @@ def infer_shapes(view: OnnxView) -> None:
             if v.dtype is None and t.tensor_type.elem_type:
                 v.dtype = ir.DataType(t.tensor_type.elem_type)
     except Exception as err:  # noqa: BLE001
-        import logging
-
         logging.getLogger(__name__).info("shape inference failed: %s", err)
 
 
@@ -261,8 +259,6 @@ def to_view(source: Source, ir_kind: str, *, opset: int = 18, workdir: str | Non
             raise BadInput(f"{source.name}: an ONNX model can only be written as .onnx")
         return load_onnx(source.name)
     if ir_kind == "onnx":
-        from rewriter.torch_export import export_to_onnx
-
         tmp = workdir or tempfile.mkdtemp(prefix="rewriter-export-")
         path = Path(tmp) / f"{source.stem}.onnx"
         try:
@@ -324,8 +320,6 @@ def save(view: GraphView, target: str | os.PathLike) -> Path:
             if target.suffix.lower() != ".pt2":
                 raise BadInput(f"{target}: a torch model is written as .pt2 (or rewrite to .onnx from the start)")
             tmp = tmpdir / target.name
-            from rewriter.compile import export_program
-
             ep = export_program(view.gm, view.example_inputs)  # a step program for Re-ttention
             torch.export.save(ep, str(tmp))
             os.replace(tmp, target)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch.library import triton_op, wrap_triton
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,6 @@ _OPS: dict[str, object] = {}
 def _define() -> None:
     if _OPS:
         return
-    from torch.library import triton_op, wrap_triton
-
     def make(name: str, compressed: bool):
         @triton_op(f"rewriter::{name}", mutates_args=())
         def op(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:

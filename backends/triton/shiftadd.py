@@ -34,6 +34,7 @@ import logging
 
 import numpy as np
 import torch
+from torch.library import triton_op, wrap_triton
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +211,6 @@ _OPS: dict[str, object] = {}
 def _define() -> None:
     if _OPS:
         return
-    from torch.library import triton_op, wrap_triton
-
     @triton_op("rewriter::shiftadd_linear", mutates_args=())
     def op(x: torch.Tensor, planes: torch.Tensor, exps: torch.Tensor, signs: torch.Tensor,
            bias: torch.Tensor | None, group_rows: int, mode: int) -> torch.Tensor:

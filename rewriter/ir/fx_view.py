@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
+from backends.triton.crms_norm import crms_norm_op
 from rewriter.canon.fx_adapter import canonicalize_norms
 from rewriter.ir import fx_consts
 from rewriter.ir.dtypes import to_numpy, to_torch
@@ -692,8 +693,6 @@ class FxView(GraphView):
             new = self._call(raw, aten.rms_norm.default, (x, [width], w, float(eps)), raw)
             weight = None
         elif kind == "crms_norm":
-            from backends.triton.crms_norm import crms_norm_op
-
             new = self._call(raw, crms_norm_op(), (x, None, float(eps)), raw)
         else:
             raise ValueError(f"unknown norm kind {kind!r}")

@@ -23,7 +23,12 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx.reference import ReferenceEvaluator
 
+from backends.ort import functions as F
+from backends.ort.functions import OPSET18_CHANGED, OPSET_UPGRADE_BLOCKERS, OPSET_UPGRADE_MIN
+from rewriter.canon.norms import find_norms
+from rewriter.canon.onnx_adapter import OnnxNormAdapter
 from rewriter.ir.onnx_reader import inline_proto, is_mapped, map_array
 from rewriter.ir.view import (
     Affine,
@@ -201,9 +206,6 @@ class OnnxView(GraphView):
         """Norms spelled as chains of standard ops (``rewriter.canon``), as semantic nodes
         over the chain's IR nodes; the graph itself is not changed. Maps the id of each
         chain's last IR node to its Node and the other members to True."""
-        from rewriter.canon.norms import find_norms
-        from rewriter.canon.onnx_adapter import OnnxNormAdapter
-
         search = find_norms(OnnxNormAdapter(self))
         self.canon_near_misses = [(r.name or r.op_type, why) for r, why in search.near_misses]
         if not search.matches:
@@ -362,8 +364,6 @@ class OnnxView(GraphView):
                 return None
             args.append(c)
         try:
-            from onnx.reference import ReferenceEvaluator
-
             proto = ir.serde.serialize_node(node)
             feeds = {}
             for i, (v, a) in enumerate(zip(node.inputs, args)):
@@ -1145,8 +1145,6 @@ class OnnxView(GraphView):
         """Bump the default-domain opset to ``version`` when no op in the model changed
         meaning on the way; returns None on success, else the reason it was not done.
         ``ignore``: nodes the caller is about to remove (the norm chains it replaces)."""
-        from backends.ort.functions import OPSET18_CHANGED, OPSET_UPGRADE_BLOCKERS, OPSET_UPGRADE_MIN
-
         if self.opset >= version:
             return None
         if self.opset < OPSET_UPGRADE_MIN:
@@ -1164,8 +1162,6 @@ class OnnxView(GraphView):
 
     def replace_norm(self, node: Node, kind: str, *, eps: float, weight: np.ndarray | None = None,
                      bias: np.ndarray | None = None) -> Node:
-        from backends.ort import functions as F
-
         raw = node.raw[0]
         # read from the IR, not the Node: an edit since it was grouped may have rewired it
         # (a chain's first op reads x first; its last op writes the output)

@@ -20,22 +20,30 @@ marks the record (``"shadow": "float32"`` and a note).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import logging
 import math
 import re
+import shutil
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import ml_dtypes
 import numpy as np
+import onnx_ir as ir
 import torch
 
+from backends.ort import make_session, run_onnx
 from rewriter.errors import BadInput
 from rewriter.ir.dtypes import to_numpy, to_torch
 from rewriter.ir.fx_view import FxView
+from rewriter.ir.onnx_reader import inline_proto, is_mapped
 from rewriter.ir.onnx_view import OnnxView
 from rewriter.ir.view import GraphView
+from rewriter.run import shadow
+from rewriter.run.shadow import NOTE, holds_bfloat16
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +124,6 @@ _OPS = {"Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mult": lambda a, 
 def _eval_dim(expr: str, bound: Mapping[str, int]) -> int | None:
     """A symbolic dim written as arithmetic over other symbols (``s0 + s1``, the dynamo
     exporter's ``past_seq + seq``) evaluated with the bound ones; None when it cannot be."""
-    import ast
-
     def ev(n):
         if isinstance(n, ast.Constant) and isinstance(n.value, int):
             return n.value
@@ -400,16 +406,7 @@ class Runner:
     def _onnx_session(self, model=None):
         """ORT session, optimizations off. Models with external data (or > 2 GB) are written
         to a temporary directory first: ORT cannot resolve external files from bytes."""
-        import shutil
-        import tempfile
-
-        import onnx_ir as ir
-
-        from backends.ort import make_session
-
         model = self.view.model if model is None else model
-        from rewriter.ir.onnx_reader import inline_proto, is_mapped
-
         inits = model.graph.initializers.values()
         external = any(isinstance(v.const_value, ir.ExternalTensor) and not is_mapped(v.const_value) for v in inits)
         big = sum(v.const_value.nbytes for v in inits if v.const_value is not None) > (1 << 31) - (1 << 24)
@@ -427,9 +424,6 @@ class Runner:
         """A bfloat16 model through its float32 shadow (``rewriter.run.shadow``), after checking
         that ORT loads the real model: its types must resolve, and a missing bfloat16 kernel
         is the only error accepted."""
-        from backends.ort import run_onnx
-        from rewriter.run import shadow
-
         try:
             self._onnx_session()
         except Exception as err:  # noqa: BLE001
@@ -446,9 +440,6 @@ class Runner:
 
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if isinstance(self.view, OnnxView):
-            from backends.ort import run_onnx
-            from rewriter.run.shadow import holds_bfloat16
-
             if holds_bfloat16(self.view.model):
                 return self._run_shadow(feeds)
             return run_onnx(self._onnx_session(), feeds)
@@ -567,8 +558,6 @@ def compare(reference: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray
     result = {"passed": passed, "max_abs_error": worst_abs, "max_rel_error": worst_rel, "outputs": outputs}
     through = getattr(actual, "shadow", None) or getattr(reference, "shadow", None)
     if through:  # a bfloat16 model run through its float32 shadow (rewriter.run.shadow)
-        from rewriter.run.shadow import NOTE
-
         result["shadow"] = through
         result["notes"] = [NOTE]
     return result
