@@ -1270,6 +1270,10 @@ class OnnxView(GraphView):
             for r in n.raw:
                 self._by_raw[id(r)] = n
 
+    def replace_uses(self, old: ir.Value, new: ir.Value, exclude: ir.Node | None = None) -> None:
+        """Every reader of ``old`` (but ``exclude``) reads ``new``; a graph output keeps its name."""
+        self._replace_uses(old, new, exclude)
+
     def _replace_uses(self, old: ir.Value, new: ir.Value, exclude: ir.Node | None = None) -> None:
         self._rewire(old, new)
         for use in list(old.uses()):
