@@ -42,9 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Literal
-
-import numpy as np
+from typing import Literal
 
 from backends.rettention_spec import BlockLayout, MaskSpec, Schedule, auto_block
 from passes.attention import AttentionSite, describe, find_attention
