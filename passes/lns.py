@@ -15,7 +15,7 @@ residual add follows is the final norm.
 Modes (``--set lns.mode=train|fold``; ``auto``: ``train`` for torch, ``fold`` for ONNX):
 
 * ``train``: an explicit, inspectable scaling op after each norm: FX, a call of a small
-  module holding the factor as a buffer (``rewriter.ir.fx_view.ConstantScale``: not a
+  module holding the factor as a buffer (``rewriter.lower.fx_emit.ConstantScale``: not a
   parameter, so it is not trained); ONNX, a ``Mul`` by a constant. The GraphModule still
   trains (every original parameter keeps its gradient).
 * ``fold``: the factor is absorbed into the norm's affine, ``gamma <- gamma / sqrt(l)``,
@@ -47,6 +47,7 @@ import networkx as nx
 import numpy as np
 
 from passes.residual import StreamNorm, analyze
+from rewriter import lower
 from rewriter.canon import near_miss_note
 from rewriter.ir.view import GraphView, NormParams
 from rewriter.pass_api import Kind, Pass, Site, register
@@ -155,7 +156,7 @@ class LayerNormScaling(Pass):
             node, f = plan.norm.node, plan.factor
             before_name = view.value_name(node.output)
             if mode == "train":
-                out = view.insert_scale(node.output, f, f"{node.name}_lns")
+                out = lower.insert_scale(view, node.output, f, f"{node.name}_lns")
                 new = view.producer(out)
                 if new is not None:
                     view.tag(new, self.name, [node.name])

@@ -53,6 +53,7 @@ import numpy as np
 from backends.ort.shiftadd import MIN_OPSET, function_for
 from backends.triton.shiftadd import MODES, shiftadd_linear_op
 from passes import shiftadd_quant as sq
+from rewriter import lower
 from rewriter.errors import BadInput
 from rewriter.ir.view import Declined, GraphView, LinearOp, Node
 from rewriter.pass_api import Kind, Pass, Site, register
@@ -213,10 +214,10 @@ class ShiftAdd(Pass):
                               onnx_function=function_for(packed.mode), torch_op=shiftadd_linear_op,
                               onnx_attrs={"n_in": packed.n_in})
                 rows = packed.row_scale
-                new = view.replace_linear(node, op, p.bias if rows is None else None)
+                new = lower.replace_linear(view, node, op, p.bias if rows is None else None)
                 view.tag(new, self.name, [node.name])
                 if rows is not None:  # y = row_scale * call(x) + b
-                    view.insert(new.output, "scale_shift", weight=rows.astype(np.float64), bias=p.bias)
+                    lower.insert(view, new.output, "scale_shift", weight=rows.astype(np.float64), bias=p.bias)
                 for u in view.users(new.output) if (p.bias is not None or rows is not None) and view.ir == "onnx" else []:
                     view.tag(u, self.name, [node.name])
                 bpw = packed.bits_per_weight

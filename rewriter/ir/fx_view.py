@@ -22,7 +22,6 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from backends.triton.crms_norm import crms_norm_op
 from rewriter.canon.fx_adapter import canonicalize_norms
 from rewriter.ir import fx_consts
 from rewriter.ir.dtypes import to_numpy, to_torch
@@ -70,18 +69,6 @@ _HARMLESS = {aten._assert_tensor_metadata.default}
 _SYM_SIZE = {aten.sym_size.int}
 _SHAPE_READERS = {aten.sym_size.int, aten.sym_size.default, aten.sym_numel.default, aten.sym_stride.int,
                   aten.sym_stride.default, aten.sym_storage_offset.default}
-
-
-class ConstantScale(torch.nn.Module):
-    """``y = x * scale``, ``scale`` a 0-d buffer (not trained): the explicit, inspectable
-    scaling op rewrites such as ``lns`` insert into a GraphModule (``FxView.insert_scale``)."""
-
-    def __init__(self, factor: float, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.register_buffer("scale", torch.tensor(float(factor), dtype=dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale
 
 
 def _target_name(node: fx.Node) -> str:
@@ -404,7 +391,6 @@ class FxView(GraphView):
         p[d0], p[d1] = p[d1], p[d0]
         return p
 
-
     # -- residual-stream queries -------------------------------------------------------
     def norm(self, node: Node) -> NormParams:
         raw = node.raw[0]
@@ -640,76 +626,6 @@ class FxView(GraphView):
                                         dtype=val.dtype, device="meta")
         return n
 
-    def insert(self, value: Value, op: str, *, n: int | None = None, weight: np.ndarray | None = None,
-               bias: np.ndarray | None = None) -> Value:
-        users = [u for u in value.users]
-        anchor = value.next
-        val = value.meta.get("val") if isinstance(value, fx.Node) else None
-        # the dims as the meta value holds them (symbolic sizes of dynamic axes included)
-        shape = list(val.shape) if val is not None and hasattr(val, "shape") else self.shape(value)
-        if shape is not None and any(d is None for d in shape):
-            shape = None
-        if op == "center":
-            m = self._call(anchor, aten.mean.dim, (value, [-1], True), value,
-                           None if shape is None else [*shape[:-1], 1])
-            out = self._call(anchor, aten.sub.Tensor, (value, m), value)
-        elif op == "keep":
-            out = self._call(anchor, aten.slice.Tensor, (value, -1, 0, n), value,
-                             None if shape is None else [*shape[:-1], n])
-        elif op == "scale_shift":
-            out = value
-            if weight is not None:
-                out = self._call(anchor, aten.mul.Tensor, (out, self._new_param(anchor, f"{value.name}_weight", weight, None)), value)
-            if bias is not None:
-                out = self._call(anchor, aten.add.Tensor, (out, self._new_param(anchor, f"{value.name}_bias", bias, None)), value)
-            if out is value:
-                return value
-        elif op == "uncompress":
-            s = self._call(anchor, aten.sum.dim_IntList, (value, [-1], True), value,
-                           None if shape is None else [*shape[:-1], 1])
-            neg = self._call(anchor, aten.neg.default, (s,), s)
-            out = self._call(anchor, aten.cat.default, ([value, neg], -1), value,
-                             None if shape is None else [*shape[:-1], shape[-1] + 1])
-        else:
-            raise ValueError(f"unknown insert op {op!r}")
-        for u in users:
-            u.replace_input_with(value, out)
-        self.invalidate()
-        return out
-
-    def replace_norm(self, node: Node, kind: str, *, eps: float, weight: np.ndarray | None = None,
-                     bias: np.ndarray | None = None) -> Node:
-        raw = node.raw[0]
-        x = raw.args[0]
-        width = int(raw.args[1][0])
-        params = [a for a in raw.args[2:4] if isinstance(a, fx.Node)]
-        like = params[0] if params else None
-
-        def param(base, arr):
-            return self._new_param(raw, f"{node.name}_{base}", arr, like)
-
-        if kind == "rms_norm":
-            w = param("weight", weight) if weight is not None else None
-            new = self._call(raw, aten.rms_norm.default, (x, [width], w, float(eps)), raw)
-            weight = None
-        elif kind == "crms_norm":
-            new = self._call(raw, crms_norm_op(), (x, None, float(eps)), raw)
-        else:
-            raise ValueError(f"unknown norm kind {kind!r}")
-        last = new
-        if weight is not None:
-            last = self._call(raw, aten.mul.Tensor, (last, param("weight", weight)), raw)
-        if bias is not None:
-            last = self._call(raw, aten.add.Tensor, (last, param("bias", bias)), raw)
-        if isinstance(x, fx.Node) and "val" in x.meta:
-            for n_ in {new, last}:
-                n_.meta["val"] = torch.empty(list(x.meta["val"].shape), dtype=x.meta["val"].dtype, device="meta")
-        raw.replace_all_uses_with(last)
-        self.graph.erase_node(raw)
-        self.invalidate()
-        self.nodes()
-        return self.node_of(new)
-
     # -- edits -------------------------------------------------------------------------
     def bypass(self, node: Node) -> None:
         node = self.node_of(node.raw[0]) or node  # inputs may have been rewired since
@@ -759,57 +675,6 @@ class FxView(GraphView):
             args[idx] = self._new_param(raw, base, np.asarray(arr).reshape(-1), like)
         raw.args, raw.kwargs = tuple(args), kwargs
         self.invalidate()
-
-    def insert_scale(self, value: Value, factor: float, name: str) -> Value:
-        val = value.meta.get("val") if isinstance(value, fx.Node) else None
-        dtype = val.dtype if val is not None and getattr(val, "dtype", None) is not None and val.dtype.is_floating_point \
-            else torch.float32
-        users = list(value.users)
-        base = "".join(c if c.isalnum() else "_" for c in name)
-        target = f"_rw_{base}_{next(self._names)}"
-        while hasattr(self.gm, target):
-            target = f"_rw_{base}_{next(self._names)}"
-        self.gm.add_submodule(target, ConstantScale(factor, dtype))
-        with self.graph.inserting_after(value):
-            out = self.graph.call_module(target, (value,))
-        if val is not None and hasattr(val, "shape"):
-            out.meta["val"] = torch.empty(list(val.shape), dtype=val.dtype, device="meta")
-        for u in users:
-            u.replace_input_with(value, out)
-        self.invalidate()
-        return out
-
-    def replace_linear(self, node: Node, op, bias: np.ndarray | None) -> Node:
-        raw, x = node.raw[0], node.inputs[0]
-        wsrc = raw.args[1] if raw.target is not aten.addmm.default else raw.args[2]
-        old = [a for a in raw.all_input_nodes if a.op == "get_attr"]
-        consts = []
-        for k, a in op.consts.items():
-            arr = np.ascontiguousarray(a)
-            if arr.dtype == np.uint32:  # torch has no uint32 bit ops: same bits as int32
-                arr = arr.view(np.int32)
-            name = f"_rw_{node.name}_{k}_{next(self._names)}"
-            self.gm.register_buffer(name, torch.from_numpy(arr.copy()))
-            with self.graph.inserting_before(raw):
-                g = self.graph.get_attr(name)
-            g.meta["val"] = getattr(self.gm, name)
-            consts.append(g)
-        b = None if bias is None else self._new_param(raw, f"{node.name}_bias", bias, wsrc)
-        call = self._call(raw, op.torch_op(), (x, *consts, b, *[int(v) for v in op.attrs.values()]), raw)
-        raw.replace_all_uses_with(call)
-        self.graph.erase_node(raw)
-        for a in old:  # drop the replaced weight (and bias) when nothing else reads it
-            if not a.users:
-                target = a.target
-                self.graph.erase_node(a)
-                if not any(n.op == "get_attr" and n.target == target for n in self.graph.nodes):
-                    parent, _, leaf = target.rpartition(".")
-                    mod = self.gm.get_submodule(parent) if parent else self.gm
-                    if hasattr(mod, leaf):
-                        delattr(mod, leaf)
-        self.invalidate()
-        self.nodes()
-        return self.node_of(call)
 
     # -- whole model -------------------------------------------------------------------
     def copy(self) -> FxView:

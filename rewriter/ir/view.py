@@ -418,20 +418,6 @@ class GraphView(abc.ABC):
         Returns the parameter's name; raises ``Declined`` when no such chain exists."""
         raise NotImplementedError
 
-    def replace_norm(self, node: Node, kind: str, *, eps: float, weight: np.ndarray | None = None,
-                     bias: np.ndarray | None = None) -> Node:
-        """Replace a norm by ``kind`` (``rms_norm`` or ``crms_norm``) over the last axis with
-        epsilon ``eps``, then ``* weight + bias`` when given. Returns the new norm node."""
-        raise NotImplementedError
-
-    def insert(self, value: Value, op: str, *, n: int | None = None, weight: np.ndarray | None = None,
-               bias: np.ndarray | None = None) -> Value:
-        """Insert an op after ``value`` and make every reader read its result instead.
-        ``center``: ``x - mean(x, -1)``; ``keep``: ``x[..., :n]``; ``uncompress``:
-        ``concat(x, -sum(x, -1))`` (undoes a dropped zero-mean coordinate);
-        ``scale_shift``: ``x * weight + bias`` over the last axis (either may be None)."""
-        raise NotImplementedError
-
     def set_dim(self, value: Value, axis: int, size: int) -> None:
         """Update the static shape annotation of ``value`` at ``axis`` (if it has one)."""
 
@@ -487,21 +473,10 @@ class GraphView(abc.ABC):
         """Whether ``node`` reads a value without computing from it (a metadata check)."""
         return False
 
-    def replace_linear(self, node: Node, op: LinearOp, bias: np.ndarray | None) -> Node:
-        """Replace the linear ``node`` by a call of ``op`` on its input (plus ``bias``);
-        the old weight is dropped. Returns the new semantic node (tag it)."""
-        raise NotImplementedError
-
     def set_norm(self, node: Node, *, weight: np.ndarray | None = None, bias: np.ndarray | None = None) -> None:
         """Give a ``layer_norm`` / ``rms_norm`` a new affine ``weight`` and/or ``bias``
         (float64 ``[width]``, cast back to the norm's dtype); a parameter the norm lacks is
         added, one given as None is left as it is. Copy-on-write (used by ``lns``, ``osplus``)."""
-        raise NotImplementedError
-
-    def insert_scale(self, value: Value, factor: float, name: str) -> Value:
-        """Multiply ``value`` by the constant scalar ``factor`` and make every reader read
-        the product: ONNX a ``Mul`` by a constant; FX a call of a small module holding the
-        factor as a buffer (not a parameter: it is not trained). Returns the new value."""
         raise NotImplementedError
 
     # -- edits -------------------------------------------------------------------------

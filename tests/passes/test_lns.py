@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 import rewriter
 from passes.lns import LayerNormScaling
-from rewriter.ir.fx_view import ConstantScale, FxView
+from rewriter.ir.fx_view import FxView
+from rewriter.lower.fx_emit import ConstantScale
 from rewriter.ir.onnx_view import OnnxView
 from rewriter.run.capture import capture
 from tests.conftest import max_rel, run_ort
