@@ -24,7 +24,7 @@ OPTIONAL = {"triton", "onnxruntime", "transformers", "diffusers", "jsonschema"}
 # The layer of each module, by the longest matching dotted prefix (docs/architecture.md).
 LAYERS: dict[str, int] = {
     "rewriter.errors": 0, "rewriter.ir.view": 0, "rewriter.ir.dtypes": 0,
-    "rewriter.ir.onnx_reader": 0, "rewriter.ir.onnx_writer": 0, "rewriter.ir.fx_consts": 0,
+    "rewriter.ir.onnx_reader": 0, "rewriter.ir.onnx_writer": 0, "rewriter.ir.fx_consts": 0, "rewriter.ir.fx_ops": 0,
     "rewriter.ir": 3,
     "backends": 1,
     "passes.rettention_runtime": 1,  # the torch module a Re-ttention model carries: a runtime
