@@ -1,5 +1,5 @@
 """``lns``: LayerNorm Scaling ("The Curse of Depth in LLMs", Sun et al. 2025;
-``shared/reference/normalization.md`` section 3).
+``docs/passes/lns.md``).
 
 Every pre-norm of transformer block ``l`` (1-based; both the attention and the MLP
 pre-norm) gets its output scaled by ``1/sqrt(l)``::

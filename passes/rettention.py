@@ -1,5 +1,5 @@
 """``rettention``: dense self-attention -> Re-ttention sparse attention for diffusion
-transformers (Re-ttention, NeurIPS 2025; ``shared/reference/rettention.md``).
+transformers (Re-ttention, NeurIPS 2025; ``docs/passes/rettention.md``).
 
 Per (batch, head, query ``i``) with ``S = scale * Q K^T``, a static mask ``M`` and the
 0-based denoising step ``t`` (schedule: ``warmup``, ``period``, ``lam``)::

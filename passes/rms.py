@@ -1,5 +1,5 @@
 """``rms``: Pre-LN -> Pre-RMSNorm, an exact rewrite (Jiang et al. 2023, "Pre-RMSNorm and
-Pre-CRMSNorm Transformers"; ``shared/reference/normalization.md`` sections 1-2).
+Pre-CRMSNorm Transformers"; ``docs/passes/rms.md``).
 
 ``LN(x) = gamma * (x - mean(x)) / sqrt(var(x) + eps) + beta`` and, for ``mean(x) == 0``,
 ``var(x) == mean(x^2)``, so::
