@@ -24,6 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import inspect
+import io
+import tokenize
+import types
 import typing
 from typing import Any, ClassVar
 
