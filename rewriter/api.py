@@ -27,7 +27,7 @@ from rewriter.diff import diff_models
 from rewriter.errors import BadInput, NothingApplied, VerificationFailed
 from rewriter.html import render_html, write_html
 from rewriter.ir.dtypes import to_numpy
-from rewriter.ir.fx_view import FxView, capture
+from rewriter.ir.fx_view import FxView
 from rewriter.ir.onnx_reader import materialize
 from rewriter.ir.onnx_view import OnnxView
 from rewriter.ir.view import GraphView
