@@ -27,13 +27,13 @@ Semantic op names (``Node.op``):
 =================  ===============================================================
 
 Queries and edits used by the residual-stream passes (``rms``, ``crms``; see
-``passes/residual.py``): ``norm`` / ``replace_norm`` (norm parameters and replacement by
-RMSNorm or CRMSNorm), ``embedding`` / ``set_embedding``, ``operands`` (every input,
-constants included), ``layout`` / ``set_layout_target`` (ops that move or copy data
-without mixing channels: reshape, transpose, expand, pooling, selection, concat),
-``edit_const`` (change the parameter a constant operand is computed from), ``insert``
-(a centring, a narrowing or a re-expansion after a value) and ``set_dim`` (the static
-shape annotation of a value whose width changed).
+``passes/residual.py``): ``norm`` (norm parameters), ``embedding`` / ``set_embedding``,
+``operands`` (every input, constants included), ``layout`` / ``set_layout_target`` (ops
+that move or copy data without mixing channels: reshape, transpose, expand, pooling,
+selection, concat), ``edit_const`` (change the parameter a constant operand is computed
+from) and ``set_dim`` (the static shape annotation of a value whose width changed). Edits
+that build new ops (``replace_norm``, ``insert``, ``replace_linear``, ``insert_scale``,
+``upgrade_opset``) are lowering, in ``rewriter/lower/`` (docs/architecture.md).
 """
 
 from __future__ import annotations
