@@ -345,6 +345,7 @@ def explain_cmd(
         _write_json(json_out, {"passes": docs})
     return 0
 
+
 def _load_view(spec: str, flag: str = "MODEL"):
     """A GraphView for ``spec``: .onnx, .pt2 (torch.export), zoo:NAME or module:factory (as ONNX)."""
     if spec.lower().endswith(".pt2"):

@@ -17,7 +17,7 @@
   Re-ttention model is exported as its ``StepProgram`` (``passes/rettention_runtime.py``):
   inputs ``(*model inputs, step, rho_0, R_0, ...)``, outputs ``(*model outputs, rho_0',
   R_0', ...)``, every phase in the program, as the ONNX protocol does. Load it with
-  ``load_program(path)``. Importing this module registers the project's ops.
+  ``load_program(path)`` (which registers the project's ops first).
 """
 
 from __future__ import annotations
@@ -30,16 +30,25 @@ from typing import Any
 import torch
 
 from backends.flex_rettention import compile_options
-import backends.triton.crms_norm  # noqa: F401 - defines torch.ops.rewriter.* (the project's ops)
-import backends.triton.rettention  # noqa: F401
-import backends.triton.shiftadd  # noqa: F401
+import backends.triton.rettention  # noqa: F401 - defines torch.ops.rewriter.rettention_*
+from backends.triton.crms_norm import crms_norm_op, rms_norm_op
+from backends.triton.shiftadd import shiftadd_linear_op
 from passes.rettention_runtime import MODULE_NAME, RettentionState, export_step_program
 
 log = logging.getLogger(__name__)
 
 
+def _register_ops() -> None:
+    """Define the project's Triton-backed ops (on first use: defining them loads the
+    Inductor, seconds that a run without them should not pay)."""
+    crms_norm_op()
+    rms_norm_op()
+    shiftadd_linear_op()
+
+
 def compile_module(module: torch.nn.Module, device: str | torch.device | None = None):
     """``torch.compile(module)`` with the project's Inductor options (module doc)."""
+    _register_ops()
     if device is None:
         p = next(iter(module.parameters()), None)
         device = p.device if p is not None else "cpu"
@@ -48,6 +57,7 @@ def compile_module(module: torch.nn.Module, device: str | torch.device | None = 
 
 def graph_breaks(module: torch.nn.Module, args: Sequence[Any]) -> dict[str, Any]:
     """``{graphs, graph_breaks, reasons}`` of Dynamo's trace of ``module(*args)``."""
+    _register_ops()
     torch._dynamo.reset()
     ex = torch._dynamo.explain(module)(*args)
     torch._dynamo.reset()
@@ -61,6 +71,7 @@ def has_rettention(module: torch.nn.Module) -> bool:
 
 def export_program(module: torch.nn.Module, args: Sequence[Any]):
     """The ``torch.export`` program of ``module`` (a step program for Re-ttention)."""
+    _register_ops()
     if has_rettention(module):
         return export_step_program(module, tuple(args))
     return torch.export.export(module, tuple(args))
@@ -68,4 +79,5 @@ def export_program(module: torch.nn.Module, args: Sequence[Any]):
 
 def load_program(path: str | os.PathLike):
     """``torch.export.load`` after registering the project's ops."""
+    _register_ops()
     return torch.export.load(str(path))

@@ -20,6 +20,9 @@ PACKAGES = ("rewriter", "passes", "backends", "models_zoo")
 # Optional dependencies (pyproject extras or platform-dependent): the only modules a function
 # may import, so that the project loads without them.
 OPTIONAL = {"triton", "onnxruntime", "transformers", "diffusers", "jsonschema"}
+# torch's Triton integration: ``torch.library.triton_op`` / ``wrap_triton`` load the Inductor
+# (seconds at start-up); imported where the project's Triton-backed ops are first defined.
+OPTIONAL_NAMES = {("torch.library", "triton_op"), ("torch.library", "wrap_triton")}
 
 # The layer of each module, by the longest matching dotted prefix (docs/architecture.md).
 LAYERS: dict[str, int] = {
@@ -69,7 +72,7 @@ def _resolve(name: str, mods: dict[str, Path]) -> str | None:
 
 
 def _imports(mod: str, path: Path, mods: dict[str, Path]):
-    """``(target, lineno, in_function, top_package)`` for each import in ``path``."""
+    """``(target, lineno, in_function, imported name or None)`` for each import in ``path``."""
     tree = ast.parse(path.read_text(), str(path))
     is_pkg = path.name == "__init__.py"
 
@@ -78,7 +81,7 @@ def _imports(mod: str, path: Path, mods: dict[str, Path]):
             f = in_func or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
             if isinstance(child, ast.Import):
                 for a in child.names:
-                    yield a.name, child.lineno, f
+                    yield a.name, child.lineno, f, None
             elif isinstance(child, ast.ImportFrom):
                 base = child.module or ""
                 if child.level:
@@ -87,12 +90,11 @@ def _imports(mod: str, path: Path, mods: dict[str, Path]):
                     base = ".".join(pkg + ([base] if base else []))
                 for a in child.names:  # `from pkg import submodule` imports the submodule
                     sub = f"{base}.{a.name}"
-                    yield (sub if sub in mods else base), child.lineno, f
+                    yield (sub if sub in mods else base), child.lineno, f, a.name
             else:
                 yield from visit(child, f)
 
-    for name, line, in_func in visit(tree, False):
-        yield name, line, in_func
+    yield from visit(tree, False)
 
 
 def _type_checking_lines(path: Path) -> set[int]:
@@ -114,10 +116,10 @@ def import_graph(root: Path = ROOT):
     in_function = []
     for mod, path in mods.items():
         skip = _type_checking_lines(path)
-        for name, line, in_func in _imports(mod, path, mods):
+        for name, line, in_func, what in _imports(mod, path, mods):
             if line in skip:
                 continue
-            if in_func and name.split(".")[0] not in OPTIONAL:
+            if in_func and name.split(".")[0] not in OPTIONAL and (name, what) not in OPTIONAL_NAMES:
                 in_function.append((mod, line, name))
             target = _resolve(name, mods)
             if target is not None and target != mod:

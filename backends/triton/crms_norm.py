@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch.library import triton_op, wrap_triton
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +111,9 @@ _OPS: dict[str, object] = {}
 def _define() -> None:
     if _OPS:
         return
+    # Triton-backed ops: importing them loads the Inductor (seconds), so only on first use
+    from torch.library import triton_op, wrap_triton
+
     def make(name: str, compressed: bool):
         @triton_op(f"rewriter::{name}", mutates_args=())
         def op(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -145,8 +147,6 @@ def _define() -> None:
     make("rms_norm", False)
     make("crms_norm", True)
 
-
-_define()
 
 
 def crms_norm_op():

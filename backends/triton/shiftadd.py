@@ -34,7 +34,6 @@ import logging
 
 import numpy as np
 import torch
-from torch.library import triton_op, wrap_triton
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +210,9 @@ _OPS: dict[str, object] = {}
 def _define() -> None:
     if _OPS:
         return
+    # Triton-backed ops: importing them loads the Inductor (seconds), so only on first use
+    from torch.library import triton_op, wrap_triton
+
     @triton_op("rewriter::shiftadd_linear", mutates_args=())
     def op(x: torch.Tensor, planes: torch.Tensor, exps: torch.Tensor, signs: torch.Tensor,
            bias: torch.Tensor | None, group_rows: int, mode: int) -> torch.Tensor:
@@ -226,8 +228,6 @@ def _define() -> None:
 
     _OPS["shiftadd_linear"] = op
 
-
-_define()
 
 
 def shiftadd_linear_op():
