@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backends.ort.rettention import state_names
+from backends.ort import rettention as ort_rt
 from backends.rettention_spec import BlockLayout, DENSE, REFRESH, SPARSE, Schedule
 from backends.triton import rettention as kern
 
@@ -291,7 +291,7 @@ def onnx_stepper(runner, input_names: tuple[str, str] = ("x", "t"), request: Any
             if phase == SPARSE:
                 state = runner._state.setdefault(request, {})
                 for s in range(runner.sites):
-                    rho_in, res_in, _, _ = state_names(s)
+                    rho_in, res_in, _, _ = ort_rt.state_names(s)
                     if rho_in in state:
                         state[rho_in] = np.full_like(state[rho_in], 1.0 - schedule.lam * kk)
                         state[res_in] = np.zeros_like(state[res_in])

@@ -21,7 +21,6 @@ import onnx_ir as ir
 import torch
 
 from backends.ort import rettention as ort_rt
-from backends.ort.rettention import MIN_OPSET
 from backends.rettention_spec import BlockLayout, Schedule
 from passes.rettention_runtime import MODULE_NAME, RettentionState, SiteConfig
 from rewriter.ir.fx_view import FxView
@@ -43,9 +42,9 @@ def lower_rettention(view: GraphView, s: Any, layout: BlockLayout, schedule: Sch
 def lowering_problem(view: GraphView, s: Any) -> str:
     """Why the site cannot be lowered in ``view``'s IR (opset, dtype), or ``""``."""
     if isinstance(view, OnnxView):
-        if view.opset < MIN_OPSET:
-            return (f"{s.name}: the model's opset {view.opset} is below {MIN_OPSET} (the function body "
-                    f"needs {MIN_OPSET}: convert it with onnx.version_converter)")
+        if view.opset < ort_rt.MIN_OPSET:
+            return (f"{s.name}: the model's opset {view.opset} is below {ort_rt.MIN_OPSET} (the function body "
+                    f"needs {ort_rt.MIN_OPSET}: convert it with onnx.version_converter)")
         if s.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
             return f"{s.name}: attention in {s.dtype} (float32/16 and bfloat16 only)"
     else:

@@ -47,7 +47,7 @@ import onnx
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from backends.ort.session import _ort, providers
+from backends.ort import session as ort_session
 from rewriter.compile import compile_module
 from rewriter.errors import BadInput
 from rewriter.ir.onnx_view import OnnxView
@@ -77,7 +77,7 @@ class Target:
 
 
 def _session_options(threads: int | None, profile_dir: str | None = None):
-    ort = _ort()
+    ort = ort_session._ort()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
@@ -92,17 +92,17 @@ def _session_options(threads: int | None, profile_dir: str | None = None):
 
 
 def _session(model, threads: int | None, profile_dir: str | None = None):
-    ort = _ort()
+    ort = ort_session._ort()
     opts = _session_options(threads, profile_dir)
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
     try:
-        return ort.InferenceSession(data, opts, providers=providers())
+        return ort.InferenceSession(data, opts, providers=ort_session.providers())
     except Exception as err:  # noqa: BLE001 - a model ORT has no kernel for is the user's problem
         msg = str(err)
         if "NOT_IMPLEMENTED" in msg or "Could not find an implementation" in msg:
             kernel = re.search(r"implementation for (\w+\(\d+\))", msg)
             what = f"no kernel for {kernel.group(1)}" if kernel else "a missing kernel"
-            raise BadInput(f"cannot benchmark: ONNX Runtime ({', '.join(providers())}) has {what} in this "
+            raise BadInput(f"cannot benchmark: ONNX Runtime ({', '.join(ort_session.providers())}) has {what} in this "
                            "model (bfloat16 on CPU?); rewrite without --bench, or benchmark on a device "
                            "that supports it") from err
         raise

@@ -13,7 +13,7 @@ import onnx_ir as ir
 import torch
 import torch.fx as fx
 
-from backends.ort import run_onnx
+from backends.ort import session as ort_session
 from rewriter.ir.dtypes import to_torch
 from rewriter.ir.fx_view import FxView
 from rewriter.ir.onnx_view import OnnxView
@@ -51,10 +51,10 @@ def _capture_onnx(view: OnnxView, values, feeds) -> list[np.ndarray]:
     total = {len(v) for v in feeds.values() if v.ndim}
     step = min(static) if static and total and min(static) < min(total) else None
     if step is None:
-        chunks = [run_onnx(sess, feeds)]
+        chunks = [ort_session.run_onnx(sess, feeds)]
     else:
         n = min(total) // step * step
-        chunks = [run_onnx(sess, {k: v[i : i + step] for k, v in feeds.items()}) for i in range(0, n, step)]
+        chunks = [ort_session.run_onnx(sess, {k: v[i : i + step] for k, v in feeds.items()}) for i in range(0, n, step)]
     return [np.asarray(feeds[n]) if n in specs else np.concatenate([c[n] for c in chunks]) for n in names]
 
 

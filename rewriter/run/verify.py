@@ -35,7 +35,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from backends.ort import make_session, run_onnx
+from backends.ort import session as ort_session
 from rewriter.errors import BadInput
 from rewriter.ir.dtypes import to_numpy, to_torch
 from rewriter.ir.fx_view import FxView
@@ -411,12 +411,12 @@ class Runner:
         external = any(isinstance(v.const_value, ir.ExternalTensor) and not is_mapped(v.const_value) for v in inits)
         big = sum(v.const_value.nbytes for v in inits if v.const_value is not None) > (1 << 31) - (1 << 24)
         if not (external or big):
-            return make_session(inline_proto(model), optimize=False)
+            return ort_session.make_session(inline_proto(model), optimize=False)
         tmp = tempfile.mkdtemp(prefix="rewriter-verify-")
         try:
             path = f"{tmp}/model.onnx"
             ir.save(model.clone(), path, external_data="model.onnx.data")
-            return make_session(path, optimize=False)
+            return ort_session.make_session(path, optimize=False)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -436,13 +436,13 @@ class Runner:
             text = str(err).strip().splitlines()
             raise RuntimeError(f"bfloat16 model: its float32 verification shadow does not run either: "
                                f"{type(err).__name__}: {text[0] if text else ''}") from None
-        return shadow.real_outputs(model, run_onnx(session, shadow.shadow_feeds(model, feeds)))
+        return shadow.real_outputs(model, ort_session.run_onnx(session, shadow.shadow_feeds(model, feeds)))
 
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if isinstance(self.view, OnnxView):
             if holds_bfloat16(self.view.model):
                 return self._run_shadow(feeds)
-            return run_onnx(self._onnx_session(), feeds)
+            return ort_session.run_onnx(self._onnx_session(), feeds)
         names = [n.name for n in self.view.graph.nodes if n.op == "placeholder"]
         args = [to_torch(feeds[n]) for n in names]
         with torch.no_grad():
