@@ -38,7 +38,9 @@ import logging
 
 import numpy as np
 import torch
+from torch.nn.attention import flex_attention as fa
 
+from backends.rettention_blocks import masked_blocks
 from backends.rettention_spec import BlockLayout, MaskSpec
 
 log = logging.getLogger(__name__)
@@ -54,10 +56,6 @@ def _version() -> tuple[int, int]:
 def available() -> bool:
     """Whether this torch has compiled FlexAttention on CPU and CUDA (>= ``TORCH_FLOOR``)."""
     if _version() < TORCH_FLOOR:
-        return False
-    try:
-        from torch.nn.attention import flex_attention  # noqa: F401
-    except ImportError:  # pragma: no cover - depends on the build
         return False
     return True
 
@@ -126,8 +124,6 @@ def block_lists(layout: BlockLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 @functools.lru_cache(maxsize=64)
 def _block_mask(layout: BlockLayout, device: str):
-    from torch.nn.attention.flex_attention import BlockMask
-
     kv_num, kv_idx, full_num, full_idx = block_lists(layout)
 
     def t(a):
@@ -137,7 +133,7 @@ def _block_mask(layout: BlockLayout, device: str):
     # which the Re-ttention ops do not have, and building them runs ``vmap``, which fails
     # inside the custom op when it is first called from a compiled program ("Cannot access
     # storage of BatchedTensorImpl": the op runs under AOTAutograd's aliasing checker)
-    bm = BlockMask.from_kv_blocks(t(kv_num), t(kv_idx), t(full_num), t(full_idx), BLOCK_SIZE=layout.block,
+    bm = fa.BlockMask.from_kv_blocks(t(kv_num), t(kv_idx), t(full_num), t(full_idx), BLOCK_SIZE=layout.block,
                                   mask_mod=mask_mod_of(layout.spec), seq_lengths=(layout.spec.n, layout.spec.n),
                                   compute_q_blocks=False)
     log.debug("flex block mask for %s, block %d: %d partial + %d full key blocks", layout.spec.describe(),
@@ -159,15 +155,11 @@ def visited_keys(layout: BlockLayout) -> float:
 # -- the calls ---------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(fa.flex_attention, dynamic=False)
 
 
 def _flex_lse(q, k, v, scale: float, bm):
     """``(O, LSE)`` (LSE fp32, natural log) of flex attention under ``bm`` (None: dense)."""
-    from torch.nn.attention import flex_attention as fa
-
     fn = fa.flex_attention if torch.compiler.is_compiling() else _compiled_flex()
     if hasattr(fa, "AuxRequest"):
         o, aux = fn(q, k, v, block_mask=bm, scale=scale, return_aux=fa.AuxRequest(lse=True))
@@ -176,8 +168,6 @@ def _flex_lse(q, k, v, scale: float, bm):
 
 
 def _flex(q, k, v, scale: float, bm):
-    from torch.nn.attention import flex_attention as fa
-
     fn = fa.flex_attention if torch.compiler.is_compiling() else _compiled_flex()
     return fn(q, k, v, block_mask=bm, scale=scale)
 
@@ -205,12 +195,10 @@ def refresh(q, k, v, scale: float, layout: BlockLayout):
 
     CPU: Inductor's C++ flex template has no LSE output (torch 2.13: "`return_lse` is not
     supported yet"), so ``LSE_M`` comes from the project's block kernel
-    (``backends.triton.rettention.masked_blocks``, ``O(N * W * Dh)``) and ``LSE`` from the
+    (``backends.rettention_blocks.masked_blocks``, ``O(N * W * Dh)``) and ``LSE`` from the
     SDPA flash kernel; CUDA: both from flex."""
     o_full, lse = full_lse(q, k, v, scale)
     if q.device.type == "cpu":
-        from backends.triton.rettention import masked_blocks
-
         o_m, lse_m = masked_blocks(q, k, v, float(scale), layout, with_lse=True)
     else:
         o_m, lse_m = masked(q, k, v, scale, layout, with_lse=True)

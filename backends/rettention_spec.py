@@ -1,5 +1,5 @@
 """The static parts of Re-ttention shared by every backend: the mask, the step schedule
-and the block layout of the sparse kernels (``shared/reference/rettention.md``).
+and the block layout of the sparse kernels (``docs/passes/rettention.md``).
 
 Mask ``M`` over the flattened token order, shared by heads, layers, batch and steps:
 

@@ -126,7 +126,7 @@ def main() -> None:
               f"(-{100 * m['reduction']:.1f}%)")
     out = {"perplexity": rows, "memory": memory}
     if not args.no_latency:
-        from rewriter.bench import latency_section, onnx_target
+        from rewriter.run.bench import latency_section, onnx_target
 
         res = rewriter.rewrite(model, ["shiftadd"], example_inputs=example, ir_kind="onnx", calib=calib)
         feeds = {"ids": example[0].numpy()}

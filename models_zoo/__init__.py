@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from rewriter.torch_export import export_to_onnx
+
 __all__ = ["ZooEntry", "build", "describe", "export_onnx", "names", "register"]
 
 
@@ -86,7 +88,5 @@ def build(name: str) -> tuple[torch.nn.Module, tuple[Any, ...]]:
 
 def export_onnx(name: str, path: str | Path, *, opset: int = 18) -> Path:
     """Export zoo model ``name`` to ONNX at ``path`` and return the path."""
-    from rewriter.torch_export import export_to_onnx
-
     module, inputs = build(name)
     return export_to_onnx(module, inputs, path, opset=opset)

@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import time
@@ -31,6 +32,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.table import Table
+
+from backends.ort.rettention import RettentionRunner, STEP_INPUT, site_configs
+from backends.ort.session import make_session
+from models_zoo.dit import _example_inputs, load_trained_dit
+from models_zoo.eval import png_grid, psnr, ssim
+from passes.rettention import check_steps
+from passes.rettention_runtime import onnx_stepper, sample_euler
+import rewriter
+from rewriter import api
+from rewriter.report import render, render_extras
+from rewriter.run import bench as B
+from rewriter.torch_export import export_to_onnx
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +58,6 @@ VARIANTS = (("dense", "dense (original model)"), ("rettention", "Re-ttention (re
 
 
 def _sample(fn, seed: int, steps: int, cfg) -> torch.Tensor:
-    from passes.rettention_runtime import sample_euler
-
     gen = torch.Generator().manual_seed(seed)  # the noise of models_zoo.eval.sample(seed)
     x = torch.randn(BATCH, cfg.channels, cfg.image_size, cfg.image_size, generator=gen)
     return sample_euler(fn, x, steps)
@@ -55,10 +68,6 @@ def sample_variants(original_onnx: Any, rewritten, cfg, *, seeds: list[int], ste
     """``{variant: images [len(seeds) * BATCH, C, H, W]}`` for dense (``original_onnx`` in
     ORT), Re-ttention and naive sparse (the rewritten ``onnx_ir.Model`` through
     ``RettentionRunner``), the same seeds for all three."""
-    from backends.ort.rettention import RettentionRunner, site_configs
-    from backends.ort.session import make_session
-    from passes.rettention_runtime import onnx_stepper
-
     dense = make_session(original_onnx, optimize=True, threads=threads)
 
     def dense_fn(x, t, step):
@@ -77,8 +86,6 @@ def sample_variants(original_onnx: Any, rewritten, cfg, *, seeds: list[int], ste
 def samples_section(images: dict[str, torch.Tensor], *, seeds: list[int], steps: int, schedule) -> dict[str, Any]:
     """The report's ``samples`` section: per variant the mean (and worst) PSNR / SSIM over
     the seeds against dense sampling."""
-    from models_zoo.eval import psnr, ssim
-
     variants = []
     ref = images["dense"]
     for name, label in VARIANTS:
@@ -104,10 +111,6 @@ def sparse_step_latency(result, feeds: dict[str, np.ndarray], *, runs: int) -> d
     against the rewritten model at a sparse step (its state filled by a refresh step),
     interleaved, through ``rewriter.api.latency`` (``Result.bench`` would time the default
     step, which is dense)."""
-    from backends.ort.rettention import STEP_INPUT, RettentionRunner, site_configs
-    from rewriter import api
-    from rewriter import bench as B
-
     schedule = site_configs(result.view.model)[0].schedule
     runner = RettentionRunner(result.view.model, optimize=False)
     runner(feeds, schedule.warmup)  # the first refresh step fills rho and R
@@ -121,11 +124,6 @@ def run_demo(out_dir: str | Path, *, seeds: list[int] = (0, 1), steps: int = 25,
              check_steps_n: int = 8, html: str | Path | None = None, progress=None) -> dict[str, Any]:
     """Run the headline job into ``out_dir``; returns ``{result, images (PNG bytes per variant),
     samples (image tensors per variant), check (per-step formula check), timings}``."""
-    import rewriter
-    from models_zoo.dit import _example_inputs, load_trained_dit
-    from passes.rettention import check_steps
-    from rewriter.torch_export import export_to_onnx
-
     say = progress or (lambda msg: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -158,8 +156,6 @@ def run_demo(out_dir: str | Path, *, seeds: list[int] = (0, 1), steps: int = 25,
 
     say(f"sampling seeds {list(seeds)}: dense, Re-ttention, naive sparse ({steps} steps each)")
     t = time.perf_counter()
-    from backends.ort.rettention import site_configs
-
     images = sample_variants(str(onnx_path), result.view.model, model.cfg, seeds=list(seeds), steps=steps)
     result.report["samples"] = samples_section(images, seeds=list(seeds), steps=steps,
                                                schedule=site_configs(result.view.model)[0].schedule)
@@ -173,8 +169,6 @@ def run_demo(out_dir: str | Path, *, seeds: list[int] = (0, 1), steps: int = 25,
     timings["diff_bench_s"] = time.perf_counter() - t
     result.save(out / "dit-additive.crms+rettention.onnx")
 
-    from models_zoo.eval import png_grid
-
     pngs = {name: png_grid(images[name], nrow=4, scale=3, pad=3) for name, _ in VARIANTS}
     for name, data in pngs.items():
         (out / f"samples-{name}.png").write_bytes(data)
@@ -185,13 +179,6 @@ def run_demo(out_dir: str | Path, *, seeds: list[int] = (0, 1), steps: int = 25,
 
 
 def main(argv: list[str] | None = None) -> int:
-    import json
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from rewriter.report import render, render_extras
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="demo-out", help="directory for the models, samples and JSON")
     ap.add_argument("--html", default="demo-report.html", help="the HTML report")

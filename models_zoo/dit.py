@@ -42,6 +42,7 @@ import math
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from models_zoo import register
@@ -228,8 +229,6 @@ def weight_paths(conditioning: str) -> tuple[Path, Path]:
 
 def load_trained_dit(conditioning: str = "adaln") -> TinyDiT:
     """The committed trained DiT of the given variant (eval mode), loaded without pickle."""
-    from safetensors.torch import load_file
-
     weights, meta = weight_paths(conditioning)
     info = json.loads(meta.read_text())
     model = TinyDiT(DiTConfig(**info["config"]))

@@ -22,12 +22,16 @@ Attention
 from __future__ import annotations
 
 import math
+import struct
+import zlib
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models_zoo.corpus import load_split
+from models_zoo.shapes import PALETTE
 
 __all__ = [
     "attention_entropy",
@@ -153,8 +157,6 @@ def palette_error(images: torch.Tensor) -> float:
     they score 0 (up to anti-aliasing); Gaussian noise scores about 1; blurry or
     unstructured samples score in between.
     """
-    from models_zoo.shapes import PALETTE
-
     pal = torch.as_tensor(PALETTE, dtype=torch.float64) * 2 - 1  # [K, 3]
     px = images.double().clamp(-1, 1).permute(0, 2, 3, 1).reshape(-1, 3)
     return torch.cdist(px, pal).min(dim=1).values.mean().item()
@@ -220,17 +222,12 @@ def attention_entropy(
 
 def save_png_grid(images: torch.Tensor, path, *, nrow: int = 8, scale: int = 2, pad: int = 2) -> None:
     """Write ``images`` (``[N, 3, H, W]`` in ``[-1, 1]``) as one PNG grid (stdlib only)."""
-    from pathlib import Path
-
     Path(path).write_bytes(png_grid(images, nrow=nrow, scale=scale, pad=pad))
 
 
 def png_grid(images: torch.Tensor, *, nrow: int = 8, scale: int = 2, pad: int = 2) -> bytes:
     """``images`` (``[N, 3, H, W]`` in ``[-1, 1]``) as the bytes of one PNG grid, ``nrow``
     images a row, each pixel ``scale`` x ``scale``, white ``pad`` between (stdlib only)."""
-    import struct
-    import zlib
-
     imgs = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     imgs = imgs.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
     n, c, h, w = imgs.shape

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from models_zoo import register
@@ -181,8 +182,6 @@ def load_trained_gpt(
     weights: Path | str = GPT_WEIGHTS, meta: Path | str = GPT_META
 ) -> TinyGPT:
     """The committed trained GPT (eval mode), loaded without pickle."""
-    from safetensors.torch import load_file
-
     info = json.loads(Path(meta).read_text())
     model = TinyGPT(GPTConfig(**info["config"]))
     model.load_state_dict(load_file(str(weights)), strict=True)

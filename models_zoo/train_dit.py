@@ -38,15 +38,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from models_zoo.dit import DiTConfig, TinyDiT, num_params, weight_paths
-from models_zoo.eval import (
-    attention_entropy,
-    attention_maps,
-    palette_error,
-    sample,
-    save_png_grid,
-)
+from models_zoo.eval import attention_entropy, attention_maps, palette_error, sample, save_png_grid
 from models_zoo.shapes import make_batch
 from models_zoo.train_gpt import _display
 
@@ -171,8 +166,6 @@ def main(argv=None) -> None:
         weights, meta_path = args.out_dir / weights.name, args.out_dir / meta_path.name
     cycles = []
     if args.init is not None:
-        from safetensors.torch import load_file
-
         model.load_state_dict(load_file(str(args.init)), strict=True)
         init_meta = args.init.with_suffix(".json")
         if init_meta.exists():  # keep the record of the earlier cycles
@@ -192,8 +185,6 @@ def main(argv=None) -> None:
         **trajectory_attention_entropy(final, trajectory),
     }
     print("final:", json.dumps(metrics, indent=1), flush=True)
-
-    from safetensors.torch import save_file
 
     weights.parent.mkdir(parents=True, exist_ok=True)
     stem = weights.with_suffix("")

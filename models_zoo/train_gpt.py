@@ -26,10 +26,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from models_zoo.corpus import build_corpus, load_split
 from models_zoo.eval import perplexity
-from models_zoo.gpt import GPT_META, GPT_WEIGHTS, GPTConfig, TinyGPT, num_params
+from models_zoo.gpt import GPTConfig, GPT_META, GPT_WEIGHTS, TinyGPT, num_params
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -125,8 +126,6 @@ def main(argv=None) -> None:
         "uniform_perplexity": float(cfg.vocab_size),
     }
     print("final:", metrics, flush=True)
-
-    from safetensors.torch import save_file
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(args.out))

@@ -64,7 +64,9 @@ import numpy as np
 from backends.ort.tta import MIN_OPSET, alpha_function
 from backends.tta import alpha_batch_norm_op, alpha_reference
 from rewriter.ir.view import Declined, GraphView, LinearOp, Node
+from rewriter import lower
 from rewriter.pass_api import Kind, Pass, Site, register
+from rewriter.run.capture import capture
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +192,7 @@ class AlphaBN(Pass):
                       "alpha": np.array([self.options.alpha]), "eps": np.array([p.eps])}
             op = LinearOp(consts={k: v.astype(dt) for k, v in consts.items()}, attrs={"form": form},
                           onnx_function=alpha_function, torch_op=alpha_batch_norm_op)
-            new = view.replace_linear(node, op, None)
+            new = lower.replace_linear(view, node, op, None)
             view.tag(new, self.name, [site.site])
             self.applied.append({"site": site.site, "input": new.inputs[0], "output": new.output, "params": p,
                                  "form": form})
@@ -201,7 +203,7 @@ class AlphaBN(Pass):
         statistics are float32 sums of ``n`` samples per channel, so ``n`` x float32 eps
         (at least the exact-pass tolerance)."""
         values = [v for a in self.applied for v in (a["input"], a["output"])]
-        got = after.capture(values, feeds)
+        got = capture(after, values, feeds)
         outputs, worst_abs, worst_rel = [], 0.0, 0.0
         a_ = self.options.alpha
         for i, a in enumerate(self.applied):

@@ -45,6 +45,8 @@ import operator
 from typing import Any
 
 import numpy as np
+import torch
+from torch import fx
 
 from rewriter.ir.fx_view import FxView
 from rewriter.ir.onnx_view import OnnxView
@@ -437,8 +439,6 @@ def _onnx_chain(view: OnnxView, softmax) -> AttentionSite | None:
 
 # -- FX ----------------------------------------------------------------------------------------
 def _fx_sites(view: FxView) -> list[AttentionSite]:
-    import torch
-
     aten = torch.ops.aten
     softmaxes = {aten.softmax.int, aten._softmax.default, torch.softmax, torch.nn.functional.softmax}
     sites = []
@@ -489,9 +489,6 @@ def _fx_keeps_every_key(mask, limit: int = 40) -> bool:
     """Whether an SDPA mask is computed from no input at all (aranges, fills: transformers 5's
     ``create_bidirectional_mask`` under ``torch.export``) and keeps every key: all true when
     boolean, all zeros when additive. Evaluated once, on the captured static shapes."""
-    import torch
-    from torch import fx
-
     if not isinstance(mask, fx.Node):
         return False
     order, stack, seen = [], [mask], set()
@@ -522,8 +519,6 @@ def _fx_keeps_every_key(mask, limit: int = 40) -> bool:
 
 
 def _fx_chain(view: FxView, softmax) -> AttentionSite | None:
-    import torch
-
     aten = torch.ops.aten
     matmuls = {aten.matmul.default, operator.matmul, torch.matmul}
     dim = softmax.args[1] if len(softmax.args) > 1 else softmax.kwargs.get("dim", -1)

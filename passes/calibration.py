@@ -23,17 +23,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from rewriter.errors import BadInput
 from rewriter.ir.view import GraphView
 from rewriter.pass_api import Context
+from rewriter.run.capture import capture
+from rewriter.run.verify import input_specs, make_inputs
 
 log = logging.getLogger(__name__)
 
 
 def _input_names(view: GraphView) -> list[str]:
-    from rewriter.verify import input_specs
-
     return [s.name for s in input_specs(view)]
 
 
@@ -55,8 +56,6 @@ def calibration_feeds(pass_name: str, view: GraphView, context: Context) -> tupl
     if not example and getattr(view, "example_inputs", None):
         example = dict(zip(names, view.example_inputs))
     if example:
-        import torch
-
         feeds = {}
         for n in names:
             if n in example:
@@ -65,8 +64,6 @@ def calibration_feeds(pass_name: str, view: GraphView, context: Context) -> tupl
         if len(feeds) == len(names):
             log.info("%s: no --calib data: calibrating on the model's example inputs", pass_name)
             return feeds, "example"
-    from rewriter.verify import input_specs, make_inputs
-
     log.warning("%s: no calibration data (--calib FILE.npz): calibrating on seeded random inputs; the rewrite "
                 "stays exact, but its statistics do not describe real activations", pass_name)
     feeds, _ = make_inputs(input_specs(view), seed=1234)
@@ -77,7 +74,7 @@ def capture_rows(view: GraphView, values: Sequence[Any], feeds: dict[str, np.nda
                  max_rows: int | None = None) -> list[np.ndarray]:
     """The activations ``values`` take on ``feeds``, each ``[rows, channels]`` float64."""
     unique = list({id(v): v for v in values}.values())  # capture each value once
-    by_id = dict(zip([id(v) for v in unique], view.capture(unique, feeds)))
+    by_id = dict(zip([id(v) for v in unique], capture(view, unique, feeds)))
     arrays = [by_id[id(v)] for v in values]
     out = []
     for a in arrays:

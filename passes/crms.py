@@ -1,6 +1,6 @@
 """``crms``: Pre-LN -> Pre-CRMSNorm, an exact rewrite that also narrows the residual stream
 from ``d`` to ``d - 1`` channels (Jiang et al. 2023, section 3;
-``shared/reference/normalization.md`` section 1, step D).
+``docs/passes/crms.md``).
 
 After ``rms`` (affines folded, writers re-centred, so every stream vector is zero-mean) the
 last channel is redundant: ``x_d = -sum(x[:d-1])``. Store ``x~ = x[:d-1]``; then::

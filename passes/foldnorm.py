@@ -12,7 +12,7 @@ In a graph these appear either as one node (BatchNormalization, aten.batch_norm)
 chain of elementwise ops with constant operands (``x / sqrt(rv + eps) * gamma + beta``);
 both are recognised as the same composite affine, composed in float64.
 
-Folding (Unified Normalization, section 4 of ``shared/reference/normalization.md``):
+Folding (Unified Normalization, ``docs/passes/foldnorm.md``):
 
 * into the preceding layer, when it is the norm's sole producer and the norm its only
   reader::

@@ -1,5 +1,5 @@
 """``lns``: LayerNorm Scaling ("The Curse of Depth in LLMs", Sun et al. 2025;
-``shared/reference/normalization.md`` section 3).
+``docs/passes/lns.md``).
 
 Every pre-norm of transformer block ``l`` (1-based; both the attention and the MLP
 pre-norm) gets its output scaled by ``1/sqrt(l)``::
@@ -15,7 +15,7 @@ residual add follows is the final norm.
 Modes (``--set lns.mode=train|fold``; ``auto``: ``train`` for torch, ``fold`` for ONNX):
 
 * ``train``: an explicit, inspectable scaling op after each norm: FX, a call of a small
-  module holding the factor as a buffer (``rewriter.ir.fx_view.ConstantScale``: not a
+  module holding the factor as a buffer (``rewriter.lower.fx_emit.ConstantScale``: not a
   parameter, so it is not trained); ONNX, a ``Mul`` by a constant. The GraphModule still
   trains (every original parameter keeps its gradient).
 * ``fold``: the factor is absorbed into the norm's affine, ``gamma <- gamma / sqrt(l)``,
@@ -47,9 +47,12 @@ import networkx as nx
 import numpy as np
 
 from passes.residual import StreamNorm, analyze
+from rewriter import lower
 from rewriter.canon import near_miss_note
 from rewriter.ir.view import GraphView, NormParams
 from rewriter.pass_api import Kind, Pass, Site, register
+from rewriter.run.capture import capture
+from rewriter.run.verify import tolerance
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +156,7 @@ class LayerNormScaling(Pass):
             node, f = plan.norm.node, plan.factor
             before_name = view.value_name(node.output)
             if mode == "train":
-                out = view.insert_scale(node.output, f, f"{node.name}_lns")
+                out = lower.insert_scale(view, node.output, f, f"{node.name}_lns")
                 new = view.producer(out)
                 if new is not None:
                     view.tag(new, self.name, [node.name])
@@ -179,14 +182,12 @@ class LayerNormScaling(Pass):
         The original norm is recomputed in float64 from its original parameters; a norm
         with non-constant parameters (``train`` mode) is compared with its own unscaled
         output, which ``train`` mode leaves in the graph."""
-        from rewriter.verify import tolerance
-
         values = []
         for a in self.applied:
             ref = a["input"] if a["params"] is not None else a["norm"]
             values += [_value_named(after, ref), _value_named(after, a["after"])]
         unique = list({id(v): v for v in values}.values())  # capture each value once
-        got_by_id = dict(zip([id(v) for v in unique], after.capture(unique, feeds)))
+        got_by_id = dict(zip([id(v) for v in unique], capture(after, unique, feeds)))
         arrays = [got_by_id[id(v)] for v in values]
         outputs, worst_abs, worst_rel = [], 0.0, 0.0
         for i, a in enumerate(self.applied):

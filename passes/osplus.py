@@ -1,5 +1,5 @@
 """``osplus``: Outlier Suppression+ equivalent shift and scale (Wei et al. 2023,
-``ModelTC/Outlier_Suppression_Plus``; ``shared/reference/normalization.md`` section 5).
+``ModelTC/Outlier_Suppression_Plus``; ``docs/passes/osplus.md``).
 
 Activation outliers in transformers sit in a few channels of the norm outputs, which makes
 per-tensor activation quantization coarse. For a norm output ``X`` read only by linear

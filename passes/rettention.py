@@ -1,5 +1,5 @@
 """``rettention``: dense self-attention -> Re-ttention sparse attention for diffusion
-transformers (Re-ttention, NeurIPS 2025; ``shared/reference/rettention.md``).
+transformers (Re-ttention, NeurIPS 2025; ``docs/passes/rettention.md``).
 
 Per (batch, head, query ``i``) with ``S = scale * Q K^T``, a static mask ``M`` and the
 0-based denoising step ``t`` (schedule: ``warmup``, ``period``, ``lam``)::
@@ -51,21 +51,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Literal
-
-import numpy as np
+from typing import Literal
 
 from backends.rettention_spec import BlockLayout, MaskSpec, Schedule, TokenLayout, auto_block
 from passes.attention import AttentionSite, describe, find_attention
-from rewriter.ir.fx_view import FxView
-from rewriter.ir.onnx_view import PROVENANCE_PASS, PROVENANCE_REPLACED, OnnxView
+from rewriter.ir.onnx_view import OnnxView
 from rewriter.ir.view import Declined, GraphView
+from rewriter.lower.rettention import lower_rettention, lowering_problem
 from rewriter.pass_api import Kind, Pass, Site, register
+from rewriter.run.rettention_steps import check_steps  # noqa: F401 - part of this pass's interface
+from rewriter.run.shapes import resolve_static
 
 log = logging.getLogger(__name__)
 
 
-# find_attention's reasons that better shape inference may lift (rewriter.shapes.resolve_static)
+# find_attention's reasons that better shape inference may lift (rewriter.run.shapes.resolve_static)
 _SHAPE_PROBLEMS = ("the shapes of Q, K, V are unknown", "heads, tokens and head width must be static",
                    "Q, K, V are not [B, H, N, Dh]")
 
@@ -152,8 +152,6 @@ class Rettention(Pass):
         problem = self._problem()
         found = find_attention(view)
         if isinstance(view, OnnxView) and any(p in s.reason for s in found for p in _SHAPE_PROBLEMS):
-            from rewriter.shapes import resolve_static
-
             if resolve_static(view):  # static inputs: infer the inner shapes onnx's inference left open
                 found = find_attention(view)
         for s in found:
@@ -162,7 +160,7 @@ class Rettention(Pass):
                 sites.append(Site(s.name, False, s.reason))
                 continue
             s.reason = ""
-            why = problem or self._ir_problem(view, s)
+            why = problem or lowering_problem(view, s)
             layout, chose = None, ""
             if not why:
                 try:
@@ -186,24 +184,6 @@ class Rettention(Pass):
             sites.append(Site(s.name, True, note, plan=_Plan(s, layout)))
         return sites
 
-    def _ir_problem(self, view: GraphView, s: AttentionSite) -> str:
-        if isinstance(view, OnnxView):
-            import onnx_ir as ir
-
-            from backends.ort.rettention import MIN_OPSET
-
-            if view.opset < MIN_OPSET:
-                return (f"{s.name}: the model's opset {view.opset} is below {MIN_OPSET} (the function body "
-                        f"needs {MIN_OPSET}: convert it with onnx.version_converter)")
-            if s.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
-                return f"{s.name}: attention in {s.dtype} (float32/16 and bfloat16 only)"
-        else:
-            import torch
-
-            if s.dtype is not None and not torch.is_floating_point(torch.empty((), dtype=s.dtype)):
-                return f"{s.name}: attention in {s.dtype}"
-        return ""
-
     # -- apply -------------------------------------------------------------------------
     def schedule(self) -> Schedule:
         o = self.options
@@ -212,10 +192,7 @@ class Rettention(Pass):
     def apply(self, view: GraphView, sites: list[Site]) -> None:
         for site in sites:
             plan: _Plan = site.plan
-            if isinstance(view, OnnxView):
-                _apply_onnx(view, plan, self.schedule())
-            else:
-                _apply_fx(view, plan, self.schedule())
+            lower_rettention(view, plan.site, plan.layout, self.schedule())
         view.invalidate()
 
     def error_budget(self) -> float | None:
@@ -250,7 +227,7 @@ def layout_from_patch_embed(view: GraphView, s: AttentionSite) -> tuple[TokenLay
 
 def _assumed_dims(view: GraphView, s) -> str:
     """``H=2, N=16``: the dims of the site that the file leaves symbolic and the analysis took
-    from ``--shape`` / ``--inputs`` (``rewriter.shapes``); empty when the file states them."""
+    from ``--shape`` / ``--inputs`` (``rewriter.run.shapes``); empty when the file states them."""
     if not isinstance(view, OnnxView) or not view.shape_hints or s.q is None:
         return ""
     if all(v.shape is not None and all(isinstance(d, int) for d in v.shape)
@@ -261,212 +238,3 @@ def _assumed_dims(view: GraphView, s) -> str:
         return f"H={s.heads}, N={s.tokens}, Dh={s.head_dim}"
     return ", ".join(f"{k}={v}" for k, v, d in (("H", s.heads, own[1]), ("N", s.tokens, own[2]),
                                                 ("Dh", s.head_dim, own[3])) if not isinstance(d, int))
-
-
-# -- ONNX ------------------------------------------------------------------------------------
-def _state_value(view: OnnxView, name: str, dims: list, default_shape: list[int], dtype) -> Any:
-    import onnx_ir as ir
-
-    v = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(dims))
-    v.const_value = ir.tensor(np.zeros(default_shape, dtype=dtype.numpy()), name=name)
-    view.graph.inputs.append(v)
-    view.graph.register_initializer(v)
-    return v
-
-
-def _apply_onnx(view: OnnxView, plan: _Plan, schedule: Schedule) -> None:
-    import onnx_ir as ir
-
-    from backends.ort import rettention as ort_rt
-
-    s, g = plan.site, view.graph
-    inputs = {v.name: v for v in g.inputs}
-    index = ort_rt.protocol_sites(list(inputs))
-    step = inputs.get(ort_rt.STEP_INPUT)
-    if step is None:
-        step = _state_value(view, ort_rt.STEP_INPUT, [], [], ir.DataType.INT64)
-    h, n, d = s.heads, s.tokens, s.head_dim
-    batch = "rettention_batch"
-    rho_in, res_in, rho_out, res_out = ort_rt.state_names(index)
-    rho = _state_value(view, rho_in, [batch, h, n], [0, h, n], ir.DataType.FLOAT)
-    res = _state_value(view, res_in, [batch, h, n, d], [0, h, n, d], ir.DataType.FLOAT)
-    cfg = ort_rt.FunctionConfig(plan.layout, d, float(s.scale), schedule, s.dtype)
-    fname = ort_rt.ensure_function(view.model, cfg)
-    anchor = s.raw[-1]
-    new_nodes = []
-    k = s.k
-    if s.k_transposed:
-        tr = ir.Node("", "Transpose", [k], [ir.AttrInt64s("perm", [0, 1, 3, 2])], name=f"{s.name}_rettention_k")
-        tr.outputs[0].name = f"{s.name}_rettention_k"
-        tr.outputs[0].dtype = k.dtype
-        new_nodes.append(tr)
-        k = tr.outputs[0]
-    call = ir.Node(ort_rt.DOMAIN, fname, [s.q, k, s.v, step, rho, res], num_outputs=3, name=f"{s.name}_rettention")
-    o, ro, rr = call.outputs
-    o.name = f"{s.name}_rettention_out"
-    o.type, o.shape = s.out.type, s.out.shape
-    ro.name, ro.type, ro.shape = rho_out, ir.TensorType(ir.DataType.FLOAT), ir.Shape([batch, h, n])
-    rr.name, rr.type, rr.shape = res_out, ir.TensorType(ir.DataType.FLOAT), ir.Shape([batch, h, n, d])
-    new_nodes.append(call)
-    g.insert_before(anchor, new_nodes)
-    view._replace_uses(s.out, o)
-    g.remove(list(s.raw), safe=True)
-    g.outputs.extend([ro, rr])
-    replaced = ",".join(r.name or r.op_type for r in s.raw)
-    for nd in new_nodes:
-        nd.metadata_props[PROVENANCE_PASS] = "rettention"
-        nd.metadata_props[PROVENANCE_REPLACED] = replaced
-    log.debug("rettention: %s -> %s (site %d)", s.name, fname, index)
-
-
-# -- FX --------------------------------------------------------------------------------------
-def _apply_fx(view: FxView, plan: _Plan, schedule: Schedule) -> None:
-    import torch
-
-    from passes.rettention_runtime import MODULE_NAME, RettentionState, SiteConfig
-
-    s, gm, g = plan.site, view.gm, view.graph
-    state = getattr(gm, MODULE_NAME, None)
-    if not isinstance(state, RettentionState):
-        state = RettentionState()
-        gm.add_module(MODULE_NAME, state)
-    index = state.add_site(SiteConfig(s.name, plan.layout, float(s.scale), schedule,
-                                      heads=int(s.heads or 0), head_dim=int(s.head_dim or 0)))
-    anchor = s.out
-    with g.inserting_before(anchor):
-        k = s.k
-        if s.k_transposed:
-            k = g.call_function(torch.ops.aten.transpose.int, (k, -2, -1))
-            kv = s.k.meta.get("val") if hasattr(s.k, "meta") else None
-            if kv is not None:
-                k.meta["val"] = kv.transpose(-2, -1)
-        node = g.call_module(MODULE_NAME, (s.q, k, s.v), {"site": index})
-    if "val" in anchor.meta:
-        node.meta["val"] = anchor.meta["val"]
-    replaced = [r.name for r in s.raw]
-    node.meta["rewriter"] = {"pass": "rettention", "replaced": replaced}
-    if k is not s.k:
-        k.meta["rewriter"] = {"pass": "rettention", "replaced": replaced}
-    anchor.replace_all_uses_with(node)
-    for r in reversed(s.raw):
-        if not r.users:
-            g.erase_node(r)
-    log.debug("rettention: %s -> site %d", s.name, index)
-
-
-# -- checking the sparse steps -----------------------------------------------------------------
-def check_steps(view: GraphView, feeds: dict[str, np.ndarray], steps: int, *, request: Any = 0) -> list[dict]:
-    """Run a rewritten model for ``steps`` denoising steps on the same ``feeds`` and compare
-    every site's output with the formula (float64) from the Q, K, V that site received and
-    the state it carried. Returns one record per step: ``{step, phase, max_rel_error}``."""
-    import torch
-
-    from backends.triton import rettention as kern
-
-    records = []
-    captured = _capture_sites(view, feeds, steps, request)
-    for t, phase, per_site in captured:
-        worst = 0.0
-        for cfg, q, k, v, rho, res, out, new_rho, new_res in per_site:
-            spec, scale = cfg["layout"].spec, cfg["scale"]
-            q, k, v = (torch.as_tensor(x) for x in (q, k, v))
-            if phase == "dense":
-                want = torch.softmax(scale * q.double() @ k.double().transpose(-1, -2), -1) @ v.double()
-                extra = []
-            elif phase == "refresh":
-                want, w_rho, w_res = kern.reference_refresh(q, k, v, scale, spec)
-                extra = [(w_rho, new_rho), (w_res, new_res)]
-            else:
-                _, kk = cfg["schedule"].phase(t)
-                want = kern.reference_sparse(q, k, v, torch.as_tensor(rho), torch.as_tensor(res),
-                                             cfg["schedule"].lam * kk, scale, spec)
-                extra = []
-            for a, b in [(want, out), *extra]:
-                a = a.numpy()
-                err = float(np.abs(a - np.asarray(b, dtype=np.float64)).max() / max(np.abs(a).max(), 1e-30))
-                worst = max(worst, err)
-        records.append({"step": t, "phase": phase, "max_rel_error": worst})
-    return records
-
-
-def _capture_sites(view: GraphView, feeds, steps: int, request):
-    """Per step: ``(t, phase, [(cfg, q, k, v, rho_in, res_in, out, rho_out, res_out) per site])``."""
-    from backends.rettention_spec import PHASES
-
-    out = []
-    if isinstance(view, FxView):
-        import torch
-
-        from passes.rettention_runtime import state_module
-
-        gm = view.gm
-        st = state_module(gm)
-        st.reset(request)
-        records: list = []
-        original = st.forward
-
-        def spy(q, k, v, site=0):
-            key = (site, st.request)
-            before = st._state.get(key)
-            o = original(q, k, v, site=site)
-            after = st._state.get(key, (None, None))
-            cfg = st.sites[site]
-            records.append(({"layout": cfg.layout, "scale": cfg.scale, "schedule": cfg.schedule},
-                            q.detach().numpy(), k.detach().numpy(), v.detach().numpy(),
-                            None if before is None else before[0].numpy(), None if before is None else before[1].numpy(),
-                            o.detach().numpy(), None if after[0] is None else after[0].numpy(),
-                            None if after[1] is None else after[1].numpy()))
-            return o
-
-        st.forward = spy
-        try:
-            names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-            args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names]
-            for t in range(steps):
-                records.clear()
-                st.set_step(t, request)
-                with torch.no_grad():
-                    gm(*args)
-                phase, _ = st.sites[0].schedule.phase(t) if st.sites else (0, -1)
-                out.append((t, PHASES[phase], list(records)))
-        finally:
-            del st.forward
-        return out
-    return _capture_onnx(view, feeds, steps)
-
-
-def _capture_onnx(view: OnnxView, feeds, steps: int):
-    """Expose every call's Q, K, V as extra outputs of a copy and drive the protocol."""
-    from backends.ort import rettention as ort_rt
-    from backends.rettention_spec import PHASES
-
-    work = view.copy()
-    calls = [n for n in work.graph.all_nodes() if n.domain == ort_rt.DOMAIN and n.op_type.startswith(ort_rt.NAME)]
-    cfgs, extra = [], []
-    for i, c in enumerate(calls):
-        fn = work.model.functions[(c.domain, c.op_type, c.overload or "")]
-        fc = ort_rt.FunctionConfig.from_json(fn.metadata_props[ort_rt.CONFIG_KEY])
-        cfgs.append({"layout": fc.layout, "scale": fc.scale, "schedule": fc.schedule})
-        for j, v in enumerate(c.inputs[:3]):
-            if not v.is_graph_output():
-                work.graph.outputs.append(v)
-            extra.append(v.name)
-        if not c.outputs[0].is_graph_output():
-            work.graph.outputs.append(c.outputs[0])
-        extra.append(c.outputs[0].name)
-    runner = ort_rt.RettentionRunner(work.model, optimize=False)
-    runner.outputs = list(dict.fromkeys(runner.outputs + extra))
-    result = []
-    schedule = cfgs[0]["schedule"] if cfgs else Schedule()
-    for t in range(steps):
-        state_in = {k: v.copy() for k, v in runner._state.get(0, {}).items()}
-        values = runner(feeds, t)
-        state_out = runner._state[0]
-        per_site = []
-        for i, c in enumerate(calls):
-            q, k, v = (values[x.name] for x in c.inputs[:3])
-            rho_in, res_in, _, _ = ort_rt.state_names(i)
-            per_site.append((cfgs[i], q, k, v, state_in.get(rho_in), state_in.get(res_in), values[c.outputs[0].name],
-                             state_out[rho_in], state_out[res_in]))
-        result.append((t, PHASES[schedule.phase(t)[0]], per_site))
-    return result

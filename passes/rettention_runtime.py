@@ -33,7 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backends.rettention_spec import DENSE, REFRESH, SPARSE, BlockLayout, Schedule
+from backends.ort import rettention as ort_rt
+from backends.rettention_spec import BlockLayout, DENSE, REFRESH, SPARSE, Schedule
+from backends.triton import rettention as kern
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +105,6 @@ class RettentionState(nn.Module):
         self.sites = [dataclasses.replace(s, variant=variant) for s in self.sites]
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: int = 0) -> torch.Tensor:
-        from backends.triton import rettention as kern
-
         if self._functional is not None:
             return self._step_forward(q, k, v, site)
         cfg = self.sites[site]
@@ -139,8 +139,6 @@ class RettentionState(nn.Module):
         """One site as a pure function of the step tensor and the state tensors
         (``StepProgram``): ``torch.cond`` picks dense / refresh / sparse, so a traced
         program (torch.export) holds every phase."""
-        from backends.triton import rettention as kern
-
         ctx = self._functional
         cfg = self.sites[site]
         sch, scale, layout = cfg.schedule, cfg.scale, cfg.layout
@@ -291,11 +289,9 @@ def onnx_stepper(runner, input_names: tuple[str, str] = ("x", "t"), request: Any
         if variant == "naive":
             phase, kk = schedule.phase(step)
             if phase == SPARSE:
-                from backends.ort.rettention import state_names
-
                 state = runner._state.setdefault(request, {})
                 for s in range(runner.sites):
-                    rho_in, res_in, _, _ = state_names(s)
+                    rho_in, res_in, _, _ = ort_rt.state_names(s)
                     if rho_in in state:
                         state[rho_in] = np.full_like(state[rho_in], 1.0 - schedule.lam * kk)
                         state[res_in] = np.zeros_like(state[res_in])

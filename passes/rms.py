@@ -1,5 +1,5 @@
 """``rms``: Pre-LN -> Pre-RMSNorm, an exact rewrite (Jiang et al. 2023, "Pre-RMSNorm and
-Pre-CRMSNorm Transformers"; ``shared/reference/normalization.md`` sections 1-2).
+Pre-CRMSNorm Transformers"; ``docs/passes/rms.md``).
 
 ``LN(x) = gamma * (x - mean(x)) / sqrt(var(x) + eps) + beta`` and, for ``mean(x) == 0``,
 ``var(x) == mean(x^2)``, so::
@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from passes.residual import NORM_OPS, ResidualStream, StreamNorm, Writer, analyze
+from rewriter import lower
 from rewriter.canon import near_miss_note
 from rewriter.ir.view import Declined, GraphView, LinearParams, map_rows, scale_linear
 from rewriter.pass_api import Kind, Pass, Site, register
@@ -167,9 +168,9 @@ class _StreamPass(Pass):
     def apply(self, view: GraphView, sites: list[Site]) -> None:
         if not sites:
             return
-        if getattr(view, "ir", "") == "onnx" and self.options.upgrade_opset and hasattr(view, "upgrade_opset"):
+        if getattr(view, "ir", "") == "onnx" and self.options.upgrade_opset:
             replaced = [r for s in sites if s.plan is not None and s.plan.role == "norm" for r in s.plan.item.node.raw]
-            why = view.upgrade_opset(23, ignore=replaced)
+            why = lower.upgrade_opset(view, 23, ignore=replaced)
             if why:
                 log.info("%s: staying at opset %d (%s): RMSNorm becomes a standard-op chain",
                          self.name, view.opset, why)
@@ -211,9 +212,9 @@ class _StreamPass(Pass):
             reader = w.path[-1][0] if w.path else None
             view.edit_const(w.value, fn, width=d, new_width=k if self.compress else None, reader=reader)
         else:
-            out = view.insert(w.value, "center")
+            out = lower.insert(view, w.value, "center")
             if self.compress:
-                view.insert(out, "keep", n=k)
+                lower.insert(view, out, "keep", n=k)
             return
         if w.node is not None:
             view.tag(w.node, self.name, [w.node.name])
@@ -258,13 +259,13 @@ class _StreamPass(Pass):
             if fold:
                 gamma = beta = None
         if self.compress:
-            new = view.replace_norm(sn.node, "crms_norm", eps=params.eps)
+            new = lower.replace_norm(view, sn.node, "crms_norm", eps=params.eps)
             view.tag(new, self.name, [sn.node.name])
             if not sn.foldable:
-                out = view.insert(new.output, "uncompress")
-                view.insert(out, "scale_shift", weight=gamma, bias=beta)
+                out = lower.insert(view, new.output, "uncompress")
+                lower.insert(view, out, "scale_shift", weight=gamma, bias=beta)
             return
-        new = view.replace_norm(sn.node, "rms_norm", eps=params.eps, weight=gamma, bias=beta)
+        new = lower.replace_norm(view, sn.node, "rms_norm", eps=params.eps, weight=gamma, bias=beta)
         view.tag(new, self.name, [sn.node.name])
 
 

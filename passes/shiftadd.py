@@ -50,11 +50,15 @@ from typing import Literal
 
 import numpy as np
 
+from backends.ort.shiftadd import MIN_OPSET, function_for
+from backends.triton.shiftadd import MODES, shiftadd_linear_op
 from passes import shiftadd_quant as sq
+from rewriter import lower
 from rewriter.errors import BadInput
 from rewriter.ir.view import Declined, GraphView, LinearOp, Node
 from rewriter.pass_api import Kind, Pass, Site, register
-from rewriter.verify import Budget
+from rewriter.run.capture import capture
+from rewriter.run.verify import Budget
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +105,6 @@ class ShiftAdd(Pass):
         if opt.bits <= 0 or (opt.bits != int(opt.bits) and not opt.candidates):
             raise BadInput(f"--set shiftadd.bits={opt.bits}: expected a positive width")
         sites: list[Site] = []
-        from backends.ort.shiftadd import MIN_OPSET
-
         low_opset = view.ir == "onnx" and getattr(view, "opset", MIN_OPSET) < MIN_OPSET
         for node in view.nodes():
             if node.op == "embedding":
@@ -155,7 +157,7 @@ class ShiftAdd(Pass):
         """``H = X^T X / n`` of one value on the calibration data, run on ``view`` as it is
         now (earlier linears already quantized: layer-sequential calibration)."""
         try:
-            (acts,) = view.capture([value], self.context.calib)
+            (acts,) = capture(view, [value], self.context.calib)
         except KeyError as err:
             raise BadInput(f"--calib: missing model input {err}; calibration arrays are named after "
                            "the model inputs") from None
@@ -195,9 +197,6 @@ class ShiftAdd(Pass):
                         errors[i][b] = sq.weighted_error(params[i].weight, self._quantize(params[i].weight, h, b).dense(), h)
                     log.info("shiftadd: %s errors by width %s", sites[i].site, errors[i])
             widths = sq.allocate_bits(errors, [p.weight.size for p in params], float(o.bits))
-        from backends.ort.shiftadd import function_for
-        from backends.triton.shiftadd import MODES, shiftadd_linear_op
-
         for grp in order:
             h = self._hessian(view, nodes[grp[0]].inputs[0]) if calib else None
             for i in grp:
@@ -215,10 +214,10 @@ class ShiftAdd(Pass):
                               onnx_function=function_for(packed.mode), torch_op=shiftadd_linear_op,
                               onnx_attrs={"n_in": packed.n_in})
                 rows = packed.row_scale
-                new = view.replace_linear(node, op, p.bias if rows is None else None)
+                new = lower.replace_linear(view, node, op, p.bias if rows is None else None)
                 view.tag(new, self.name, [node.name])
                 if rows is not None:  # y = row_scale * call(x) + b
-                    view.insert(new.output, "scale_shift", weight=rows.astype(np.float64), bias=p.bias)
+                    lower.insert(view, new.output, "scale_shift", weight=rows.astype(np.float64), bias=p.bias)
                 for u in view.users(new.output) if (p.bias is not None or rows is not None) and view.ir == "onnx" else []:
                     view.tag(u, self.name, [node.name])
                 bpw = packed.bits_per_weight

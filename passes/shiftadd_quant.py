@@ -1,7 +1,7 @@
 """Shift-and-add weight quantizers (ShiftAddLLM's "Lat" format, DenseShift), the packed
 format both backends read, and the exact bit allocation.
 
-See ``shared/reference/shift-add.md`` (sections 0, 1, 2, 5, 7). All math in float64.
+See ``docs/passes/shiftadd.md``. All math in float64.
 
 BCQ with block scales (``quantize_bcq``)
     ``W ~ sum_{k<q} alpha_k (.) B_k``, ``B_k in {-1, +1}^{N x K}``; ``alpha_k`` is constant

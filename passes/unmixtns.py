@@ -61,6 +61,7 @@ from backends.tta import emit_unmix_fx, init_components, state_module, unmix_ste
 from passes.alphabn import EXACT_TOL, BnParams, bn_params, folded_sites
 from rewriter.ir.view import Declined, GraphView
 from rewriter.pass_api import Kind, Pass, Site, register
+from rewriter.run.capture import capture
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ class UnmixTns(Pass):
             state_module(after.gm).reset()
         values = [v for a in self.applied for v in (a["input"], a["output"])]
         extra = [] if fx else [v for a in self.applied for v in _outputs_named(after, a["state"])]
-        got = after.capture(values + extra, feeds)
+        got = capture(after, values + extra, feeds)
         outputs, worst_abs, worst_rel = [], 0.0, 0.0
         o = self.options
         for i, a in enumerate(self.applied):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,14 +21,23 @@ import onnx
 import onnx_ir as ir
 import torch
 
+import passes  # noqa: F401 - importing the package registers every pass (rewriter.pass_api)
+from rewriter.compile import compile_module, graph_breaks
+from rewriter.diff import diff_models
 from rewriter.errors import BadInput, NothingApplied, VerificationFailed
-from rewriter.ir.fx_view import FxView, capture
+from rewriter.html import render_html, write_html
+from rewriter.ir.dtypes import to_numpy
+from rewriter.ir.fx_view import FxView
+from rewriter.ir.onnx_reader import materialize
 from rewriter.ir.onnx_view import OnnxView
 from rewriter.ir.view import GraphView
-from rewriter.loader import Source, load_onnx, resolve, save, to_view
+from rewriter.loader import Source, as_view, load_onnx, param_stats, resolve, save, to_view  # noqa: F401 - as_view, param_stats: public here
+from rewriter.loader import check_runnable, freeze_initializer_inputs as freeze
 from rewriter.manager import PassRecord, run_passes
-from rewriter.pass_api import Context, Pass, get_pass, make_options
-from rewriter.verify import Runner, compare, input_specs, load_inputs, make_inputs
+from rewriter.pass_api import Context, Kind, Pass, get_pass, make_options
+from rewriter.run import bench as B
+from rewriter.run.shapes import specialise
+from rewriter.run.verify import Budget, Runner, compare, input_specs, load_calib, load_inputs, make_inputs
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +47,6 @@ log = logging.getLogger(__name__)
 
 #: ``progress(description, done, total)``: ``done``/``total`` are None while a phase has no count.
 BenchProgress = Callable[[str, "int | None", "int | None"], None]
-
-
-def param_stats(view: GraphView) -> dict[str, int]:
-    """Number of parameter elements and their bytes."""
-    if isinstance(view, OnnxView):
-        count = nbytes = 0
-        for v in view.graph.initializers.values():
-            t = v.const_value
-            if t is not None:
-                count += t.size
-                nbytes += t.nbytes
-        return {"count": int(count), "bytes": int(nbytes)}
-    tensors = {id(t): t for t in list(view.gm.parameters()) + list(view.gm.buffers())}
-    return {"count": int(sum(t.numel() for t in tensors.values())),
-            "bytes": int(sum(t.numel() * t.element_size() for t in tensors.values()))}
 
 
 @dataclasses.dataclass
@@ -84,8 +77,6 @@ class Result:
         """The rewritten model, self-contained: weights that were mapped from a one-file
         input (``rewriter.ir.onnx_reader``) are read into memory the first time."""
         if isinstance(self.view, OnnxView):
-            from rewriter.ir.onnx_reader import materialize
-
             materialize(self.view.model)
             return self.view.model
         return self.view.gm
@@ -147,8 +138,6 @@ class Result:
         With ``check``, Dynamo's trace at the example inputs is counted first and recorded
         in ``report["compile"]`` (``graphs``, ``graph_breaks``, ``reasons``). A Re-ttention
         model keeps its ``gm.rettention.set_step`` protocol."""
-        from rewriter.compile import compile_module, graph_breaks
-
         if not isinstance(self.view, FxView):
             raise BadInput("compile: only torch models (rewrite with --ir torch, or a .pt2 / torch module)")
         gm = self.view.gm
@@ -163,8 +152,6 @@ class Result:
         if self._diff_error is not None:
             raise self._diff_error
         if self._snapshots is None:
-            from rewriter.diff import diff_models
-
             try:
                 d, sa, sb = diff_models(self.original, self.view, copy_on_write=True)
             except Exception as e:
@@ -177,7 +164,7 @@ class Result:
     def bench(self, *, runs: int = 100, warmup: int = 5, threads: int | None = None, profile: bool = True,
               per_pass: bool = False, labels: tuple[str, str] = ("original", "rewritten"),
               progress: BenchProgress | None = None, compiled: bool = False) -> dict[str, Any]:
-        """Time the original and the rewritten model interleaved (``rewriter.bench``) on the
+        """Time the original and the rewritten model interleaved (``rewriter.run.bench``) on the
         verification inputs; sets and returns ``report["latency"]`` (schema
         ``LATENCY_SECTION``; ``speedup`` > 1 means faster). ``per_pass`` also times the model
         after each prefix of the pass list; ``profile`` adds per-op-type time; ``compiled``
@@ -214,8 +201,6 @@ class Result:
         ``images``: optional ``{name: PNG bytes}`` shown (as data URIs) in the samples
         section, next to ``report["samples"]``'s metrics. When the graph diff fails the page
         is written without the graphs (logged as a warning)."""
-        from rewriter.html import render_html, write_html
-
         if self._snapshots is None:
             try:
                 self.diff()
@@ -230,13 +215,11 @@ def latency(before: Any, after: Any, feeds: Mapping[str, np.ndarray], *, runs: i
             prefixes: Sequence[Any] = (), labels: tuple[str, str] = ("original", "rewritten"),
             progress: BenchProgress | None = None, compiled: bool = False) -> dict[str, Any]:
     """The ``latency`` section: ``before`` and ``after`` (GraphViews or ready
-    ``rewriter.bench.Target``s; ``after`` may be None) timed interleaved, plus the models
+    ``rewriter.run.bench.Target``s; ``after`` may be None) timed interleaved, plus the models
     in ``prefixes`` (after each pass of ``pass_names``) and, with ``profile``, per-op-type
     time from a separate profiling run (ORT's profiler, or the torch profiler). Torch
     models with ``compiled``: under ``torch.compile`` (backend ``torch-inductor``; the
     compiling first call is timed apart, ``compile_s``)."""
-    from rewriter import bench as B
-
     if runs < 1:
         raise BadInput(f"--runs {runs}: must be at least 1")
     if warmup < 0:
@@ -290,45 +273,15 @@ def _instantiate(passes: Sequence[str | Pass], options: Mapping[str, Any] | None
     return out
 
 
-def as_view(model: Any, *, example_inputs: Sequence[Any] | None = None, ir_kind: str | None = None) -> GraphView:
-    """Accept a path, ``zoo:NAME``, ``module:factory``, ModelProto, onnx_ir Model or nn.Module."""
-    if isinstance(model, GraphView):
-        return model.copy()
-    if isinstance(model, (onnx.ModelProto, ir.Model)):
-        from rewriter.loader import infer_shapes, check_model
-
-        view = OnnxView(ir.from_proto(model) if isinstance(model, onnx.ModelProto) else model.clone())
-        check_model(view, "model")
-        infer_shapes(view)
-        return view
-    if isinstance(model, torch.nn.Module):
-        if example_inputs is None:
-            raise BadInput("a torch module needs example_inputs")
-        if ir_kind == "onnx":
-            src = Source("factory", type(model).__name__, type(model).__name__.lower(), model.eval(), tuple(example_inputs))
-            return to_view(src, "onnx")
-        if isinstance(model, torch.fx.GraphModule):
-            return FxView(model, tuple(example_inputs)).copy()  # the caller's module stays as it was
-        return FxView(capture(model.eval(), tuple(example_inputs)), tuple(example_inputs))
-    if isinstance(model, (str, os.PathLike)):
-        src = resolve(str(model))
-        if src.kind == "onnx":
-            return load_onnx(src.name)
-        return to_view(src, ir_kind or "onnx")
-    raise BadInput(f"cannot rewrite a {type(model).__name__}")
-
-
 def verification_feeds(view: GraphView, inputs: Any = None,
                        shapes: Mapping[str, list[int]] | None = None, seed: int = 0,
                        max_input_bytes: int | None = None) -> tuple[dict, list[str]]:
     """The inputs verification runs on: ``inputs`` (a ``.npz`` path or ``{name: array}``),
     else the example inputs of a torch model, else seeded inputs from the signature
-    (``rewriter.verify.make_inputs``); ``max_input_bytes`` bounds their total size."""
+    (``rewriter.run.verify.make_inputs``); ``max_input_bytes`` bounds their total size."""
     specs = input_specs(view)
     if inputs is None:
         if isinstance(view, FxView):
-            from rewriter.ir.dtypes import to_numpy
-
             return {s.name: to_numpy(x) for s, x in zip(specs, view.example_inputs)}, []
         return make_inputs(specs, shapes, seed=seed, max_bytes=max_input_bytes)
     if isinstance(inputs, (str, os.PathLike)):
@@ -347,7 +300,7 @@ def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, A
     ``options``: ``{"foldnorm": {"direction": "next"}}`` (strings are parsed like ``--set``).
     ``inputs``: a ``.npz`` path or ``{name: array}`` for verification (default: seeded
     random inputs, or the example inputs of a torch module); ``max_input_bytes`` bounds
-    their total size (default ``rewriter.verify.DEFAULT_MAX_INPUT_BYTES``, checked before
+    their total size (default ``rewriter.run.verify.DEFAULT_MAX_INPUT_BYTES``, checked before
     anything is allocated). ``freeze_initializer_inputs``: initializers that are also graph
     inputs (IR v3 files) become constants and leave the inputs (``--freeze-initializer-inputs``).
     Returns a ``Result``; a
@@ -362,14 +315,10 @@ def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, A
     original_factory = _original_factory(model, view, example_inputs=example_inputs, ir_kind=ir_kind)
     frozen = []
     if freeze_initializer_inputs:
-        from rewriter.loader import freeze_initializer_inputs as freeze
-
         frozen = freeze(view)
     calib_data = None
     if calib is not None:
         if isinstance(calib, (str, os.PathLike)):
-            from rewriter.verify import load_calib
-
             calib_data = load_calib(str(calib), input_specs(view))
         else:
             calib_data = dict(calib)
@@ -380,8 +329,6 @@ def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, A
     before_ops = view.op_counts()
     before_params = param_stats(view)
     if verify and isinstance(view, OnnxView):
-        from rewriter.loader import check_runnable
-
         check_runnable(view, source or "model")
     feeds, notes = (verification_feeds(view, inputs, shapes, max_input_bytes=max_input_bytes)
                     if verify else (None, []))
@@ -463,7 +410,7 @@ def _onnx_file(spec: str) -> bool:
 def _specialise(view: GraphView, shapes: Mapping[str, list[int]] | None, inputs: Any,
                 feeds: Mapping[str, np.ndarray] | None) -> dict | None:
     """Concrete dims for the analysis from ``--shape`` and the arrays of ``--inputs``
-    (``rewriter.shapes.specialise``); the report's ``assumed_shapes``, or None."""
+    (``rewriter.run.shapes.specialise``); the report's ``assumed_shapes``, or None."""
     if not isinstance(view, OnnxView):
         return None
     given = {k: list(v) for k, v in (shapes or {}).items()}
@@ -471,8 +418,6 @@ def _specialise(view: GraphView, shapes: Mapping[str, list[int]] | None, inputs:
         given.update({k: list(np.shape(v)) for k, v in feeds.items()})
     if not given:
         return None
-    from rewriter.shapes import specialise
-
     return specialise(view, given)
 
 
@@ -484,8 +429,6 @@ def _calib_or_random(view: GraphView, feeds, notes: list[str], calib: Mapping[st
     """Without ``--inputs``: verify on the calibration data when there is some (the first
     ``VERIFY_CALIB_SAMPLES`` samples, or one static batch), else keep the random / example
     inputs and say that approximate passes are judged on them."""
-    from rewriter.pass_api import Kind
-
     approximate = [p.name for p in passes if p.kind is Kind.APPROXIMATE]
     if calib:
         specs = {s.name: s for s in input_specs(view)}
@@ -508,8 +451,6 @@ def _calib_or_random(view: GraphView, feeds, notes: list[str], calib: Mapping[st
 def _final_tolerance(passes: list[Pass]):
     """The final comparison's budget: the approximate passes' (a ``Budget`` when one
     states a metric, the loosest of that metric), else the largest float budget."""
-    from rewriter.verify import Budget
-
     budgets = [p.error_budget() for p in passes if p.error_budget() is not None]
     metric = [b for b in budgets if isinstance(b, Budget)]
     if metric:

@@ -19,15 +19,28 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
+import textwrap
 from pathlib import Path
 from typing import Optional
 
+import torch
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from rewriter import api, loader
+from rewriter.api import _instantiate, _specialise
+from rewriter.diff import diff_models
 from rewriter.errors import BadInput, RewriterError, VerificationFailed
+from rewriter.html import render_html, write_html
+from rewriter.ir.fx_view import FxView
+from rewriter.manager import explain
+from rewriter.pass_api import Context, describe_passes, get_pass, make_options, parse_sets
+from rewriter.report import goals_table, latency_tables, render, render_diff, render_extras, sites_table
+from rewriter.run.verify import input_specs, parse_bytes, resolve_shapes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Verified graph rewrites for ONNX and torch models.")
@@ -49,16 +62,12 @@ def _split_passes(text: str) -> list[str]:
     names = [p.strip() for p in text.split(",") if p.strip()]
     if not names:
         raise BadInput("--passes is empty")
-    from rewriter.pass_api import get_pass
-
     for n in names:
         get_pass(n)
     return names
 
 
 def _parse_bytes(text: str | None) -> int | None:
-    from rewriter.verify import parse_bytes
-
     return None if text is None else parse_bytes(text)
 
 
@@ -78,8 +87,6 @@ def _parse_shapes(items: list[str]) -> dict[str, list[int]]:
 
 
 def _options(sets: list[str], pass_names: list[str]) -> dict[str, dict[str, str]]:
-    from rewriter.pass_api import get_pass, make_options, parse_sets
-
     parsed = parse_sets(sets)
     for pname, opts in parsed.items():
         if pname not in pass_names:
@@ -114,8 +121,6 @@ def _write_json(path: str, report: dict) -> None:
 
 def _write_html(path: str, doc: dict, snaps: tuple | None) -> Path:
     """The page of a ``diff`` or ``bench`` document (run reports go through ``Result.html``)."""
-    from rewriter.html import render_html, write_html
-
     before, after = snaps if snaps else (None, None)
     return write_html(path, render_html(doc, before, after))
 
@@ -135,8 +140,6 @@ def _attach_diff(result) -> None:
 
 def _progress(quiet: bool):
     """A rich progress bar on stderr (transient; disabled with --quiet)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=err, transient=True, disable=quiet or not err.is_terminal)
 
@@ -191,9 +194,6 @@ def run_cmd(
     debug: bool = typer.Option(False, "--debug", help="tracebacks and debug logging"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print only errors"),
 ) -> int:
-    from rewriter import api, loader
-    from rewriter.report import render, render_extras
-
     pass_names = _split_passes(passes)
     options = _options(set_, pass_names)
     shapes = _parse_shapes(shape)
@@ -274,8 +274,6 @@ def run_cmd(
 
 def _width() -> int:
     """The terminal width: ``COLUMNS`` when set, else the terminal's, else 80."""
-    import shutil
-
     return max(40, shutil.get_terminal_size((80, 24)).columns)
 
 
@@ -283,8 +281,6 @@ def format_passes(docs: list[dict], width: int = 80) -> str:
     """One block per pass: name, kind and IRs; the summary; then one line per option,
     ``name: type = default``, followed by its meaning when the line has room, else by the
     meaning wrapped under it. No line is longer than ``width``."""
-    import textwrap
-
     lines: list[str] = []
     for d in docs:
         lines.append(f"{d['name']}  ({d['kind']}; {', '.join(d['irs'])})")
@@ -311,8 +307,6 @@ def format_passes(docs: list[dict], width: int = 80) -> str:
 def passes_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the descriptions as JSON (for tools)"),
 ) -> int:
-    from rewriter.pass_api import describe_passes
-
     docs = describe_passes()
     if as_json:
         sys.stdout.write(json.dumps({"passes": docs}, indent=2, default=str) + "\n")
@@ -333,12 +327,6 @@ def explain_cmd(
     json_out: Optional[str] = typer.Option(None, "--json"),
     debug: bool = typer.Option(False, "--debug"),
 ) -> int:
-    from rewriter import loader
-    from rewriter.api import _instantiate, _specialise
-    from rewriter.manager import explain
-    from rewriter.pass_api import Context
-    from rewriter.report import sites_table
-
     pass_names = _split_passes(passes)
     options = _options(set_, pass_names)
     shapes = _parse_shapes(shape)
@@ -348,8 +336,6 @@ def explain_cmd(
         if freeze:
             loader.freeze_initializer_inputs(view)
         if shapes:
-            from rewriter.verify import input_specs, resolve_shapes
-
             resolve_shapes(input_specs(view), shapes)  # names and ranks checked as in a run
         _specialise(view, shapes, None, None)
         records = explain(view, _instantiate(pass_names, options, Context()))
@@ -359,15 +345,10 @@ def explain_cmd(
         _write_json(json_out, {"passes": docs})
     return 0
 
+
 def _load_view(spec: str, flag: str = "MODEL"):
     """A GraphView for ``spec``: .onnx, .pt2 (torch.export), zoo:NAME or module:factory (as ONNX)."""
-    from rewriter import loader
-
     if spec.lower().endswith(".pt2"):
-        import torch
-
-        from rewriter.ir.fx_view import FxView
-
         if not Path(spec).is_file():
             raise BadInput(f"{spec}: no such file")
         try:
@@ -392,9 +373,6 @@ def diff_cmd(
     debug: bool = typer.Option(False, "--debug"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> int:
-    from rewriter.diff import diff_models
-    from rewriter.report import render_diff
-
     _check_report_path(json_out, "--json")
     _check_report_path(html_out, "--html")
     a, b = _load_view(before), _load_view(after)
@@ -435,9 +413,6 @@ def bench_cmd(
     debug: bool = typer.Option(False, "--debug"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> int:
-    from rewriter import api
-    from rewriter.report import latency_tables
-
     if against and passes:
         raise BadInput("give --against or --passes, not both")
     if per_pass and not passes:
@@ -563,9 +538,6 @@ def check_cmd(
     debug: bool = typer.Option(False, "--debug"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the goals table and errors"),
 ) -> int:
-    from rewriter import api, loader
-    from rewriter.report import goals_table, render, render_extras
-
     pass_names = _split_passes(passes)
     options = _options(set_, pass_names)
     shapes = _parse_shapes(shape)

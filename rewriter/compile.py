@@ -29,19 +29,25 @@ from typing import Any
 
 import torch
 
+from backends.flex_rettention import compile_options
+import backends.triton.rettention  # noqa: F401 - defines torch.ops.rewriter.rettention_*
+from backends.triton.crms_norm import crms_norm_op, rms_norm_op
+from backends.triton.shiftadd import shiftadd_linear_op
+from passes.rettention_runtime import MODULE_NAME, RettentionState, export_step_program
+
 log = logging.getLogger(__name__)
 
 
 def _register_ops() -> None:
-    import backends.triton.crms_norm  # noqa: F401 - defines torch.ops.rewriter.*
-    import backends.triton.rettention  # noqa: F401
-    import backends.triton.shiftadd  # noqa: F401
+    """Define the project's Triton-backed ops (on first use: defining them loads the
+    Inductor, seconds that a run without them should not pay)."""
+    crms_norm_op()
+    rms_norm_op()
+    shiftadd_linear_op()
 
 
 def compile_module(module: torch.nn.Module, device: str | torch.device | None = None):
     """``torch.compile(module)`` with the project's Inductor options (module doc)."""
-    from backends.flex_rettention import compile_options
-
     _register_ops()
     if device is None:
         p = next(iter(module.parameters()), None)
@@ -60,8 +66,6 @@ def graph_breaks(module: torch.nn.Module, args: Sequence[Any]) -> dict[str, Any]
 
 
 def has_rettention(module: torch.nn.Module) -> bool:
-    from passes.rettention_runtime import MODULE_NAME, RettentionState
-
     return isinstance(getattr(module, MODULE_NAME, None), RettentionState)
 
 
@@ -69,8 +73,6 @@ def export_program(module: torch.nn.Module, args: Sequence[Any]):
     """The ``torch.export`` program of ``module`` (a step program for Re-ttention)."""
     _register_ops()
     if has_rettention(module):
-        from passes.rettention_runtime import export_step_program
-
         return export_step_program(module, tuple(args))
     return torch.export.export(module, tuple(args))
 

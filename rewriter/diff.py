@@ -36,6 +36,14 @@ from typing import Any
 
 import networkx as nx
 import numpy as np
+import onnx_ir as ir
+import torch
+
+from rewriter.ir.dtypes import to_numpy
+from rewriter.ir.fx_view import _target_name
+from rewriter.ir.onnx_reader import is_mapped, map_array
+from rewriter.ir.onnx_view import OnnxView, PROVENANCE_PASS, PROVENANCE_REPLACED
+from rewriter.loader import as_view, param_stats
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +144,6 @@ def _shape_json(shape: tuple | None) -> list | None:
 
 
 def _onnx_snapshot(view) -> Snapshot:
-    import onnx_ir as ir
-
-    from rewriter.ir.onnx_reader import is_mapped, map_array
-    from rewriter.ir.onnx_view import PROVENANCE_PASS, PROVENANCE_REPLACED
-
     graph = view.graph
     nodes: dict[str, SnapNode] = {}
     shapes: dict[str, tuple | None] = {}
@@ -216,11 +219,6 @@ def _onnx_snapshot(view) -> Snapshot:
 
 
 def _fx_snapshot(view) -> Snapshot:
-    import torch
-
-    from rewriter.ir.dtypes import to_numpy
-    from rewriter.ir.fx_view import _target_name
-
     gm = view.gm
     nodes: dict[str, SnapNode] = {}
     shapes: dict[str, tuple | None] = {}
@@ -267,20 +265,14 @@ def _fx_snapshot(view) -> Snapshot:
         prov = n.meta.get("rewriter")
         nodes[n.name] = SnapNode(n.name, _target_name(n), ins, [n.name], params, ";".join(other),
                                  dict(prov) if prov else None)
-    from rewriter.api import param_stats
-
     return Snapshot("torch", nodes, shapes, io_in, io_out, view.op_counts(), param_stats(view))
 
 
 def snapshot(model: Any) -> Snapshot:
     """A Snapshot of a GraphView, an ``onnx.ModelProto``, an ``onnx_ir.Model`` or a path."""
-    from rewriter.ir.onnx_view import OnnxView
-
     if isinstance(model, Snapshot):
         return model
     if not hasattr(model, "ir") or not hasattr(model, "op_counts"):
-        from rewriter.api import as_view
-
         model = as_view(model)
     return _onnx_snapshot(model) if isinstance(model, OnnxView) else _fx_snapshot(model)
 

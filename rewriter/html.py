@@ -26,6 +26,7 @@ from typing import Any
 import networkx as nx
 
 from rewriter.diff import Snapshot, op_rows, statuses
+from rewriter.report import _share, profile_note
 
 log = logging.getLogger(__name__)
 
@@ -247,8 +248,6 @@ def _latency(lat: dict | None) -> str:
     out = [head, "".join(svg)]
     ops = lat.get("op_types") or []
     if ops:
-        from rewriter.report import _share, profile_note
-
         top = ops[:25]
         sides = [("before", "#78909c"), ("after", "#43a047")] if a else [("before", "#78909c")]
         shares = [[_share(r, s, ops) or 0.0 for s, _ in sides] for r in top]

@@ -14,20 +14,27 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import networkx as nx
+import onnx
 import onnx_ir as ir
 import torch
 
+import models_zoo
+from rewriter.compile import export_program
 from rewriter.errors import BadInput
 from rewriter.ir.fx_view import FxView, capture
-from rewriter.ir.onnx_reader import load_mapped, serialize_with
+from rewriter.ir.onnx_reader import load_mapped, shape_only_proto
 from rewriter.ir.onnx_view import OnnxView
 from rewriter.ir.onnx_writer import save_single_file
 from rewriter.ir.view import GraphView
+from rewriter.torch_export import export_to_onnx
 
 _EXTERNAL_THRESHOLD = 1 << 30  # save weights as external data above 1 GiB
 
@@ -46,8 +53,6 @@ class Source:
 def resolve(spec: str) -> Source:
     """Parse MODEL without loading heavy things yet; errors are BadInput."""
     if spec.startswith("zoo:"):
-        import models_zoo
-
         name = spec[4:]
         try:
             module, inputs = models_zoo.build(name)
@@ -183,8 +188,6 @@ def check_dataflow(graph: ir.Graph, where: str) -> None:
 
 def _cycle(graph: ir.Graph) -> str:
     """One cycle of ``graph``'s nodes, as ``'a' -> 'b' -> 'a'``."""
-    import networkx as nx
-
     dg = nx.DiGraph()
     for g in [graph, *(a.value for n in graph.all_nodes() for a in n.attributes.values()
                        if a.type == ir.AttributeType.GRAPH)]:
@@ -223,9 +226,7 @@ def infer_shapes(view: OnnxView) -> None:
     if not missing:
         return
     try:
-        import onnx
-
-        inferred = onnx.shape_inference.infer_shapes(_shape_only_proto(view.model), strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(shape_only_proto(view.model), strict_mode=False)
         infos = {vi.name: vi.type for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
         for v in missing:
             t = infos.get(v.name)
@@ -236,23 +237,8 @@ def infer_shapes(view: OnnxView) -> None:
             if v.dtype is None and t.tensor_type.elem_type:
                 v.dtype = ir.DataType(t.tensor_type.elem_type)
     except Exception as err:  # noqa: BLE001
-        import logging
-
         logging.getLogger(__name__).info("shape inference failed: %s", err)
 
-
-
-def _shape_only_proto(model: ir.Model) -> Any:
-    """The model as a proto in which every large in-memory initializer is a reference to
-    external data that is never read: shape inference needs shapes, not weights, and
-    copying ~GBs of weights into a proto would cost more than the whole rewrite."""
-    def stand_in(v: ir.Value) -> ir.TensorProtocol | None:
-        t = v.const_value
-        if t.nbytes > (1 << 16) and not isinstance(t, ir.ExternalTensor):
-            return ir.ExternalTensor("__shape_only__", 0, t.nbytes, t.dtype, shape=t.shape, name=v.name, base_dir="")
-        return None
-
-    return serialize_with(model, stand_in)
 
 
 def _check_external_data(view: OnnxView, path: Path) -> None:
@@ -274,8 +260,6 @@ def to_view(source: Source, ir_kind: str, *, opset: int = 18, workdir: str | Non
             raise BadInput(f"{source.name}: an ONNX model can only be written as .onnx")
         return load_onnx(source.name)
     if ir_kind == "onnx":
-        from rewriter.torch_export import export_to_onnx
-
         tmp = workdir or tempfile.mkdtemp(prefix="rewriter-export-")
         path = Path(tmp) / f"{source.stem}.onnx"
         try:
@@ -337,8 +321,6 @@ def save(view: GraphView, target: str | os.PathLike) -> Path:
             if target.suffix.lower() != ".pt2":
                 raise BadInput(f"{target}: a torch model is written as .pt2 (or rewrite to .onnx from the start)")
             tmp = tmpdir / target.name
-            from rewriter.compile import export_program
-
             ep = export_program(view.gm, view.example_inputs)  # a step program for Re-ttention
             torch.export.save(ep, str(tmp))
             os.replace(tmp, target)
@@ -377,3 +359,44 @@ def freeze_initializer_inputs(view: GraphView) -> list[str]:
     view._const_cache.clear()
     view.invalidate()
     return [v.name for v in frozen]
+
+
+def param_stats(view: GraphView) -> dict[str, int]:
+    """Number of parameter elements and their bytes."""
+    if isinstance(view, OnnxView):
+        count = nbytes = 0
+        for v in view.graph.initializers.values():
+            t = v.const_value
+            if t is not None:
+                count += t.size
+                nbytes += t.nbytes
+        return {"count": int(count), "bytes": int(nbytes)}
+    tensors = {id(t): t for t in list(view.gm.parameters()) + list(view.gm.buffers())}
+    return {"count": int(sum(t.numel() for t in tensors.values())),
+            "bytes": int(sum(t.numel() * t.element_size() for t in tensors.values()))}
+
+
+def as_view(model: Any, *, example_inputs: Sequence[Any] | None = None, ir_kind: str | None = None) -> GraphView:
+    """Accept a path, ``zoo:NAME``, ``module:factory``, ModelProto, onnx_ir Model or nn.Module."""
+    if isinstance(model, GraphView):
+        return model.copy()
+    if isinstance(model, (onnx.ModelProto, ir.Model)):
+        view = OnnxView(ir.from_proto(model) if isinstance(model, onnx.ModelProto) else model.clone())
+        check_model(view, "model")
+        infer_shapes(view)
+        return view
+    if isinstance(model, torch.nn.Module):
+        if example_inputs is None:
+            raise BadInput("a torch module needs example_inputs")
+        if ir_kind == "onnx":
+            src = Source("factory", type(model).__name__, type(model).__name__.lower(), model.eval(), tuple(example_inputs))
+            return to_view(src, "onnx")
+        if isinstance(model, torch.fx.GraphModule):
+            return FxView(model, tuple(example_inputs)).copy()  # the caller's module stays as it was
+        return FxView(capture(model.eval(), tuple(example_inputs)), tuple(example_inputs))
+    if isinstance(model, (str, os.PathLike)):
+        src = resolve(str(model))
+        if src.kind == "onnx":
+            return load_onnx(src.name)
+        return to_view(src, ir_kind or "onnx")
+    raise BadInput(f"cannot rewrite a {type(model).__name__}")

@@ -20,8 +20,9 @@ import numpy as np
 
 from rewriter.errors import BadInput, RewriterError
 from rewriter.ir.view import GraphView
+from rewriter.loader import FREEZE_HINT, freeze_initializer_inputs, initializer_inputs
 from rewriter.pass_api import Kind, Pass, Site
-from rewriter.verify import Runner, compare
+from rewriter.run.verify import Runner, compare
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,6 @@ def match_sites(p: Pass, view: GraphView) -> list[Site]:
     graph inputs (IR v3), a site that only such an input keeps from a pass (declined here,
     accepted with them frozen, matched on a copy) says so and names the flag that
     freezes them."""
-    from rewriter.loader import FREEZE_HINT, freeze_initializer_inputs, initializer_inputs
-
     sites = p.match(view)
     if initializer_inputs(view) and (not sites or not all(s.accepted for s in sites)):
         try:

@@ -24,6 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import inspect
+import io
+import tokenize
+import types
 import typing
 from typing import Any, ClassVar
 
@@ -108,17 +112,13 @@ def register(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
-def _load_all() -> None:
-    import passes  # noqa: F401  (the package imports every pass module)
-
-
 def all_passes() -> dict[str, type[Pass]]:
-    _load_all()
+    """The registered passes. Importing ``passes`` registers them all; ``rewriter.api``
+    does, so ``import rewriter`` (which any ``rewriter.X`` import runs first) has them."""
     return dict(sorted(_REGISTRY.items()))
 
 
 def get_pass(name: str) -> type[Pass]:
-    _load_all()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -148,7 +148,7 @@ def _coerce(text: str, typ: Any, where: str) -> Any:
     if origin in (list, tuple):
         (inner, *_) = typing.get_args(typ) or (str,)
         return [_coerce(t, inner, where) for t in text.split(",") if t]
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         if text.lower() in ("none", "null", ""):
             return None
@@ -189,17 +189,13 @@ def _type_name(typ: Any) -> str:
         return "|".join(map(str, typing.get_args(typ)))
     if origin in (list, tuple):
         return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(typ))}]"
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return " | ".join(_type_name(a) for a in typing.get_args(typ))
     return getattr(typ, "__name__", str(typ))
 
 
 def _field_comments(options_cls: type) -> dict[str, str]:
     """The trailing ``# comment`` of each field line in the Options class source."""
-    import inspect
-    import io
-    import tokenize
-
     try:
         src = inspect.getsource(options_cls)
     except (OSError, TypeError):

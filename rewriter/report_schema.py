@@ -36,7 +36,7 @@ _OUTPUT_ERR = {
     "type": "object", "required": ["name"],
     "properties": {"name": _STR, "max_abs_error": _NUM, "max_rel_error": _NUM, "tolerance": _NUM,
                    "passed": {"type": "boolean"}, "error": _STR,
-                   # approximate passes judged by a budget metric (rewriter.verify.Budget)
+                   # approximate passes judged by a budget metric (rewriter.run.verify.Budget)
                    "rel_fro_error": _NUM, "cosine": _NUM, "min_cosine": _NUM, "budget": _STR},
 }
 
@@ -209,7 +209,7 @@ REPORT_SCHEMA: dict[str, Any] = {
         "passed": {"type": "boolean"},  # check: every goal met
         "warnings": {"type": "array", "items": _STR},  # e.g. a pass that applied nowhere (--allow-unapplied)
         "output": {"type": ["string", "null"]},
-        # dims taken from --shape / --inputs where the file's are symbolic (rewriter.shapes)
+        # dims taken from --shape / --inputs where the file's are symbolic (rewriter.run.shapes)
         "assumed_shapes": {"type": "object", "required": ["inputs"], "properties": {
             "inputs": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "integer"}}},
             "symbols": {"type": "object", "additionalProperties": {"type": "integer"}},

@@ -13,7 +13,7 @@ from rewriter.cli import main
 from rewriter.report_schema import REPORT_SCHEMA, validate
 from tests.test_core import _BreakSecond, _three_gemms
 
-EXACT_TOL = 1e-5  # the exact passes' fp32 tolerance (CONVENTIONS)
+EXACT_TOL = 1e-5  # the exact passes' fp32 tolerance (docs/architecture.md, tolerances)
 
 
 def test_ci_script_through_the_api_alone(tmp_path):

@@ -1,4 +1,4 @@
-"""Latency measurement (rewriter.bench): interleaving, statistics, profiling, per-pass rows, CLI.
+"""Latency measurement (rewriter.run.bench): interleaving, statistics, profiling, per-pass rows, CLI.
 
 No test asserts a timing: only structure, and ratios computed from synthetic samples."""
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from rewriter import bench
+from rewriter.run import bench
 from rewriter.cli import main
 from tests._report_models import conv_bn
 

@@ -141,7 +141,7 @@ def test_saved_pt2_runs_twenty_steps_from_the_step_input(tmp_path):
 def test_torch_bench_keys(tmp_path):
     """Torch latency section: ORT's keys (before/after p50, speedup), backend torch-eager, and
     per-op-type rows from the torch profiler that name the rewritten op."""
-    from rewriter import bench as B
+    from rewriter.run import bench as B
 
     res, ex = rewritten(("crms",))
     m, _ = tiny_dit()

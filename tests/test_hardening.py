@@ -16,11 +16,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import rewriter
-from rewriter import shadow
+from rewriter.run import shadow
 from rewriter.cli import main
 from rewriter.ir.onnx_view import OnnxView
 from rewriter.report_schema import REPORT_SCHEMA
-from rewriter.verify import InputSpec, Runner, load_inputs
+from rewriter.run.verify import InputSpec, Runner, load_inputs
 from tests.conftest import bn_inits, bn_node, init, make_model, max_rel, run_ort
 
 

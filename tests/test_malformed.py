@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 import rewriter
 from rewriter.cli import main
 from rewriter.errors import BadInput
-from rewriter.verify import InputSpec, load_inputs, make_inputs, parse_bytes
+from rewriter.run.verify import InputSpec, load_inputs, make_inputs, parse_bytes
 from tests.conftest import bn_inits, bn_node, init, max_rel, run_ort
 
 

@@ -44,7 +44,7 @@ import rewriter
 from models_zoo.norm_transformers import PowerNorm, TransposedBatchNorm, UnifiedNorm
 from rewriter.ir.fx_view import FxView, capture
 from rewriter.ir.onnx_view import OnnxView
-from rewriter.verify import input_specs
+from rewriter.run.verify import input_specs
 from tests.conftest import max_rel
 
 PASSES = ("foldnorm", "rms", "crms", "osplus")
@@ -239,6 +239,7 @@ def ids(seed: int) -> torch.Tensor:
 
 # -- checking one pass ----------------------------------------------------------------------
 
+
 def check_result(res, name: str, rerun) -> str:
     """The property for one pass result; ``rerun(model) -> max rel error`` on fresh inputs.
     Returns "applied" or "declined"."""
@@ -355,6 +356,7 @@ def test_exact_passes_onnx(arch, opset):
 
 
 # -- torch.export ---------------------------------------------------------------------------
+
 
 def _torch_rerun(module: nn.Module, seed: int):
     x = ids(seed)

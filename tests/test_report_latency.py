@@ -13,7 +13,7 @@ import pytest
 from onnx import helper
 from rich.console import Console
 
-from rewriter import bench
+from rewriter.run import bench
 from rewriter.report import latency_tables
 from rewriter.report_schema import validate
 from tests.conftest import bn_inits, bn_node, init, make_model

@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from rewriter.errors import BadInput
-from rewriter.verify import (DEFAULT_DYNAMIC_DIM, DEFAULT_PAST_LENGTH, InputSpec, input_role, make_inputs,
+from rewriter.run.verify import (DEFAULT_DYNAMIC_DIM, DEFAULT_PAST_LENGTH, InputSpec, input_role, make_inputs,
                              resolve_shapes)
 from tests.conftest import run_ort
 

@@ -49,7 +49,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from backends.ort import session as ort_session
 from backends.rettention_spec import BlockLayout, MaskSpec, Schedule
+from rewriter.ir.onnx_reader import inline_proto
 
 log = logging.getLogger(__name__)
 
@@ -319,13 +321,9 @@ class RettentionRunner:
     ``request`` (``reset(request)`` forgets it)."""
 
     def __init__(self, model: Any, *, optimize: bool = True, threads: int | None = None):
-        from backends.ort.session import make_session
-
         if isinstance(model, ir.Model):
-            from rewriter.ir.onnx_reader import inline_proto
-
             model = inline_proto(model)
-        self.session = make_session(model, optimize=optimize, threads=threads)
+        self.session = ort_session.make_session(model, optimize=optimize, threads=threads)
         names = [i.name for i in self.session.get_inputs()]
         overridable = [i.name for i in self.session.get_overridable_initializers()]
         self.sites = protocol_sites(names + overridable)

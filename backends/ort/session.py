@@ -13,6 +13,8 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 
+from rewriter.errors import BadInput
+
 _TWO_GB = 2**31 - 1024
 
 
@@ -20,8 +22,6 @@ def _ort():
     try:
         import onnxruntime as ort
     except ImportError as err:  # pragma: no cover - depends on the environment
-        from rewriter.errors import BadInput
-
         raise BadInput(
             "onnxruntime is not installed: install the project with the `cpu` or `gpu` extra"
         ) from err

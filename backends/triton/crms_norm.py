@@ -111,6 +111,7 @@ _OPS: dict[str, object] = {}
 def _define() -> None:
     if _OPS:
         return
+    # Triton-backed ops: importing them loads the Inductor (seconds), so only on first use
     from torch.library import triton_op, wrap_triton
 
     def make(name: str, compressed: bool):
@@ -146,8 +147,6 @@ def _define() -> None:
     make("rms_norm", False)
     make("crms_norm", True)
 
-
-_define()
 
 
 def crms_norm_op():

@@ -31,9 +31,13 @@ Triton kernels or the CPU block kernels, chosen by ``kernel_for`` (see there). `
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
+from torch.library import custom_op, register_fake
 
+from backends import flex_rettention as flex
+from backends.rettention_blocks import masked_blocks
 from backends.rettention_spec import KINDS, BlockLayout, MaskSpec
 
 log = logging.getLogger(__name__)
@@ -79,57 +83,6 @@ def reference_sparse(q, k, v, rho, res, coef: float, scale: float, spec: MaskSpe
 
 
 # -- CPU kernels (block-sparse, plain torch) -------------------------------------------------
-_LAYOUT_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _layout_tensors(layout: BlockLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (layout, str(device))
-    if key not in _LAYOUT_CACHE:
-        _LAYOUT_CACHE[key] = (torch.as_tensor(layout.block_index().reshape(-1), device=device),
-                              torch.as_tensor(layout.block_bias(), device=device))
-    return _LAYOUT_CACHE[key]
-
-
-def masked_blocks(q, k, v, scale: float, layout: BlockLayout, *, with_lse: bool):
-    """``(softmax_M(S) V, LSE_M(S) or None)`` in fp32, reading only each query block's
-    window of key blocks: ``[B, H, nb, Bq, D] @ [B, H, nb, D, W]``."""
-    b_, h_, n, d = q.shape
-    bq, nb, npad = layout.block, layout.nb, layout.padded
-    idx, bias = _layout_tensors(layout, q.device)
-    qf, kf, vf = q.float(), k.float(), v.float()
-    if npad != n:
-        pad = (0, 0, 0, npad - n)
-        qf, kf, vf = (torch.nn.functional.pad(t, pad) for t in (qf, kf, vf))
-    qb = qf.reshape(b_, h_, nb, bq, d)
-    kw = kf.reshape(b_, h_, nb, bq, d).index_select(2, idx).reshape(b_, h_, nb, layout.width, d)
-    vw = vf.reshape(b_, h_, nb, bq, d).index_select(2, idx).reshape(b_, h_, nb, layout.width, d)
-    s = torch.matmul(qb, kw.transpose(-1, -2)).mul_(scale).add_(bias)
-    if with_lse:
-        lse = torch.logsumexp(s, -1)
-        p = torch.exp(s - lse[..., None])
-    else:
-        lse, p = None, torch.softmax(s, -1)
-    o = torch.matmul(p, vw).reshape(b_, h_, npad, d)[:, :, :n]
-    lse = None if lse is None else lse.reshape(b_, h_, npad)[:, :, :n]
-    if layout.prefix:  # joint masks: the rows of the text query blocks are dense rows
-        o, lse = _with_prefix(qf[:, :, :n], kf[:, :, :n], vf[:, :, :n], scale, layout, o, lse)
-    return o, lse
-
-
-def _with_prefix(qf, kf, vf, scale: float, layout: BlockLayout, o, lse):
-    """Replace the first ``layout.prefix`` rows of the blocked result by dense rows under
-    ``prefix_bias`` (``backends/rettention_spec.py``)."""
-    key = ("prefix", layout, str(qf.device))
-    if key not in _LAYOUT_CACHE:
-        _LAYOUT_CACHE[key] = torch.as_tensor(layout.prefix_bias(), device=qf.device)
-    p = layout.prefix
-    s = torch.matmul(qf[:, :, :p], kf.transpose(-1, -2)).mul_(scale).add_(_LAYOUT_CACHE[key])
-    lse_p = torch.logsumexp(s, -1)
-    o_p = torch.matmul(torch.exp(s - lse_p[..., None]), vf)
-    o = torch.cat([o_p, o[:, :, p:]], 2)
-    return o, (None if lse is None else torch.cat([lse_p, lse[:, :, p:]], 2))
-
-
 def cpu_refresh(q, k, v, scale: float, layout: BlockLayout):
     """``(O_full, rho, R)``; ``O_full`` in q's dtype, ``rho`` and ``R`` in fp32."""
     qf, kf, vf = q.float(), k.float(), v.float()
@@ -321,10 +274,6 @@ KERNEL_ENV = "REWRITER_RETTENTION_KERNEL"
 
 def kernel_for(q: torch.Tensor, n: int) -> str:
     """``"flex"``, ``"triton"`` or ``"blocks"`` (the CPU block kernel) for a call on ``q``."""
-    import os
-
-    from backends import flex_rettention as flex
-
     forced = os.environ.get(KERNEL_ENV, "")
     cuda = q.device.type == "cuda"
     if forced == "triton" and cuda and triton is not None:
@@ -346,10 +295,6 @@ def _define() -> None:
     global _DEFINED
     if _DEFINED:
         return
-    from torch.library import custom_op, register_fake
-
-    from backends import flex_rettention as flex
-
     def layout_of(kind, n, half, grid_w, radius, text, frames, tradius, block):
         return BlockLayout(spec_of(kind, n, half, grid_w, radius, text, frames, tradius), block)
 

@@ -210,6 +210,7 @@ _OPS: dict[str, object] = {}
 def _define() -> None:
     if _OPS:
         return
+    # Triton-backed ops: importing them loads the Inductor (seconds), so only on first use
     from torch.library import triton_op, wrap_triton
 
     @triton_op("rewriter::shiftadd_linear", mutates_args=())
@@ -227,8 +228,6 @@ def _define() -> None:
 
     _OPS["shiftadd_linear"] = op
 
-
-_define()
 
 
 def shiftadd_linear_op():

@@ -1,5 +1,5 @@
 """Canonicalization: exporter spellings of one op recognised as the semantic op the passes
-use, in both IRs (CONVENTIONS 11).
+use, in both IRs (docs/architecture.md, layer 2).
 
 * ``patterns``: a small pattern language (ops, value variables, constants with tests,
   named alternatives) matched backwards over either IR through an ``Adapter``.
@@ -12,7 +12,7 @@ use, in both IRs (CONVENTIONS 11).
   ``aten.layer_norm`` / ``aten.rms_norm`` (exact within float rounding).
 
 Why not onnxscript's rewriter: its LayerNorm fusion rules find 0 of 7 norms on the
-TorchScript GPT-2 / ViT files (DESIGN, facts of turn 2); its pattern machinery would need
+TorchScript GPT-2 / ViT files (measured on the project's exports, docs/architecture.md); its pattern machinery would need
 one pattern per combination of spellings (5 roots x 2 squares x casts x affine), gives no
 reason for a near miss that ``rewrite explain`` could show, and serves onnx-ir only, where
 one rule set here serves both IRs.

@@ -13,6 +13,8 @@ import torch
 import torch.fx as fx
 
 from rewriter.canon.norms import NormAdapter, NormMatch, find_norms
+from rewriter.ir import fx_consts
+from rewriter.ir.fx_consts import FxConsts
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -28,10 +30,8 @@ _HARMLESS = {aten._assert_tensor_metadata.default}
 
 class FxNormAdapter(NormAdapter):
     def __init__(self, gm: fx.GraphModule):
-        from rewriter.ir.fx_view import FxView
-
         self.gm = gm
-        self.view = FxView(gm)  # for its constant folding and shapes
+        self.consts = FxConsts(gm)
 
     def nodes(self) -> list[fx.Node]:
         return list(self.gm.graph.nodes)
@@ -52,7 +52,7 @@ class FxNormAdapter(NormAdapter):
     def const(self, value: Any) -> np.ndarray | None:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return np.asarray(float(value))
-        return self.view.const_value(value) if isinstance(value, fx.Node) else None
+        return self.consts.value(value) if isinstance(value, fx.Node) else None
 
     def check(self, raw: fx.Node, op: str) -> str | None:
         if raw.kwargs.get("alpha", 1) != 1 or raw.kwargs.get("rounding_mode") is not None:
@@ -98,11 +98,11 @@ class FxNormAdapter(NormAdapter):
         return str(dt), torch.finfo(dt).bits
 
     def width(self, value: Any) -> int | None:
-        s = self.view.shape(value) if isinstance(value, fx.Node) else None
+        s = fx_consts.shape(value) if isinstance(value, fx.Node) else None
         return s[-1] if s else None
 
     def rank(self, value: Any) -> int | None:
-        return self.view.rank(value) if isinstance(value, fx.Node) else None
+        return fx_consts.rank(value) if isinstance(value, fx.Node) else None
 
 
 def canonicalize_norms(gm: fx.GraphModule) -> int:
@@ -128,7 +128,7 @@ def _param_ok(ad: FxNormAdapter, v: Any, x: fx.Node, width: int) -> bool:
         return True
     if not isinstance(v, fx.Node):
         return False
-    c = ad.view._const_tensor(v)
+    c = ad.consts.tensor(v)
     xv = x.meta.get("val")
     return c is not None and tuple(c.shape) == (width,) and xv is not None and c.dtype == xv.dtype
 

@@ -222,3 +222,16 @@ def inline_proto(model: ir.Model) -> onnx.ModelProto:
     """``model`` as a proto with the mapped tensors inline again (their bytes copied in), for
     consumers that take bytes, such as ONNX Runtime sessions."""
     return serialize_with(model, _in_memory)
+
+
+def shape_only_proto(model: ir.Model) -> onnx.ModelProto:
+    """The model as a proto in which every large in-memory initializer is a reference to
+    external data that is never read: shape inference needs shapes, not weights, and
+    copying ~GBs of weights into a proto would cost more than the whole rewrite."""
+    def stand_in(v: ir.Value) -> ir.TensorProtocol | None:
+        t = v.const_value
+        if t.nbytes > (1 << 16) and not isinstance(t, ir.ExternalTensor):
+            return ir.ExternalTensor("__shape_only__", 0, t.nbytes, t.dtype, shape=t.shape, name=v.name, base_dir="")
+        return None
+
+    return serialize_with(model, stand_in)

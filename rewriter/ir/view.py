@@ -27,13 +27,13 @@ Semantic op names (``Node.op``):
 =================  ===============================================================
 
 Queries and edits used by the residual-stream passes (``rms``, ``crms``; see
-``passes/residual.py``): ``norm`` / ``replace_norm`` (norm parameters and replacement by
-RMSNorm or CRMSNorm), ``embedding`` / ``set_embedding``, ``operands`` (every input,
-constants included), ``layout`` / ``set_layout_target`` (ops that move or copy data
-without mixing channels: reshape, transpose, expand, pooling, selection, concat),
-``edit_const`` (change the parameter a constant operand is computed from), ``insert``
-(a centring, a narrowing or a re-expansion after a value) and ``set_dim`` (the static
-shape annotation of a value whose width changed).
+``passes/residual.py``): ``norm`` (norm parameters), ``embedding`` / ``set_embedding``,
+``operands`` (every input, constants included), ``layout`` / ``set_layout_target`` (ops
+that move or copy data without mixing channels: reshape, transpose, expand, pooling,
+selection, concat), ``edit_const`` (change the parameter a constant operand is computed
+from) and ``set_dim`` (the static shape annotation of a value whose width changed). Edits
+that build new ops (``replace_norm``, ``insert``, ``replace_linear``, ``insert_scale``,
+``upgrade_opset``) are lowering, in ``rewriter/lower/`` (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -418,20 +418,6 @@ class GraphView(abc.ABC):
         Returns the parameter's name; raises ``Declined`` when no such chain exists."""
         raise NotImplementedError
 
-    def replace_norm(self, node: Node, kind: str, *, eps: float, weight: np.ndarray | None = None,
-                     bias: np.ndarray | None = None) -> Node:
-        """Replace a norm by ``kind`` (``rms_norm`` or ``crms_norm``) over the last axis with
-        epsilon ``eps``, then ``* weight + bias`` when given. Returns the new norm node."""
-        raise NotImplementedError
-
-    def insert(self, value: Value, op: str, *, n: int | None = None, weight: np.ndarray | None = None,
-               bias: np.ndarray | None = None) -> Value:
-        """Insert an op after ``value`` and make every reader read its result instead.
-        ``center``: ``x - mean(x, -1)``; ``keep``: ``x[..., :n]``; ``uncompress``:
-        ``concat(x, -sum(x, -1))`` (undoes a dropped zero-mean coordinate);
-        ``scale_shift``: ``x * weight + bias`` over the last axis (either may be None)."""
-        raise NotImplementedError
-
     def set_dim(self, value: Value, axis: int, size: int) -> None:
         """Update the static shape annotation of ``value`` at ``axis`` (if it has one)."""
 
@@ -487,26 +473,10 @@ class GraphView(abc.ABC):
         """Whether ``node`` reads a value without computing from it (a metadata check)."""
         return False
 
-    def capture(self, values: Sequence[Value], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Run the model on ``feeds`` and return the arrays ``values`` (intermediate tensors
-        or graph inputs) take, in order: the activations calibration reads."""
-        raise NotImplementedError
-
-    def replace_linear(self, node: Node, op: LinearOp, bias: np.ndarray | None) -> Node:
-        """Replace the linear ``node`` by a call of ``op`` on its input (plus ``bias``);
-        the old weight is dropped. Returns the new semantic node (tag it)."""
-        raise NotImplementedError
-
     def set_norm(self, node: Node, *, weight: np.ndarray | None = None, bias: np.ndarray | None = None) -> None:
         """Give a ``layer_norm`` / ``rms_norm`` a new affine ``weight`` and/or ``bias``
         (float64 ``[width]``, cast back to the norm's dtype); a parameter the norm lacks is
         added, one given as None is left as it is. Copy-on-write (used by ``lns``, ``osplus``)."""
-        raise NotImplementedError
-
-    def insert_scale(self, value: Value, factor: float, name: str) -> Value:
-        """Multiply ``value`` by the constant scalar ``factor`` and make every reader read
-        the product: ONNX a ``Mul`` by a constant; FX a call of a small module holding the
-        factor as a buffer (not a parameter: it is not trained). Returns the new value."""
         raise NotImplementedError
 
     # -- edits -------------------------------------------------------------------------

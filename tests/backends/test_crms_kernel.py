@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from backends.triton.crms_norm import crms_norm, reference, rms_norm
+from backends.triton.crms_norm import crms_norm, crms_norm_op, reference, rms_norm
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,6 +30,7 @@ def test_crms_is_rms_of_the_uncompressed_vector():
 def test_custom_ops_cpu_kernels_and_fused_add():
     """The registered ops run their CPU kernel; the fused variants return (norm(x+r), x+r)."""
     x, r, w = torch.randn(3, 7, 12), torch.randn(3, 7, 12), torch.randn(12)
+    crms_norm_op()  # the ops are defined on first use
     y = torch.ops.rewriter.rms_norm(x, w, 1e-6)
     assert torch.allclose(y, torch.nn.functional.rms_norm(x, [12], w, 1e-6), atol=1e-6)
     y2, h = torch.ops.rewriter.crms_norm_add(x, r, w, 1e-6)

@@ -18,8 +18,10 @@ import torch.nn.functional as F
 
 import rewriter
 from passes.lns import LayerNormScaling
-from rewriter.ir.fx_view import ConstantScale, FxView
+from rewriter.ir.fx_view import FxView
+from rewriter.lower.fx_emit import ConstantScale
 from rewriter.ir.onnx_view import OnnxView
+from rewriter.run.capture import capture
 from tests.conftest import max_rel, run_ort
 from tests.passes.rms_models import llama
 from tests.passes.stream_models import onnx_model, torch_model
@@ -53,7 +55,7 @@ def test_lns_fx_train_inserts_buffer_modules_and_scales_norm_outputs():
     norms = [c.args[0] for c in calls]
     lns = [module.blocks[0].ln_1, module.blocks[0].ln_2, module.blocks[1].ln_1, module.blocks[1].ln_2]
     feeds = {"ids": inputs[0].numpy()}
-    acts = view.capture([n.args[0] for n in norms] + calls, feeds)
+    acts = capture(view, [n.args[0] for n in norms] + calls, feeds)
     for i, (ln, l) in enumerate(zip(lns, [1, 1, 2, 2])):
         x, got = torch.from_numpy(acts[i]), acts[len(norms) + i]
         want = F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps).detach().numpy() / math.sqrt(l)

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def feeds_for(model: ir.Model, seed: int = 0) -> dict:
     from rewriter.ir.onnx_view import OnnxView
-    from rewriter.verify import input_specs, make_inputs
+    from rewriter.run.verify import input_specs, make_inputs
 
     return make_inputs(input_specs(OnnxView(model)), seed=seed)[0]
 

@@ -366,7 +366,7 @@ def _mlp_files(tmp_path):
 def test_budget_metrics_and_parsing():
     """Budget: bare number = relative Frobenius; cos:X judges mean cosine; malformed -> BadInput."""
     from rewriter.errors import BadInput
-    from rewriter.verify import Budget, compare
+    from rewriter.run.verify import Budget, compare
 
     a = np.random.default_rng(0).standard_normal((4, 16))
     b = a + 0.1 * np.random.default_rng(1).standard_normal((4, 16))

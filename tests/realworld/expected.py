@@ -6,7 +6,7 @@
 with that reason; ``none``: the file holds no candidate at all (said by a structural check
 of the file in ``corpus.py``); ``error:<text>``: the tool refuses the file, one line
 containing ``<text>``. Each expectation follows from the math of the pass and the architecture
-(``shared/reference/normalization.md``), never from what the tool does today.
+(``docs/passes/``), never from what the tool does today.
 """
 
 from __future__ import annotations

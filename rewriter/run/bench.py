@@ -43,6 +43,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import onnx
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from backends.ort import session as ort_session
+from rewriter.compile import compile_module
+from rewriter.errors import BadInput
+from rewriter.ir.onnx_view import OnnxView
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +77,7 @@ class Target:
 
 
 def _session_options(threads: int | None, profile_dir: str | None = None):
-    from backends.ort.session import _ort
-
-    ort = _ort()
+    ort = ort_session._ort()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
@@ -86,23 +92,17 @@ def _session_options(threads: int | None, profile_dir: str | None = None):
 
 
 def _session(model, threads: int | None, profile_dir: str | None = None):
-    import onnx
-
-    from backends.ort.session import _ort, providers
-
-    ort = _ort()
+    ort = ort_session._ort()
     opts = _session_options(threads, profile_dir)
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
     try:
-        return ort.InferenceSession(data, opts, providers=providers())
+        return ort.InferenceSession(data, opts, providers=ort_session.providers())
     except Exception as err:  # noqa: BLE001 - a model ORT has no kernel for is the user's problem
         msg = str(err)
         if "NOT_IMPLEMENTED" in msg or "Could not find an implementation" in msg:
-            from rewriter.errors import BadInput
-
             kernel = re.search(r"implementation for (\w+\(\d+\))", msg)
             what = f"no kernel for {kernel.group(1)}" if kernel else "a missing kernel"
-            raise BadInput(f"cannot benchmark: ONNX Runtime ({', '.join(providers())}) has {what} in this "
+            raise BadInput(f"cannot benchmark: ONNX Runtime ({', '.join(ort_session.providers())}) has {what} in this "
                            "model (bfloat16 on CPU?); rewrite without --bench, or benchmark on a device "
                            "that supports it") from err
         raise
@@ -124,8 +124,6 @@ def torch_target(label: str, module: Any, args: Sequence[Any], *, compiled: bool
     """A torch target (a GraphModule or nn.Module); on CUDA when torch sees a GPU. With
     ``compiled`` the module runs under ``torch.compile`` (``rewriter.compile``); the
     compiling first call is made here and timed (``compile_s``)."""
-    import torch
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tensors = [torch.as_tensor(a) for a in args]
     if device == "cuda":
@@ -133,8 +131,6 @@ def torch_target(label: str, module: Any, args: Sequence[Any], *, compiled: bool
         tensors = [t.to(device) for t in tensors]
     fn = module
     if compiled:
-        from rewriter.compile import compile_module
-
         fn = compile_module(module, device)
 
     def call():
@@ -157,8 +153,6 @@ def torch_target(label: str, module: Any, args: Sequence[Any], *, compiled: bool
 def target_for(label: str, view, feeds: Mapping[str, np.ndarray] | None = None, *,
                threads: int | None = None, compiled: bool = False) -> Target:
     """A target for a GraphView: ORT for ONNX, torch for FX."""
-    from rewriter.ir.onnx_view import OnnxView
-
     if isinstance(view, OnnxView):
         return onnx_target(label, view.to_proto(), feeds or {}, threads=threads)
     args = view.example_inputs
@@ -179,8 +173,6 @@ def stats(samples_ms: Sequence[float]) -> dict[str, Any]:
 def _time_calls(t: Target, n: int) -> float:
     """Seconds for ``n`` calls of ``t`` (CUDA events for torch on a GPU)."""
     if t.engine == "torch" and t.device == "cuda":
-        import torch
-
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(n):
@@ -225,9 +217,6 @@ def measure(targets: Sequence[Target], *, runs: int = 100, warmup: int = 5, min_
 
 def profile_torch_op_types(target: Target, *, runs: int = 10) -> dict[str, float] | None:
     """Torch profiler: self device time (CPU, or CUDA on a GPU) per op name, ms per call."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
     if target.engine != "torch" or not isinstance(target.model, tuple):
         return None
     fn, tensors = target.model

@@ -12,7 +12,7 @@ checked against ``--max-input-bytes`` before anything is allocated.
 The error measure is per output: ``max|a - b|`` and ``max|a - b| / max|a|``. Exact passes
 must stay within ``tolerance(dtype)``.
 
-An ONNX model holding bfloat16 is run through its float32 shadow (``rewriter.shadow``: ONNX
+An ONNX model holding bfloat16 is run through its float32 shadow (``rewriter.run.shadow``: ONNX
 Runtime on CPU has no bfloat16 kernels for most ops), the original and every rewritten model
 alike; outputs come back as bfloat16, so the bfloat16 tolerance applies, and ``compare``
 marks the record (``"shadow": "float32"`` and a note).
@@ -20,22 +20,30 @@ marks the record (``"shadow": "float32"`` and a note).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import logging
 import math
 import re
+import shutil
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import ml_dtypes
 import numpy as np
+import onnx_ir as ir
 import torch
 
+from backends.ort import session as ort_session
 from rewriter.errors import BadInput
 from rewriter.ir.dtypes import to_numpy, to_torch
 from rewriter.ir.fx_view import FxView
+from rewriter.ir.onnx_reader import inline_proto, is_mapped
 from rewriter.ir.onnx_view import OnnxView
 from rewriter.ir.view import GraphView
+from rewriter.run import shadow
+from rewriter.run.shadow import NOTE, holds_bfloat16
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +124,6 @@ _OPS = {"Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mult": lambda a, 
 def _eval_dim(expr: str, bound: Mapping[str, int]) -> int | None:
     """A symbolic dim written as arithmetic over other symbols (``s0 + s1``, the dynamo
     exporter's ``past_seq + seq``) evaluated with the bound ones; None when it cannot be."""
-    import ast
-
     def ev(n):
         if isinstance(n, ast.Constant) and isinstance(n.value, int):
             return n.value
@@ -400,36 +406,24 @@ class Runner:
     def _onnx_session(self, model=None):
         """ORT session, optimizations off. Models with external data (or > 2 GB) are written
         to a temporary directory first: ORT cannot resolve external files from bytes."""
-        import shutil
-        import tempfile
-
-        import onnx_ir as ir
-
-        from backends.ort import make_session
-
         model = self.view.model if model is None else model
-        from rewriter.ir.onnx_reader import inline_proto, is_mapped
-
         inits = model.graph.initializers.values()
         external = any(isinstance(v.const_value, ir.ExternalTensor) and not is_mapped(v.const_value) for v in inits)
         big = sum(v.const_value.nbytes for v in inits if v.const_value is not None) > (1 << 31) - (1 << 24)
         if not (external or big):
-            return make_session(inline_proto(model), optimize=False)
+            return ort_session.make_session(inline_proto(model), optimize=False)
         tmp = tempfile.mkdtemp(prefix="rewriter-verify-")
         try:
             path = f"{tmp}/model.onnx"
             ir.save(model.clone(), path, external_data="model.onnx.data")
-            return make_session(path, optimize=False)
+            return ort_session.make_session(path, optimize=False)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _run_shadow(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """A bfloat16 model through its float32 shadow (``rewriter.shadow``), after checking
+        """A bfloat16 model through its float32 shadow (``rewriter.run.shadow``), after checking
         that ORT loads the real model: its types must resolve, and a missing bfloat16 kernel
         is the only error accepted."""
-        from backends.ort import run_onnx
-        from rewriter import shadow
-
         try:
             self._onnx_session()
         except Exception as err:  # noqa: BLE001
@@ -442,16 +436,13 @@ class Runner:
             text = str(err).strip().splitlines()
             raise RuntimeError(f"bfloat16 model: its float32 verification shadow does not run either: "
                                f"{type(err).__name__}: {text[0] if text else ''}") from None
-        return shadow.real_outputs(model, run_onnx(session, shadow.shadow_feeds(model, feeds)))
+        return shadow.real_outputs(model, ort_session.run_onnx(session, shadow.shadow_feeds(model, feeds)))
 
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if isinstance(self.view, OnnxView):
-            from backends.ort import run_onnx
-            from rewriter.shadow import holds_bfloat16
-
             if holds_bfloat16(self.view.model):
                 return self._run_shadow(feeds)
-            return run_onnx(self._onnx_session(), feeds)
+            return ort_session.run_onnx(self._onnx_session(), feeds)
         names = [n.name for n in self.view.graph.nodes if n.op == "placeholder"]
         args = [to_torch(feeds[n]) for n in names]
         with torch.no_grad():
@@ -566,9 +557,7 @@ def compare(reference: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray
         outputs.append(rec)
     result = {"passed": passed, "max_abs_error": worst_abs, "max_rel_error": worst_rel, "outputs": outputs}
     through = getattr(actual, "shadow", None) or getattr(reference, "shadow", None)
-    if through:  # a bfloat16 model run through its float32 shadow (rewriter.shadow)
-        from rewriter.shadow import NOTE
-
+    if through:  # a bfloat16 model run through its float32 shadow (rewriter.run.shadow)
         result["shadow"] = through
         result["notes"] = [NOTE]
     return result

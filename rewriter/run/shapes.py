@@ -27,6 +27,7 @@ from typing import Any
 
 import onnx
 
+from rewriter.ir.onnx_reader import shape_only_proto
 from rewriter.ir.onnx_view import OnnxView
 
 log = logging.getLogger(__name__)
@@ -118,9 +119,7 @@ def specialise(view: OnnxView, shapes: Mapping[str, Sequence[int]]) -> dict[str,
 def _hints(view: OnnxView, concrete: Mapping[str, list]) -> int | None:
     """Infer every value's shape from the inputs' ``concrete`` shapes and store the dims
     that fill symbolic ones in ``view.shape_hints``; returns how many values got one."""
-    from rewriter.loader import _shape_only_proto
-
-    proto = _shape_only_proto(view.model)
+    proto = shape_only_proto(view.model)
     for vi in proto.graph.input:
         dims = concrete.get(vi.name)
         if dims is None or not vi.type.HasField("tensor_type"):
