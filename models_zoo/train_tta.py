@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from models_zoo.tta_cnn import TTA_META, TTA_WEIGHTS, TtaCnn, labelled_batch
 
@@ -56,8 +57,6 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         acc = float((model(torch.from_numpy(xt)).argmax(-1).numpy() == yt).mean())
     print(f"clean held-out accuracy {acc:.4f}; {wall:.0f} s")
-    from safetensors.torch import save_file
-
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(args.out))
     meta = {"model": "TtaCnn", "params": sum(p.numel() for p in model.parameters()),

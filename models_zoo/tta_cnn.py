@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from safetensors.torch import load_file
 
 from models_zoo import register
 from models_zoo.shapes import PALETTE
@@ -122,8 +123,6 @@ class TtaCnn(nn.Module):
 
 
 def load_trained(weights: str | Path = TTA_WEIGHTS) -> TtaCnn:
-    from safetensors.torch import load_file
-
     model = TtaCnn()
     model.load_state_dict(load_file(str(weights)))
     return model.eval()
