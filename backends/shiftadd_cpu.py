@@ -11,7 +11,7 @@ With ``P[m, k, b, n] = sum_{c in block b} x[m, c] bit_k[c, n]`` and
 
 so the weight is touched as bits (``q / 8`` bytes per weight) and the only float work per
 weight and plane is one masked add; the scales come in once per block. ``packed_linear``
-compiles that (``torch.compile``, static shapes) for decode-sized batches (``M <=
+compiles that (``torch.compile``, static shapes) for single-token calls (``M <=
 MAX_TOKENS``); larger batches are compute-bound and run the chunked dequantize + matmul
 of the reference. ``packed_linear_eager`` is the same arithmetic without compilation (tests).
 
@@ -28,7 +28,7 @@ import functools
 import torch
 
 WORD = 32
-MAX_TOKENS = 8  # larger batches: dequantize in chunks + matmul
+MAX_TOKENS = 1  # larger batches: dequantize in chunks + matmul (compiled at 8 tokens: 20x slower)
 
 
 def packed_linear_eager(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, block_cols: int,
@@ -70,7 +70,32 @@ def _compiled():
     return torch.compile(packed_linear_eager, dynamic=False)
 
 
+CHUNK = 256  # input columns decoded per step on the large-batch path
+
+
+def chunked_linear(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, block_cols: int,
+                   group_rows: int) -> torch.Tensor:
+    """Large batches: decode ``CHUNK`` input columns at a time to float32 and matmul (the
+    transient is ``CHUNK x N`` floats, not the layer)."""
+    q, kw, n = planes.shape
+    k = x.shape[1]
+    shifts = torch.arange(WORD, dtype=torch.int32, device=planes.device)
+    y = None
+    for c0 in range(0, k, CHUNK):
+        c1 = min(c0 + CHUNK, k)
+        bits = (planes[:, c0 // WORD : -(-c1 // WORD), None, :] >> shifts[None, None, :, None]) & 1
+        bits = bits.reshape(q, -1, n)[:, : c1 - c0].to(torch.float32)
+        a = alpha[:, c0 // block_cols : -(-c1 // block_cols)].repeat_interleave(block_cols, 1)
+        a = a[:, (c0 % block_cols) : (c0 % block_cols) + c1 - c0].repeat_interleave(group_rows, 2)[:, :, :n]
+        part = x[:, c0:c1] @ ((2 * bits - 1) * a).sum(0)
+        y = part if y is None else y + part
+    return y
+
+
 def packed_linear(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, block_cols: int,
                   group_rows: int) -> torch.Tensor:
-    """The compiled kernel (one compilation per shape and block layout)."""
+    """The compiled kernel (one compilation per shape and block layout) for ``M <=
+    MAX_TOKENS``, ``chunked_linear`` above it."""
+    if x.shape[0] > MAX_TOKENS:
+        return chunked_linear(x, planes, alpha, block_cols, group_rows)
     return _compiled()(x, planes, alpha, block_cols, group_rows)

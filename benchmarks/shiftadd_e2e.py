@@ -4,7 +4,8 @@ original, beside ORT's own weight-only quantization (``MatMulNBits`` from
 ``onnxruntime.quantization.matmul_nbits_quantizer``).
 
 Every model runs in a fresh process with ORT's default graph optimizations (all on) and one
-intra-op thread: ``load peak`` is ``ru_maxrss`` right after ``InferenceSession`` returns,
+intra-op thread: ``load peak`` is the peak RSS (``VmHWM``, reset through
+``/proc/self/clear_refs`` just before) right after ``InferenceSession`` returns,
 ``steady`` the resident set (``VmRSS``) after the timed calls, both with the process's
 baseline (python, numpy, onnxruntime imported) subtracted; ``p50`` is the median of
 ``--runs`` calls on one evaluation sentence (batch 1); the cosine is over all evaluation
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,16 +30,23 @@ import time
 from pathlib import Path
 
 
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def _status(key: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024.0 for line in f if line.startswith(key + ":"))
 
 
 def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
+    return _status("VmRSS")
+
+
+def _peak_mib() -> float:
+    """The peak RSS (``VmHWM``) since the last reset."""
+    return _status("VmHWM")
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM
+        f.write("5")
 
 
 def child(path: str, data: str, runs: int) -> dict:
@@ -48,7 +55,8 @@ def child(path: str, data: str, runs: int) -> dict:
 
     with np.load(data, allow_pickle=False) as d:
         feeds = {k: d[k] for k in d.files}
-    base_peak, base = _peak_mib(), _rss_mib()
+    base = _rss_mib()
+    _reset_peak()
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     t0 = time.perf_counter()
@@ -70,7 +78,7 @@ def child(path: str, data: str, runs: int) -> dict:
         sess.run(None, one)
         times.append(time.perf_counter() - t0)
     return {"model": path, "file_mb": os.path.getsize(path) / 1e6, "load_s": load_s,
-            "load_peak_mib": load_peak - base, "steady_mib": _rss_mib() - base, "base_peak_mib": base_peak,
+            "load_peak_mib": load_peak - base, "steady_mib": _rss_mib() - base, "base_mib": base,
             "p50_ms": 1e3 * statistics.median(times), "tokens": n_tok, "pooled": pooled.tolist()}
 
 

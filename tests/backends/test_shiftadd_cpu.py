@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from backends.shiftadd_cpu import packed_linear, packed_linear_eager
+from backends.shiftadd_cpu import chunked_linear, packed_linear, packed_linear_eager
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -34,11 +34,12 @@ def _reference(x, planes, alpha, block, group) -> torch.Tensor:
 
 @pytest.mark.parametrize("n,k,block,group", [(48, 128, 64, 1), (64, 96, 32, 1), (256, 64, 8, 128), (32, 64, 8, 16)])
 def test_eager_equals_reference_decode(n, k, block, group):
-    """Both formulations equal x @ dequantize(W)^T within K x eps x (|x| @ |W|^T)."""
+    """Both formulations and the chunked large-batch path equal x @ dequantize(W)^T within K x eps x (|x| @ |W|^T)."""
     x, planes, alpha = _case(n, k, block, group)
     ref, mag = _reference(x, planes, alpha, block, group)
-    got = packed_linear_eager(x, planes, alpha, block, group).double()
-    assert torch.all((got - ref).abs() <= 2 * k * EPS32 * mag), float((got - ref).abs().max())
+    for fn in (packed_linear_eager, chunked_linear):
+        got = fn(x, planes, alpha, block, group).double()
+        assert torch.all((got - ref).abs() <= 2 * k * EPS32 * mag), (fn.__name__, float((got - ref).abs().max()))
 
 
 @pytest.mark.slow
