@@ -7,8 +7,8 @@ Configurations
     ``torch_packed``: ``backends/shiftadd_cpu.packed_linear`` (Inductor-compiled masked-sum
     kernel at 1 token, chunked decode + matmul above).
     ``ort_fp32``: an ONNX Runtime session of one ``MatMul``.
-    ``ort_nbits``: the ``shiftadd`` lowering ``lowering=nbits``: 3 x 2-bit ``MatMulNBits``
-    (block 64, ``accuracy_level`` 4) + 2 ``Add``.
+    ``ort_nbits``: the ``shiftadd`` lowering ``lowering=nbits``: one 2-bit ``MatMulNBits``
+    over the 3 stacked planes (block 64, ``accuracy_level`` 4), ``Reshape``, ``ReduceSum``.
     ``ort_q4``: ORT's own 4-bit ``MatMulNBits`` (block 128, accuracy level 4), for scale.
 
 Time: one process per (shape, threads); all configurations interleaved call by call,
@@ -95,19 +95,16 @@ def build(which: str, m: int, n: int, k: int, threads: int):
         return lambda: s.run(None, {"X": xn})
     if which in ("ort_nbits", "ort_q4"):
         bits, q, block = (2, Q, BLOCK) if which == "ort_nbits" else (4, 1, 128)
-        inits, nodes, outs = {}, [], []
-        for i in range(q):
-            inits[f"B{i}"] = rng.integers(0, 256, size=(n, k // block, block * bits // 8), dtype=np.uint8)
-            inits[f"S{i}"] = (rng.random((n, k // block)) * 0.01).astype(np.float32)
-            out = "Y" if q == 1 else f"Y{i}"
-            nodes.append(helper.make_node("MatMulNBits", ["X", f"B{i}", f"S{i}"], [out], domain="com.microsoft",
-                                          K=k, N=n, bits=bits, block_size=block, accuracy_level=4))
-            outs.append(out)
-        prev = outs[0]
-        for i in range(1, q):
-            o = "Y" if i == q - 1 else f"A{i}"
-            nodes.append(helper.make_node("Add", [prev, outs[i]], [o]))
-            prev = o
+        inits = {"B": rng.integers(0, 256, size=(q * n, k // block, block * bits // 8), dtype=np.uint8),
+                 "S": (rng.random((q * n, k // block)) * 0.01).astype(np.float32)}
+        out = "Y" if q == 1 else "YQ"
+        nodes = [helper.make_node("MatMulNBits", ["X", "B", "S"], [out], domain="com.microsoft", K=k, N=q * n,
+                                  bits=bits, block_size=block, accuracy_level=4)]
+        if q > 1:  # the lowering's tail: [M, q N] -> [M, q, N] -> sum over the planes
+            inits["shape"] = np.array([m, q, n], dtype=np.int64)
+            inits["axis"] = np.array([1], dtype=np.int64)
+            nodes += [helper.make_node("Reshape", ["YQ", "shape"], ["Y3"]),
+                      helper.make_node("ReduceSum", ["Y3", "axis"], ["Y"], keepdims=0)]
         s = _ort_session(nodes, inits, m, k, n, threads)
         return lambda: s.run(None, {"X": xn})
     raise ValueError(which)

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -190,9 +189,9 @@ class ShiftAdd(Pass):
         o = self.options
         if o.lowering == "nbits":
             consts = nbits_tensors(packed.planes, packed.alpha(), packed.n_in, packed.block_cols, packed.row_scale)
-            return LinearOp(consts=consts, attrs={}, onnx_function=partial(nbits_function, packed.bits),
-                            torch_op=None, onnx_attrs={"K": packed.n_in, "N": packed.n_out,
-                                                       "block_size": packed.block_cols,
+            return LinearOp(consts=consts, attrs={}, onnx_function=nbits_function, torch_op=None,
+                            onnx_attrs={"K": packed.n_in, "N": packed.n_out, "planes": packed.bits,
+                                        "NQ": packed.bits * packed.n_out, "block_size": packed.block_cols,
                                                        "accuracy_level": o.nbits_accuracy}), True
         op = LinearOp(consts={"planes": packed.planes, "exps": packed.exps, "signs": packed.signs},
                       attrs={"group_rows": packed.group_rows, "mode": MODES[packed.mode]},
@@ -251,7 +250,7 @@ class ShiftAdd(Pass):
                 if rows is not None:
                     nbytes += rows.size * 4
                 bpw = 8.0 * nbytes / p.weight.size
-                low = f" as {b} MatMulNBits 2-bit planes, block {packed.block_cols}" if self.options.lowering == "nbits" else ""
+                low = f" as one MatMulNBits of {b} stacked 2-bit planes, block {packed.block_cols}" if self.options.lowering == "nbits" else ""
                 site.reason = (f"{packed.n_out}x{packed.n_in}, {b} bits {packed.mode}{low}, {bpw:.3f} bits/weight all-in "
                                f"({nbytes} B vs {fp16} B fp16), rel. output error {rel:.2e} "
                                f"(RTN-g128 {b} bits, {sq.rtn_bits(b, n_in=packed.n_in):.3f} bits/weight: {rtn_rel:.2e})"

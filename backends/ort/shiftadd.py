@@ -154,40 +154,35 @@ NBITS_MS_DOMAIN = "com.microsoft"
 NBITS_BLOCKS = (16, 32, 64, 128, 256)  # MatMulNBits block sizes (powers of two >= 16)
 
 
-def nbits_function(q: int, opset: int = MIN_OPSET) -> ir.Function:
-    """``rewriter::ShiftAddNBits<q>(X, B_0, S_0, ..., B_{q-1}, S_{q-1})``: the BCQ layer as
-    ``q`` ONNX Runtime ``com.microsoft::MatMulNBits`` calls (2-bit, one per +-alpha bit
-    plane) and ``q - 1`` adds. ``B_k`` uint8 ``[N, K/bs, bs/4]`` holds code 3 for ``+1`` and
-    1 for ``-1`` (the default zero point of 2-bit ``MatMulNBits`` is 2), ``S_k`` float32
-    ``[N, K/bs]`` the plane's ``alpha`` per row and ``bs``-column block; the call's ``K``,
-    ``N``, ``block_size`` and ``accuracy_level`` attributes reach every ``MatMulNBits``.
-    The weights stay packed in memory: ORT's kernels read them, no decode is folded."""
-    x = ir.Value(name="X")
-    ins = [x]
-    nodes: list[ir.Node] = []
-    outs = []
-    attrs = [ir.RefAttr(a, a, ir.AttributeType.INT) for a in ("K", "N", "block_size", "accuracy_level")]
-    for k in range(q):
-        b, s = ir.Value(name=f"B{k}"), ir.Value(name=f"S{k}")
-        ins += [b, s]
-        n = ir.Node(NBITS_MS_DOMAIN, "MatMulNBits", [x, b, s], [*attrs, ir.AttrInt64("bits", 2)], name=f"plane{k}")
-        nodes.append(n)
-        outs.append(n.outputs[0])
-    y = outs[0]
-    for k in range(1, q):
-        add = ir.Node("", "Add", [y, outs[k]], name=f"add{k}")
-        nodes.append(add)
-        y = add.outputs[0]
-    if q == 1:  # a function output must be a node's output: Identity keeps the name free
-        ident = ir.Node("", "Identity", [y], name="out")
-        nodes.append(ident)
-        y = ident.outputs[0]
+def nbits_function(opset: int = MIN_OPSET) -> ir.Function:
+    """``rewriter::ShiftAddNBits(X, B, S)`` (attributes ``K``, ``N``, ``planes`` q, ``NQ`` = q N,
+    ``block_size``, ``accuracy_level``): the BCQ layer as ONE ONNX Runtime
+    ``com.microsoft::MatMulNBits`` (2-bit) over the ``q`` +-alpha bit planes stacked along
+    the output axis (``q N`` rows), then ``Reshape`` to ``[..., q, N]`` and ``ReduceSum``
+    over the planes. ``B`` uint8 ``[q N, K/bs, bs/4]`` holds code 3 for ``+1`` and 1 for
+    ``-1`` (the default zero point of 2-bit ``MatMulNBits`` is 2), ``S`` float32
+    ``[q N, K/bs]`` the plane's ``alpha`` per row and ``bs``-column block. One call, so the
+    activations are read (and, at ``accuracy_level`` 4, quantized to int8) once for all
+    planes. The weights stay packed in the session: ORT's kernels read them, nothing is
+    folded back to dense."""
+    x, b, s = ir.Value(name="X"), ir.Value(name="B"), ir.Value(name="S")
+    f = _Body()
+    attrs = [ir.RefAttr("K", "K", ir.AttributeType.INT), ir.RefAttr("N", "NQ", ir.AttributeType.INT),
+             ir.RefAttr("block_size", "block_size", ir.AttributeType.INT),
+             ir.RefAttr("accuracy_level", "accuracy_level", ir.AttributeType.INT)]
+    mm = ir.Node(NBITS_MS_DOMAIN, "MatMulNBits", [x, b, s], [*attrs, ir.AttrInt64("bits", 2)], name="planes")
+    f.nodes.append(mm)
+    lead = f("Shape", [mm.outputs[0]], [ir.AttrInt64("end", -1)])  # [..., q N] -> the leading dims
+    q = _attr_vector(f, "planes")
+    shape = f("Concat", [lead, q, f.i64("minus1", [-1])], [ir.AttrInt64("axis", 0)])
+    y3 = f("Reshape", [mm.outputs[0], shape])  # [..., q, N]
+    y = f("ReduceSum", [y3, f.i64("axis_q", [-2])], [ir.AttrInt64("keepdims", 0)])
     y.name = "Y"
-    graph = ir.Graph(ins, [y], nodes=nodes, opset_imports={"": max(opset, MIN_OPSET), NBITS_MS_DOMAIN: 1},
-                     name=f"{NBITS_NAME}{q}")
-    return ir.Function(DOMAIN, f"{NBITS_NAME}{q}", graph=graph,
-                       attributes=[ir.AttrInt64("K", 0), ir.AttrInt64("N", 0), ir.AttrInt64("block_size", 64),
-                                   ir.AttrInt64("accuracy_level", 4)])
+    graph = ir.Graph([x, b, s], [y], nodes=f.nodes, opset_imports={"": max(opset, MIN_OPSET), NBITS_MS_DOMAIN: 1},
+                     name=NBITS_NAME)
+    return ir.Function(DOMAIN, NBITS_NAME, graph=graph,
+                       attributes=[ir.AttrInt64(a, v) for a, v in (("K", 0), ("N", 0), ("planes", 1), ("NQ", 0),
+                                                                  ("block_size", 64), ("accuracy_level", 4))])
 
 
 def nbits_tensors(planes: np.ndarray, alpha: np.ndarray, n_in: int, block: int,
@@ -195,21 +190,19 @@ def nbits_tensors(planes: np.ndarray, alpha: np.ndarray, n_in: int, block: int,
     """The ``MatMulNBits`` inputs of a BCQ weight with one scale per row and ``block`` input
     columns: ``planes`` uint32 ``[q, ceil(K/32), N]`` (bit 1 = ``+1``), ``alpha`` float64
     ``[q, ceil(K/block), N]`` (exact in float32: sums of powers of two), ``row_scale``
-    (powers of two, ``[N]``) multiplied into the scales. Returns ``{B0, S0, B1, S1, ...}``
-    in call order (codes: 4 per byte, first column in the low bits; padding columns code 2,
-    i.e. zero)."""
+    (powers of two, ``[N]``) multiplied into the scales. Returns ``{"B": codes uint8
+    [q N, K/block, block/4], "S": scales float32 [q N, K/block]}``, plane ``k`` in rows
+    ``k N .. (k+1) N - 1`` (codes 4 per byte, first column in the low bits; padding columns
+    code 2, i.e. zero)."""
     q, kw, n = planes.shape
     kb = -(-n_in // block)
     shifts = np.arange(32, dtype=np.uint32)[None, None, :, None]
     bits = ((planes[:, :, None, :] >> shifts) & np.uint32(1)).reshape(q, kw * 32, n)[:, :n_in]  # [q, K, N]
-    out: dict[str, np.ndarray] = {}
-    for k in range(q):
-        codes = np.full((n, kb * block), 2, dtype=np.uint8)
-        codes[:, :n_in] = 1 + 2 * bits[k].T.astype(np.uint8)
-        c4 = codes.reshape(n, kb, block // 4, 4)
-        out[f"B{k}"] = (c4[..., 0] | (c4[..., 1] << 2) | (c4[..., 2] << 4) | (c4[..., 3] << 6)).astype(np.uint8)
-        s = alpha[k, :kb].T.astype(np.float64)  # [N, Kb]
-        if row_scale is not None:
-            s = s * row_scale.astype(np.float64)[:, None]
-        out[f"S{k}"] = s.astype(np.float32)
-    return out
+    codes = np.full((q, n, kb * block), 2, dtype=np.uint8)
+    codes[:, :, :n_in] = 1 + 2 * bits.transpose(0, 2, 1).astype(np.uint8)
+    c4 = codes.reshape(q * n, kb, block // 4, 4)
+    packed = (c4[..., 0] | (c4[..., 1] << 2) | (c4[..., 2] << 4) | (c4[..., 3] << 6)).astype(np.uint8)
+    s = alpha[:, :kb].transpose(0, 2, 1).astype(np.float64)  # [q, N, Kb]
+    if row_scale is not None:
+        s = s * row_scale.astype(np.float64)[None, :, None]
+    return {"B": packed, "S": s.reshape(q * n, kb).astype(np.float32)}

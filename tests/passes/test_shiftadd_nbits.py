@@ -34,9 +34,9 @@ def decode(codes: np.ndarray, scales: np.ndarray, n_in: int) -> np.ndarray:
 
 
 def call_weight(call: ir.Node) -> np.ndarray:
-    ins = [v.const_value.numpy() for v in call.inputs[1:]]
-    k = call.attributes.get_int("K")
-    return sum(decode(ins[i], ins[i + 1], k) for i in range(0, len(ins), 2))
+    codes, scales = (v.const_value.numpy() for v in call.inputs[1:3])
+    k, n = call.attributes.get_int("K"), call.attributes.get_int("N")
+    return decode(codes, scales, k).reshape(-1, n, k).sum(0)  # the planes' weights, summed
 
 
 def mlp128():
@@ -62,21 +62,21 @@ def test_nbits_tensors_decode_to_the_reference(row_scale):
     w = np.random.default_rng(0).standard_normal((24, 72))
     p = sq.quantize(w, None, bits=3, rounds=2, group_rows=1, block_cols=32, row_scale=row_scale)
     t = nbits_tensors(p.planes, p.alpha(), p.n_in, 32, p.row_scale)
-    assert sorted(t) == ["B0", "B1", "B2", "S0", "S1", "S2"] and t["B0"].shape == (24, 3, 8)
-    got = sum(decode(t[f"B{k}"], t[f"S{k}"], 72) for k in range(3))
+    assert sorted(t) == ["B", "S"] and t["B"].shape == (72, 3, 8) and t["S"].shape == (72, 3)
+    got = decode(t["B"], t["S"], 72).reshape(3, 24, 72).sum(0)
     np.testing.assert_array_equal(got, p.dense())
 
 
 def test_onnx_nbits_lowering_exact_at_fp32_accuracy():
-    """lowering=nbits, accuracy 0: 3 MatMulNBits planes + 2 adds; ORT == x @ W^T to K x eps (K = 40, block 16)."""
+    """lowering=nbits, accuracy 0: one MatMulNBits over 3 stacked planes + ReduceSum; ORT == x @ W^T to K x eps."""
     res = _rewrite({"nbits_accuracy": "0"})
     assert res.passed, res.verification
-    assert [n.op_type for n in res.model.graph] == [f"{NBITS_NAME}3", "Add", "Relu", "MatMul"]
+    assert [n.op_type for n in res.model.graph] == [NBITS_NAME, "Add", "Relu", "MatMul"]
     assert "w1" not in res.model.graph.initializers
-    fn = res.model.functions[(DOMAIN, f"{NBITS_NAME}3", "")]
-    assert [n.op_type for n in fn] == ["MatMulNBits"] * 3 + ["Add"] * 2
+    fn = res.model.functions[(DOMAIN, NBITS_NAME, "")]
+    assert [n.op_type for n in fn if n.op_type in ("MatMulNBits", "ReduceSum")] == ["MatMulNBits", "ReduceSum"]
     (call,) = calls(res.model)
-    assert call.inputs[1].dtype == ir.DataType.UINT8 and call.inputs[1].shape == ir.Shape([70, 3, 4])
+    assert call.inputs[1].dtype == ir.DataType.UINT8 and call.inputs[1].shape == ir.Shape([210, 3, 4])
     w = call_weight(call)
     x = np.random.default_rng(3).standard_normal((2, 4, 40)).astype(np.float32)
     h = run_ort(_hidden(res.model), {"x": x})[0].astype(np.float64)
