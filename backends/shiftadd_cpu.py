@@ -92,10 +92,15 @@ def chunked_linear(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, b
     return y
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled_chunked():
+    return torch.compile(chunked_linear, dynamic=False)
+
+
 def packed_linear(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, block_cols: int,
                   group_rows: int) -> torch.Tensor:
     """The compiled kernel (one compilation per shape and block layout) for ``M <=
-    MAX_TOKENS``, ``chunked_linear`` above it."""
+    MAX_TOKENS``, ``chunked_linear`` (compiled: each chunk's decode one fused loop) above it."""
     if x.shape[0] > MAX_TOKENS:
-        return chunked_linear(x, planes, alpha, block_cols, group_rows)
+        return _compiled_chunked()(x, planes, alpha, block_cols, group_rows)
     return _compiled()(x, planes, alpha, block_cols, group_rows)
