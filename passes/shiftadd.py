@@ -50,7 +50,8 @@ from typing import Literal
 
 import numpy as np
 
-from backends.ort.shiftadd import MIN_OPSET, NBITS_BLOCKS, function_for, nbits_function, nbits_tensors
+from backends.ort.shiftadd import (MIN_OPSET, NBITS_BLOCKS, function_for, nbits8_function, nbits8_tensors,
+                                   nbits_function, nbits_tensors)
 from backends.triton.shiftadd import MODES, shiftadd_linear_op
 from passes import shiftadd_quant as sq
 from rewriter.errors import BadInput
@@ -88,7 +89,7 @@ class ShiftAdd(Pass):
         candidates: list[int] = dataclasses.field(default_factory=lambda: [2, 3, 4])  # bit widths of the DP
         include: list[str] = dataclasses.field(default_factory=list)  # extra layers to quantize: "head"
         budget: str = "fro:0.5"  # accepted output error: fro:X rel. Frobenius (bare number), cos:X mean cosine, max:X
-        lowering: Literal["function", "nbits"] = "function"  # ONNX: decode function, or ORT MatMulNBits planes
+        lowering: Literal["function", "nbits", "nbits8"] = "function"  # ONNX: decode function; ORT MatMulNBits: 2-bit planes, or 8-bit grid
         nbits_block: int = 64  # lowering=nbits: input columns per scale (per row), a power of two >= 16
         nbits_accuracy: int = 4  # lowering=nbits: MatMulNBits accuracy_level (4: int8 activations, fast; 0: fp32)
 
@@ -105,11 +106,11 @@ class ShiftAdd(Pass):
         Budget.parse(opt.budget, "shiftadd.budget")  # a malformed budget is a BadInput now
         if opt.bits <= 0 or (opt.bits != int(opt.bits) and not opt.candidates):
             raise BadInput(f"--set shiftadd.bits={opt.bits}: expected a positive width")
-        if opt.lowering == "nbits":
+        if opt.lowering in ("nbits", "nbits8"):
             if opt.nbits_block not in NBITS_BLOCKS:
                 raise BadInput(f"--set shiftadd.nbits_block={opt.nbits_block}: expected one of {list(NBITS_BLOCKS)}")
             if opt.mode != "bcq":
-                raise BadInput("--set shiftadd.lowering=nbits needs shiftadd.mode=bcq")
+                raise BadInput(f"--set shiftadd.lowering={opt.lowering} needs shiftadd.mode=bcq")
             if opt.nbits_accuracy not in (0, 1, 2, 3, 4):
                 raise BadInput(f"--set shiftadd.nbits_accuracy={opt.nbits_accuracy}: expected 0..4")
         sites: list[Site] = []
@@ -131,8 +132,8 @@ class ShiftAdd(Pass):
             except Declined as why:
                 sites.append(Site(node.name, False, str(why)))
                 continue
-            if opt.lowering == "nbits" and view.ir != "onnx":
-                sites.append(Site(node.name, False, "lowering=nbits is ONNX Runtime's MatMulNBits (ONNX only); "
+            if opt.lowering != "function" and view.ir != "onnx":
+                sites.append(Site(node.name, False, f"lowering={opt.lowering} is ONNX Runtime's MatMulNBits (ONNX only); "
                                                     "torch graphs use lowering=function"))
                 continue
             if low_opset:
@@ -178,7 +179,7 @@ class ShiftAdd(Pass):
 
     def _quantize(self, w: np.ndarray, h: np.ndarray | None, bits: int) -> sq.Packed:
         o = self.options
-        nb = o.lowering == "nbits"  # MatMulNBits: one scale per row and nbits_block columns
+        nb = o.lowering != "function"  # MatMulNBits: one scale per row and nbits_block columns
         return sq.quantize(w, h, mode=o.mode, bits=bits, terms=o.terms, group_rows=1 if nb else o.group_rows,
                            rounds=o.rounds, act_order=o.act_order, compensate=o.compensate,
                            row_scale=o.row_scale, static_scales=o.static_scales,
@@ -187,6 +188,11 @@ class ShiftAdd(Pass):
     def _op(self, packed: sq.Packed) -> tuple[LinearOp, bool]:
         """The replacing op and whether it holds the row scale itself."""
         o = self.options
+        if o.lowering == "nbits8":
+            return LinearOp(consts=nbits8_tensors(packed.dense(), packed.block_cols), attrs={},
+                            onnx_function=nbits8_function, torch_op=None,
+                            onnx_attrs={"K": packed.n_in, "N": packed.n_out, "block_size": packed.block_cols,
+                                        "accuracy_level": o.nbits_accuracy}), True
         if o.lowering == "nbits":
             consts = nbits_tensors(packed.planes, packed.alpha(), packed.n_in, packed.block_cols, packed.row_scale)
             return LinearOp(consts=consts, attrs={}, onnx_function=nbits_function, torch_op=None,
@@ -250,7 +256,9 @@ class ShiftAdd(Pass):
                 if rows is not None:
                     nbytes += rows.size * 4
                 bpw = 8.0 * nbytes / p.weight.size
-                low = f" as one MatMulNBits of {b} stacked 2-bit planes, block {packed.block_cols}" if self.options.lowering == "nbits" else ""
+                low = {"nbits": f" as one MatMulNBits of {b} stacked 2-bit planes, block {packed.block_cols}",
+                       "nbits8": f" on an 8-bit grid (one 8-bit MatMulNBits, block {packed.block_cols})"
+                       }.get(self.options.lowering, "")
                 site.reason = (f"{packed.n_out}x{packed.n_in}, {b} bits {packed.mode}{low}, {bpw:.3f} bits/weight all-in "
                                f"({nbytes} B vs {fp16} B fp16), rel. output error {rel:.2e} "
                                f"(RTN-g128 {b} bits, {sq.rtn_bits(b, n_in=packed.n_in):.3f} bits/weight: {rtn_rel:.2e})"

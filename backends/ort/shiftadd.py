@@ -206,3 +206,39 @@ def nbits_tensors(planes: np.ndarray, alpha: np.ndarray, n_in: int, block: int,
     if row_scale is not None:
         s = s * row_scale.astype(np.float64)[None, :, None]
     return {"B": packed, "S": s.reshape(q * n, kb).astype(np.float32)}
+
+
+NBITS8_NAME = "ShiftAddNBits8"
+
+
+def nbits8_function(opset: int = MIN_OPSET) -> ir.Function:
+    """``rewriter::ShiftAddNBits8(X, B, S)`` (attributes ``K``, ``N``, ``block_size``,
+    ``accuracy_level``): the decoded BCQ weight on an 8-bit grid per row and ``block_size``
+    columns, ONE 8-bit ``com.microsoft::MatMulNBits`` (default zero point 128): a single
+    product instead of one per bit plane, at 8 stored bits per weight; the grid rounds each
+    weight by at most half its block's step (``nbits8_tensors``)."""
+    x, b, s = ir.Value(name="X"), ir.Value(name="B"), ir.Value(name="S")
+    attrs = [ir.RefAttr(a, a, ir.AttributeType.INT) for a in ("K", "N", "block_size", "accuracy_level")]
+    mm = ir.Node(NBITS_MS_DOMAIN, "MatMulNBits", [x, b, s], [*attrs, ir.AttrInt64("bits", 8)], name="grid8")
+    ident = ir.Node("", "Identity", [mm.outputs[0]], name="out")
+    ident.outputs[0].name = "Y"
+    graph = ir.Graph([x, b, s], [ident.outputs[0]], nodes=[mm, ident],
+                     opset_imports={"": max(opset, MIN_OPSET), NBITS_MS_DOMAIN: 1}, name=NBITS8_NAME)
+    return ir.Function(DOMAIN, NBITS8_NAME, graph=graph,
+                       attributes=[ir.AttrInt64(a, v) for a, v in (("K", 0), ("N", 0), ("block_size", 64),
+                                                                  ("accuracy_level", 4))])
+
+
+def nbits8_tensors(w: np.ndarray, block: int) -> dict[str, np.ndarray]:
+    """8-bit ``MatMulNBits`` inputs of a dense ``[N, K]`` weight (the BCQ decode, float64):
+    per row and ``block`` columns the step ``s = max|w| / 127`` and codes
+    ``round(w / s) + 128`` (so ``|w - (code - 128) s| <= s / 2``); padding columns code 128."""
+    n, k = w.shape
+    kb = -(-k // block)
+    wp = np.zeros((n, kb * block))
+    wp[:, :k] = w
+    wb = wp.reshape(n, kb, block)
+    step = np.abs(wb).max(-1) / 127.0
+    step = np.where(step > 0, step, 1.0).astype(np.float32)  # float32: the grid ORT multiplies by
+    codes = np.clip(np.rint(wb / step.astype(np.float64)[..., None]), -127, 127) + 128
+    return {"B": codes.astype(np.uint8), "S": step}

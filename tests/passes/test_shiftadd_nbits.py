@@ -16,7 +16,7 @@ import onnx_ir as ir
 import pytest
 
 import rewriter
-from backends.ort.shiftadd import DOMAIN, NBITS_NAME, nbits_tensors
+from backends.ort.shiftadd import DOMAIN, NBITS8_NAME, NBITS_NAME, nbits8_tensors, nbits_tensors
 from passes import shiftadd_quant as sq
 from onnx import helper
 
@@ -127,3 +127,35 @@ def _hidden(model: ir.Model) -> ir.Model:
         if n is not call and all(not o.uses() for o in n.outputs) and not any(o in model.graph.outputs for o in n.outputs):
             model.graph.remove(n, safe=True)
     return model
+
+
+def decode8(codes: np.ndarray, steps: np.ndarray, n_in: int) -> np.ndarray:
+    """``W`` ``[N, K]`` of 8-bit ``MatMulNBits`` tensors (default zero point 128)."""
+    n, kb, block = codes.shape
+    return ((codes.astype(np.float64) - 128.0) * steps.astype(np.float64)[:, :, None]).reshape(n, -1)[:, :n_in]
+
+
+def test_nbits8_tensors_within_half_a_step_of_the_reference():
+    """The 8-bit grid moves each weight of the BCQ decode by at most half its block's step."""
+    w = np.random.default_rng(5).standard_normal((24, 72))
+    p = sq.quantize(w, None, bits=3, rounds=2, group_rows=1, block_cols=32)
+    t = nbits8_tensors(p.dense(), 32)
+    assert t["B"].shape == (24, 3, 32) and t["S"].shape == (24, 3) and t["B"].dtype == np.uint8
+    err = np.abs(decode8(t["B"], t["S"], 72) - p.dense())
+    assert np.all(err <= np.repeat(t["S"].astype(np.float64), 32, axis=1)[:, :72] / 2 * (1 + 1e-6))
+
+
+def test_onnx_nbits8_lowering_exact_at_fp32_accuracy():
+    """lowering=nbits8, accuracy 0: one 8-bit MatMulNBits; ORT == x @ W8^T (W8 decoded from the stored codes) to K x eps."""
+    res = _rewrite({"lowering": "nbits8", "nbits_accuracy": "0"})
+    assert res.passed, res.verification
+    assert [n.op_type for n in res.model.graph] == [NBITS8_NAME, "Add", "Relu", "MatMul"]
+    fn = res.model.functions[(DOMAIN, NBITS8_NAME, "")]
+    assert [n.op_type for n in fn] == ["MatMulNBits", "Identity"]
+    (call,) = calls(res.model)
+    codes, steps = (v.const_value.numpy() for v in call.inputs[1:3])
+    w = decode8(codes, steps, 40)
+    x = np.random.default_rng(6).standard_normal((2, 4, 40)).astype(np.float32)
+    h = run_ort(_hidden(res.model), {"x": x})[0].astype(np.float64)
+    bound = 40 * EPS32 * (np.abs(x).astype(np.float64) @ np.abs(w).T)
+    assert np.all(np.abs(h - x.astype(np.float64) @ w.T) <= bound + 1e-30)
