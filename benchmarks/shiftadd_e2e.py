@@ -13,9 +13,9 @@ sentences (``eval.npz``, padded batch). Processes are interleaved: ``--rounds`` 
 all models; medians over rounds are reported, with the load average.
 
     python benchmarks/shiftadd_real.py --model minilm --export DIR
-    rewrite DIR/model.onnx -p shiftadd --calib DIR/calib.npz --set shiftadd.lowering=nbits -o DIR/nbits.onnx
+    rewrite DIR/model.onnx -p shiftadd --calib DIR/calib.npz --set shiftadd.lowering=nbits8 -o DIR/nbits8.onnx
     python benchmarks/shiftadd_e2e.py --ort-quant DIR/model.onnx          # DIR/ort4_g128.onnx, ...
-    python benchmarks/shiftadd_e2e.py DIR/model.onnx DIR/nbits.onnx DIR/ort4_g128.onnx --data DIR/eval.npz
+    python benchmarks/shiftadd_e2e.py DIR/model.onnx DIR/nbits8.onnx DIR/ort4_g128.onnx --data DIR/eval.npz
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ Configurations
     ``ort_fp32``: an ONNX Runtime session of one ``MatMul``.
     ``ort_nbits``: the ``shiftadd`` lowering ``lowering=nbits``: one 2-bit ``MatMulNBits``
     over the 3 stacked planes (block 64, ``accuracy_level`` 4), ``Reshape``, ``ReduceSum``.
+    ``ort_nbits8``: ``lowering=nbits8``: one 8-bit ``MatMulNBits`` (block 64, accuracy 4).
     ``ort_q4``: ORT's own 4-bit ``MatMulNBits`` (block 128, accuracy level 4), for scale.
 
 Time: one process per (shape, threads); all configurations interleaved call by call,
@@ -34,7 +35,7 @@ import time
 import numpy as np
 import torch
 
-CONFIGS = ["torch_fp32", "torch_packed", "ort_fp32", "ort_nbits", "ort_q4"]
+CONFIGS = ["torch_fp32", "torch_packed", "ort_fp32", "ort_nbits", "ort_nbits8", "ort_q4"]
 BLOCK, Q = 64, 3
 
 
@@ -93,8 +94,8 @@ def build(which: str, m: int, n: int, k: int, threads: int):
         s = _ort_session([helper.make_node("MatMul", ["X", "W"], ["Y"])],
                          {"W": rng.standard_normal((k, n), dtype=np.float32)}, m, k, n, threads)
         return lambda: s.run(None, {"X": xn})
-    if which in ("ort_nbits", "ort_q4"):
-        bits, q, block = (2, Q, BLOCK) if which == "ort_nbits" else (4, 1, 128)
+    if which in ("ort_nbits", "ort_nbits8", "ort_q4"):
+        bits, q, block = {"ort_nbits": (2, Q, BLOCK), "ort_nbits8": (8, 1, BLOCK), "ort_q4": (4, 1, 128)}[which]
         inits = {"B": rng.integers(0, 256, size=(q * n, k // block, block * bits // 8), dtype=np.uint8),
                  "S": (rng.random((q * n, k // block)) * 0.01).astype(np.float32)}
         out = "Y" if q == 1 else "YQ"
