@@ -50,8 +50,8 @@ from typing import Literal
 
 import numpy as np
 
-from backends.ort.shiftadd import (MIN_OPSET, NBITS_BLOCKS, function_for, nbits8_function, nbits8_tensors,
-                                   nbits_function, nbits_tensors)
+from backends.ort.shiftadd import (MIN_OPSET, NBITS_BLOCKS, function_for, nbits8_dense, nbits8_function,
+                                   nbits8_tensors, nbits_function, nbits_tensors)
 from backends.triton.shiftadd import MODES, shiftadd_linear_op
 from passes import shiftadd_quant as sq
 from rewriter.errors import BadInput
@@ -237,14 +237,15 @@ class ShiftAdd(Pass):
             for i in grp:
                 site, node, p, b = sites[i], nodes[i], params[i], widths[i]
                 packed = self._quantize(p.weight, h, b)
-                dense = packed.dense()
+                op, holds_rows = self._op(packed)
+                dense = packed.dense() if self.options.lowering != "nbits8" else \
+                    nbits8_dense(op.consts["B"], op.consts["S"], packed.n_in)  # the weights that run
                 err = sq.weighted_error(p.weight, dense, h)
                 rel = err / max(sq.weighted_error(p.weight, np.zeros_like(p.weight), h), 1e-300)
                 rtn = sq.rtn(p.weight, b)
                 rtn_rel = sq.weighted_error(p.weight, rtn, h) / max(
                     sq.weighted_error(p.weight, np.zeros_like(p.weight), h), 1e-300)
                 fp16 = p.weight.size * 2
-                op, holds_rows = self._op(packed)
                 rows = None if holds_rows else packed.row_scale
                 new = view.replace_linear(node, op, p.bias if rows is None else None)
                 view.tag(new, self.name, [node.name])

@@ -242,3 +242,9 @@ def nbits8_tensors(w: np.ndarray, block: int) -> dict[str, np.ndarray]:
     step = np.where(step > 0, step, 1.0).astype(np.float32)  # float32: the grid ORT multiplies by
     codes = np.clip(np.rint(wb / step.astype(np.float64)[..., None]), -127, 127) + 128
     return {"B": codes.astype(np.uint8), "S": step}
+
+
+def nbits8_dense(codes: np.ndarray, steps: np.ndarray, n_in: int) -> np.ndarray:
+    """The ``[N, K]`` weight (float64) of ``nbits8_tensors``' codes and steps."""
+    n = codes.shape[0]
+    return ((codes.astype(np.float64) - 128.0) * steps.astype(np.float64)[:, :, None]).reshape(n, -1)[:, :n_in]
