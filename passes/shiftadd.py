@@ -22,6 +22,11 @@ function of standard ops (``backends/ort/shiftadd.py``) reading packed uint32 bi
 and int8 (sign, exponent) scale terms, then the bias ``Add``; torch, the custom op
 ``torch.ops.rewriter.shiftadd_linear`` (``backends/triton/shiftadd.py``). Both decode the
 same tensors to the same dense ``sum_k alpha_k B_k``.
+``lowering=nbits`` / ``nbits8`` (ONNX only) quantize with one scale per output row and
+``nbits_block`` input columns and run ONNX Runtime's ``com.microsoft::MatMulNBits``, so the
+session keeps the weights packed: ``nbits``, the ``q`` +-alpha planes stacked as one 2-bit
+call, then a sum over the planes (exact); ``nbits8``, the decoded weight on an 8-bit grid
+per row and block (each weight within half a step), one 8-bit call.
 
 Calibration (``--calib F.npz``: model inputs by name): layer-sequential, as GPTQ and
 ShiftAddLLM do. The linears are visited in graph order, grouped by the tensor they read;

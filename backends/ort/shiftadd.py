@@ -19,6 +19,12 @@ The weight is decoded in float32 (then CastLike X), as the torch kernel does; a 
 an ``Add`` after the call. The bodies need opset 15 (``Shape(start=)``, ``CastLike``; the bit
 test is ``Mod`` by 2 rather than opset-18 ``BitwiseAnd``, so TorchScript exports at opset
 15-17 qualify) and are declared at the model's own opset.
+
+``rewriter::ShiftAddNBits`` / ``ShiftAddNBits8`` (``nbits_function`` / ``nbits8_function``)
+run the weights packed in ONNX Runtime through ``com.microsoft::MatMulNBits``: the BCQ bit
+planes as 2-bit codes stacked along the output axis (one call, then ``ReduceSum`` over the
+planes; exact), or the decoded weight on an 8-bit grid (one call; each weight within half
+a grid step). Nothing is left for constant folding to expand at session load.
 """
 
 from __future__ import annotations
