@@ -22,6 +22,11 @@ function of standard ops (``backends/ort/shiftadd.py``) reading packed uint32 bi
 and int8 (sign, exponent) scale terms, then the bias ``Add``; torch, the custom op
 ``torch.ops.rewriter.shiftadd_linear`` (``backends/triton/shiftadd.py``). Both decode the
 same tensors to the same dense ``sum_k alpha_k B_k``.
+``lowering=nbits`` / ``nbits8`` (ONNX only) quantize with one scale per output row and
+``nbits_block`` input columns and run ONNX Runtime's ``com.microsoft::MatMulNBits``, so the
+session keeps the weights packed: ``nbits``, the ``q`` +-alpha planes stacked as one 2-bit
+call, then a sum over the planes (exact); ``nbits8``, the decoded weight on an 8-bit grid
+per row and block (each weight within half a step), one 8-bit call.
 
 Calibration (``--calib F.npz``: model inputs by name): layer-sequential, as GPTQ and
 ShiftAddLLM do. The linears are visited in graph order, grouped by the tensor they read;
@@ -50,7 +55,8 @@ from typing import Literal
 
 import numpy as np
 
-from backends.ort.shiftadd import MIN_OPSET, function_for
+from backends.ort.shiftadd import (MIN_OPSET, NBITS_BLOCKS, function_for, nbits8_dense, nbits8_function,
+                                   nbits8_tensors, nbits_function, nbits_tensors)
 from backends.triton.shiftadd import MODES, shiftadd_linear_op
 from passes import shiftadd_quant as sq
 from rewriter import lower
@@ -90,6 +96,9 @@ class ShiftAdd(Pass):
         candidates: list[int] = dataclasses.field(default_factory=lambda: [2, 3, 4])  # bit widths of the DP
         include: list[str] = dataclasses.field(default_factory=list)  # extra layers to quantize: "head"
         budget: str = "fro:0.5"  # accepted output error: fro:X rel. Frobenius (bare number), cos:X mean cosine, max:X
+        lowering: Literal["function", "nbits", "nbits8"] = "function"  # ONNX: decode function; ORT MatMulNBits: 2-bit planes, or 8-bit grid
+        nbits_block: int = 64  # lowering=nbits: input columns per scale (per row), a power of two >= 16
+        nbits_accuracy: int = 4  # lowering=nbits: MatMulNBits accuracy_level (4: int8 activations, fast; 0: fp32)
 
     def __init__(self, options=None, context=None):
         super().__init__(options, context)
@@ -104,6 +113,13 @@ class ShiftAdd(Pass):
         Budget.parse(opt.budget, "shiftadd.budget")  # a malformed budget is a BadInput now
         if opt.bits <= 0 or (opt.bits != int(opt.bits) and not opt.candidates):
             raise BadInput(f"--set shiftadd.bits={opt.bits}: expected a positive width")
+        if opt.lowering in ("nbits", "nbits8"):
+            if opt.nbits_block not in NBITS_BLOCKS:
+                raise BadInput(f"--set shiftadd.nbits_block={opt.nbits_block}: expected one of {list(NBITS_BLOCKS)}")
+            if opt.mode != "bcq":
+                raise BadInput(f"--set shiftadd.lowering={opt.lowering} needs shiftadd.mode=bcq")
+            if opt.nbits_accuracy not in (0, 1, 2, 3, 4):
+                raise BadInput(f"--set shiftadd.nbits_accuracy={opt.nbits_accuracy}: expected 0..4")
         sites: list[Site] = []
         low_opset = view.ir == "onnx" and getattr(view, "opset", MIN_OPSET) < MIN_OPSET
         for node in view.nodes():
@@ -121,6 +137,10 @@ class ShiftAdd(Pass):
                 w = view.linear(node).weight
             except Declined as why:
                 sites.append(Site(node.name, False, str(why)))
+                continue
+            if opt.lowering != "function" and view.ir != "onnx":
+                sites.append(Site(node.name, False, f"lowering={opt.lowering} is ONNX Runtime's MatMulNBits (ONNX only); "
+                                                    "torch graphs use lowering=function"))
                 continue
             if low_opset:
                 sites.append(Site(node.name, False, f"ONNX opset {view.opset} < {MIN_OPSET}: the decode needs "
@@ -165,10 +185,31 @@ class ShiftAdd(Pass):
 
     def _quantize(self, w: np.ndarray, h: np.ndarray | None, bits: int) -> sq.Packed:
         o = self.options
-        return sq.quantize(w, h, mode=o.mode, bits=bits, terms=o.terms, group_rows=o.group_rows,
+        nb = o.lowering != "function"  # MatMulNBits: one scale per row and nbits_block columns
+        return sq.quantize(w, h, mode=o.mode, bits=bits, terms=o.terms, group_rows=1 if nb else o.group_rows,
                            rounds=o.rounds, act_order=o.act_order, compensate=o.compensate,
                            row_scale=o.row_scale, static_scales=o.static_scales,
-                           weighted_scales=o.weighted_scales)
+                           weighted_scales=o.weighted_scales, block_cols=o.nbits_block if nb else sq.BLOCK_COLS)
+
+    def _op(self, packed: sq.Packed) -> tuple[LinearOp, bool]:
+        """The replacing op and whether it holds the row scale itself."""
+        o = self.options
+        if o.lowering == "nbits8":
+            return LinearOp(consts=nbits8_tensors(packed.dense(), packed.block_cols), attrs={},
+                            onnx_function=nbits8_function, torch_op=None,
+                            onnx_attrs={"K": packed.n_in, "N": packed.n_out, "block_size": packed.block_cols,
+                                        "accuracy_level": o.nbits_accuracy}), True
+        if o.lowering == "nbits":
+            consts = nbits_tensors(packed.planes, packed.alpha(), packed.n_in, packed.block_cols, packed.row_scale)
+            return LinearOp(consts=consts, attrs={}, onnx_function=nbits_function, torch_op=None,
+                            onnx_attrs={"K": packed.n_in, "N": packed.n_out, "planes": packed.bits,
+                                        "NQ": packed.bits * packed.n_out, "block_size": packed.block_cols,
+                                                       "accuracy_level": o.nbits_accuracy}), True
+        op = LinearOp(consts={"planes": packed.planes, "exps": packed.exps, "signs": packed.signs},
+                      attrs={"group_rows": packed.group_rows, "mode": MODES[packed.mode]},
+                      onnx_function=function_for(packed.mode), torch_op=shiftadd_linear_op,
+                      onnx_attrs={"n_in": packed.n_in})
+        return op, False
 
     def apply(self, view: GraphView, sites: list[Site]) -> None:
         """Sites are visited in graph order, grouped by the tensor they read (q/k/v share
@@ -202,31 +243,35 @@ class ShiftAdd(Pass):
             for i in grp:
                 site, node, p, b = sites[i], nodes[i], params[i], widths[i]
                 packed = self._quantize(p.weight, h, b)
-                dense = packed.dense()
+                op, holds_rows = self._op(packed)
+                dense = packed.dense() if self.options.lowering != "nbits8" else \
+                    nbits8_dense(op.consts["B"], op.consts["S"], packed.n_in)  # the weights that run
                 err = sq.weighted_error(p.weight, dense, h)
                 rel = err / max(sq.weighted_error(p.weight, np.zeros_like(p.weight), h), 1e-300)
                 rtn = sq.rtn(p.weight, b)
                 rtn_rel = sq.weighted_error(p.weight, rtn, h) / max(
                     sq.weighted_error(p.weight, np.zeros_like(p.weight), h), 1e-300)
                 fp16 = p.weight.size * 2
-                op = LinearOp(consts={"planes": packed.planes, "exps": packed.exps, "signs": packed.signs},
-                              attrs={"group_rows": packed.group_rows, "mode": MODES[packed.mode]},
-                              onnx_function=function_for(packed.mode), torch_op=shiftadd_linear_op,
-                              onnx_attrs={"n_in": packed.n_in})
-                rows = packed.row_scale
+                rows = None if holds_rows else packed.row_scale
                 new = lower.replace_linear(view, node, op, p.bias if rows is None else None)
                 view.tag(new, self.name, [node.name])
                 if rows is not None:  # y = row_scale * call(x) + b
                     lower.insert(view, new.output, "scale_shift", weight=rows.astype(np.float64), bias=p.bias)
                 for u in view.users(new.output) if (p.bias is not None or rows is not None) and view.ir == "onnx" else []:
                     view.tag(u, self.name, [node.name])
-                bpw = packed.bits_per_weight
-                site.reason = (f"{packed.n_out}x{packed.n_in}, {b} bits {packed.mode}, {bpw:.3f} bits/weight all-in "
-                               f"({packed.nbytes} B vs {fp16} B fp16), rel. output error {rel:.2e} "
+                nbytes = sum(int(c.nbytes) for c in op.consts.values())  # as stored (MatMulNBits: 2-bit codes)
+                if rows is not None:
+                    nbytes += rows.size * 4
+                bpw = 8.0 * nbytes / p.weight.size
+                low = {"nbits": f" as one MatMulNBits of {b} stacked 2-bit planes, block {packed.block_cols}",
+                       "nbits8": f" on an 8-bit grid (one 8-bit MatMulNBits, block {packed.block_cols})"
+                       }.get(self.options.lowering, "")
+                site.reason = (f"{packed.n_out}x{packed.n_in}, {b} bits {packed.mode}{low}, {bpw:.3f} bits/weight all-in "
+                               f"({nbytes} B vs {fp16} B fp16), rel. output error {rel:.2e} "
                                f"(RTN-g128 {b} bits, {sq.rtn_bits(b, n_in=packed.n_in):.3f} bits/weight: {rtn_rel:.2e})"
                                + ("" if h is not None else ", data-free"))
                 self.layers.append({"site": site.site, "shape": [packed.n_out, packed.n_in], "bits": b,
-                                    "bits_per_weight": bpw, "bytes": packed.nbytes, "fp16_bytes": fp16,
+                                    "bits_per_weight": bpw, "bytes": nbytes, "fp16_bytes": fp16,
                                     "rel_error": rel, "rtn_g128_rel_error": rtn_rel})
                 log.info("shiftadd: %s: %s", site.site, site.reason)
         if self.layers:

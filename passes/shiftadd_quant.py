@@ -81,6 +81,7 @@ class Packed:
     signs: np.ndarray  # int8 [T, qa, Kb, Ng]
     group_rows: int  # rows per scale group (DenseShift: 1)
     row_scale: np.ndarray | None = None  # float32 [N] powers of two: W = diag(row_scale) sum_k alpha_k B_k
+    block_cols: int = BLOCK_COLS  # input columns per scale block (BCQ)
 
     @property
     def bits(self) -> int:
@@ -117,7 +118,7 @@ class Packed:
         bits = self.bits_array().astype(np.float64)  # [q, K, N]
         a = self.alpha()
         if self.mode == "bcq":
-            full = np.repeat(np.repeat(a, BLOCK_COLS, axis=1), self.group_rows, axis=2)
+            full = np.repeat(np.repeat(a, self.block_cols, axis=1), self.group_rows, axis=2)
             full = full[:, : self.n_in, : self.n_out]  # [q, K, N]
             return ((2 * bits - 1) * full).sum(0).T
         sign = 2 * bits[0] - 1
@@ -322,10 +323,12 @@ def row_scales(w: np.ndarray) -> np.ndarray:
 def quantize_bcq(w: np.ndarray, h: np.ndarray | None = None, *, bits: int = 3, terms: int = 3,
                  group_rows: int = 128, rounds: int = 8, act_order: bool = True,
                  compensate: bool = True, damp: float = 0.01, row_scale: bool = False,
-                 static_scales: bool = True, weighted_scales: bool = True,
+                 static_scales: bool = True, weighted_scales: bool = True, block_cols: int = BLOCK_COLS,
                  progress: Progress | None = None) -> Packed:
-    """BCQ with 8-column x row-group power-of-two-sum scales, GPTQ-compensated (see the
-    module docstring). ``w`` ``[N, K]``, ``h`` ``[K, K]`` or None (identity).
+    """BCQ with ``block_cols``-column x row-group power-of-two-sum scales, GPTQ-compensated
+    (see the module docstring). ``w`` ``[N, K]``, ``h`` ``[K, K]`` or None (identity).
+    ``block_cols=64, group_rows=1`` is the layout ORT's ``MatMulNBits`` runs (one scale per
+    row and 64-column block, ``backends/ort/shiftadd.py``).
     ``row_scale``: rows are first divided by a power of two near their RMS (kept in
     ``Packed.row_scale``), so that a block scale shared by rows of very different
     magnitude (real models' outlier channels) does not leave the small rows coarse."""
@@ -334,15 +337,16 @@ def quantize_bcq(w: np.ndarray, h: np.ndarray | None = None, *, bits: int = 3, t
         p = quantize_bcq(np.asarray(w, np.float64) / rs[:, None], h, bits=bits, terms=terms,
                          group_rows=group_rows, rounds=rounds, act_order=act_order, compensate=compensate,
                          damp=damp, row_scale=False, static_scales=static_scales,
-                         weighted_scales=weighted_scales, progress=progress)
+                         weighted_scales=weighted_scales, block_cols=block_cols, progress=progress)
         p.row_scale = rs
         return p
     n, k = w.shape
     q = int(bits)
     g = group_rows if 0 < group_rows < n else n
-    ng, kb = -(-n // g), -(-k // BLOCK_COLS)
+    bc = int(block_cols)
+    ng, kb = -(-n // g), -(-k // bc)
     wt, ht = _prepare(w, h)
-    blocks = [list(range(j * BLOCK_COLS, min((j + 1) * BLOCK_COLS, k))) for j in range(kb)]
+    blocks = [list(range(j * bc, min((j + 1) * bc, k))) for j in range(kb)]
     if act_order:
         diag = ht.diagonal()
         blocks = sorted(blocks, key=lambda cols: -float(diag[cols].sum()))
@@ -375,7 +379,7 @@ def quantize_bcq(w: np.ndarray, h: np.ndarray | None = None, *, bits: int = 3, t
             alpha = last if alpha is None else torch.cat([alpha, last])
         else:
             alpha = fit(grp.reshape(ng, -1), g)
-        alpha_b[cols[0] // BLOCK_COLS] = alpha
+        alpha_b[cols[0] // bc] = alpha
         lv, lcodes = _levels(alpha)
         mid = ((lv[:, 1:] + lv[:, :-1]) / 2).contiguous()
         errs = blk.new_zeros(n, width)
@@ -400,7 +404,7 @@ def quantize_bcq(w: np.ndarray, h: np.ndarray | None = None, *, bits: int = 3, t
     bits_arr = ((codes[None] >> torch.arange(q)[:, None, None]) & 1).numpy().astype(np.uint8)  # [q, N, K]
     alpha_np = alpha_b.permute(2, 0, 1).numpy()  # [q, Kb, Ng]
     _, exps, signs = apot(alpha_np, terms)
-    return Packed("bcq", n, k, pack_bits(bits_arr.transpose(0, 2, 1)), exps, signs, g)
+    return Packed("bcq", n, k, pack_bits(bits_arr.transpose(0, 2, 1)), exps, signs, g, block_cols=bc)
 
 
 def quantize_denseshift(w: np.ndarray, h: np.ndarray | None = None, *, bits: int = 3, terms: int = 3,
@@ -470,6 +474,7 @@ def quantize(w: np.ndarray, h: np.ndarray | None = None, *, mode: str = "bcq", *
             kw.pop("row_scale", None)
             kw.pop("static_scales", None)
             kw.pop("weighted_scales", None)
+            kw.pop("block_cols", None)
             return quantize_denseshift(w, h, **kw)
         raise ValueError(f"unknown shiftadd mode {mode!r}")
     finally:

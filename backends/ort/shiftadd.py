@@ -19,6 +19,12 @@ The weight is decoded in float32 (then CastLike X), as the torch kernel does; a 
 an ``Add`` after the call. The bodies need opset 15 (``Shape(start=)``, ``CastLike``; the bit
 test is ``Mod`` by 2 rather than opset-18 ``BitwiseAnd``, so TorchScript exports at opset
 15-17 qualify) and are declared at the model's own opset.
+
+``rewriter::ShiftAddNBits`` / ``ShiftAddNBits8`` (``nbits_function`` / ``nbits8_function``)
+run the weights packed in ONNX Runtime through ``com.microsoft::MatMulNBits``: the BCQ bit
+planes as 2-bit codes stacked along the output axis (one call, then ``ReduceSum`` over the
+planes; exact), or the decoded weight on an 8-bit grid (one call; each weight within half
+a grid step). Nothing is left for constant folding to expand at session load.
 """
 
 from __future__ import annotations
@@ -145,3 +151,106 @@ def denseshift_function(opset: int = MIN_OPSET) -> ir.Function:
 def function_for(mode: str):
     """The function builder (``opset -> ir.Function``) of a quantizer mode."""
     return {"bcq": shiftadd_function, "denseshift": denseshift_function}[mode]
+
+
+# --------------------------------------------------------------------------- MatMulNBits
+
+NBITS_NAME = "ShiftAddNBits"
+NBITS_MS_DOMAIN = "com.microsoft"
+NBITS_BLOCKS = (16, 32, 64, 128, 256)  # MatMulNBits block sizes (powers of two >= 16)
+
+
+def nbits_function(opset: int = MIN_OPSET) -> ir.Function:
+    """``rewriter::ShiftAddNBits(X, B, S)`` (attributes ``K``, ``N``, ``planes`` q, ``NQ`` = q N,
+    ``block_size``, ``accuracy_level``): the BCQ layer as ONE ONNX Runtime
+    ``com.microsoft::MatMulNBits`` (2-bit) over the ``q`` +-alpha bit planes stacked along
+    the output axis (``q N`` rows), then ``Reshape`` to ``[..., q, N]`` and ``ReduceSum``
+    over the planes. ``B`` uint8 ``[q N, K/bs, bs/4]`` holds code 3 for ``+1`` and 1 for
+    ``-1`` (the default zero point of 2-bit ``MatMulNBits`` is 2), ``S`` float32
+    ``[q N, K/bs]`` the plane's ``alpha`` per row and ``bs``-column block. One call, so the
+    activations are read (and, at ``accuracy_level`` 4, quantized to int8) once for all
+    planes. The weights stay packed in the session: ORT's kernels read them, nothing is
+    folded back to dense."""
+    x, b, s = ir.Value(name="X"), ir.Value(name="B"), ir.Value(name="S")
+    f = _Body()
+    attrs = [ir.RefAttr("K", "K", ir.AttributeType.INT), ir.RefAttr("N", "NQ", ir.AttributeType.INT),
+             ir.RefAttr("block_size", "block_size", ir.AttributeType.INT),
+             ir.RefAttr("accuracy_level", "accuracy_level", ir.AttributeType.INT)]
+    mm = ir.Node(NBITS_MS_DOMAIN, "MatMulNBits", [x, b, s], [*attrs, ir.AttrInt64("bits", 2)], name="planes")
+    f.nodes.append(mm)
+    lead = f("Shape", [mm.outputs[0]], [ir.AttrInt64("end", -1)])  # [..., q N] -> the leading dims
+    q = _attr_vector(f, "planes")
+    shape = f("Concat", [lead, q, f.i64("minus1", [-1])], [ir.AttrInt64("axis", 0)])
+    y3 = f("Reshape", [mm.outputs[0], shape])  # [..., q, N]
+    y = f("ReduceSum", [y3, f.i64("axis_q", [-2])], [ir.AttrInt64("keepdims", 0)])
+    y.name = "Y"
+    graph = ir.Graph([x, b, s], [y], nodes=f.nodes, opset_imports={"": max(opset, MIN_OPSET), NBITS_MS_DOMAIN: 1},
+                     name=NBITS_NAME)
+    return ir.Function(DOMAIN, NBITS_NAME, graph=graph,
+                       attributes=[ir.AttrInt64(a, v) for a, v in (("K", 0), ("N", 0), ("planes", 1), ("NQ", 0),
+                                                                  ("block_size", 64), ("accuracy_level", 4))])
+
+
+def nbits_tensors(planes: np.ndarray, alpha: np.ndarray, n_in: int, block: int,
+                  row_scale: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The ``MatMulNBits`` inputs of a BCQ weight with one scale per row and ``block`` input
+    columns: ``planes`` uint32 ``[q, ceil(K/32), N]`` (bit 1 = ``+1``), ``alpha`` float64
+    ``[q, ceil(K/block), N]`` (exact in float32: sums of powers of two), ``row_scale``
+    (powers of two, ``[N]``) multiplied into the scales. Returns ``{"B": codes uint8
+    [q N, K/block, block/4], "S": scales float32 [q N, K/block]}``, plane ``k`` in rows
+    ``k N .. (k+1) N - 1`` (codes 4 per byte, first column in the low bits; padding columns
+    code 2, i.e. zero)."""
+    q, kw, n = planes.shape
+    kb = -(-n_in // block)
+    shifts = np.arange(32, dtype=np.uint32)[None, None, :, None]
+    bits = ((planes[:, :, None, :] >> shifts) & np.uint32(1)).reshape(q, kw * 32, n)[:, :n_in]  # [q, K, N]
+    codes = np.full((q, n, kb * block), 2, dtype=np.uint8)
+    codes[:, :, :n_in] = 1 + 2 * bits.transpose(0, 2, 1).astype(np.uint8)
+    c4 = codes.reshape(q * n, kb, block // 4, 4)
+    packed = (c4[..., 0] | (c4[..., 1] << 2) | (c4[..., 2] << 4) | (c4[..., 3] << 6)).astype(np.uint8)
+    s = alpha[:, :kb].transpose(0, 2, 1).astype(np.float64)  # [q, N, Kb]
+    if row_scale is not None:
+        s = s * row_scale.astype(np.float64)[None, :, None]
+    return {"B": packed, "S": s.reshape(q * n, kb).astype(np.float32)}
+
+
+NBITS8_NAME = "ShiftAddNBits8"
+
+
+def nbits8_function(opset: int = MIN_OPSET) -> ir.Function:
+    """``rewriter::ShiftAddNBits8(X, B, S)`` (attributes ``K``, ``N``, ``block_size``,
+    ``accuracy_level``): the decoded BCQ weight on an 8-bit grid per row and ``block_size``
+    columns, ONE 8-bit ``com.microsoft::MatMulNBits`` (default zero point 128): a single
+    product instead of one per bit plane, at 8 stored bits per weight; the grid rounds each
+    weight by at most half its block's step (``nbits8_tensors``)."""
+    x, b, s = ir.Value(name="X"), ir.Value(name="B"), ir.Value(name="S")
+    attrs = [ir.RefAttr(a, a, ir.AttributeType.INT) for a in ("K", "N", "block_size", "accuracy_level")]
+    mm = ir.Node(NBITS_MS_DOMAIN, "MatMulNBits", [x, b, s], [*attrs, ir.AttrInt64("bits", 8)], name="grid8")
+    ident = ir.Node("", "Identity", [mm.outputs[0]], name="out")
+    ident.outputs[0].name = "Y"
+    graph = ir.Graph([x, b, s], [ident.outputs[0]], nodes=[mm, ident],
+                     opset_imports={"": max(opset, MIN_OPSET), NBITS_MS_DOMAIN: 1}, name=NBITS8_NAME)
+    return ir.Function(DOMAIN, NBITS8_NAME, graph=graph,
+                       attributes=[ir.AttrInt64(a, v) for a, v in (("K", 0), ("N", 0), ("block_size", 64),
+                                                                  ("accuracy_level", 4))])
+
+
+def nbits8_tensors(w: np.ndarray, block: int) -> dict[str, np.ndarray]:
+    """8-bit ``MatMulNBits`` inputs of a dense ``[N, K]`` weight (the BCQ decode, float64):
+    per row and ``block`` columns the step ``s = max|w| / 127`` and codes
+    ``round(w / s) + 128`` (so ``|w - (code - 128) s| <= s / 2``); padding columns code 128."""
+    n, k = w.shape
+    kb = -(-k // block)
+    wp = np.zeros((n, kb * block))
+    wp[:, :k] = w
+    wb = wp.reshape(n, kb, block)
+    step = np.abs(wb).max(-1) / 127.0
+    step = np.where(step > 0, step, 1.0).astype(np.float32)  # float32: the grid ORT multiplies by
+    codes = np.clip(np.rint(wb / step.astype(np.float64)[..., None]), -127, 127) + 128
+    return {"B": codes.astype(np.uint8), "S": step}
+
+
+def nbits8_dense(codes: np.ndarray, steps: np.ndarray, n_in: int) -> np.ndarray:
+    """The ``[N, K]`` weight (float64) of ``nbits8_tensors``' codes and steps."""
+    n = codes.shape[0]
+    return ((codes.astype(np.float64) - 128.0) * steps.astype(np.float64)[:, :, None]).reshape(n, -1)[:, :n_in]
