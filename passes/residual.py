@@ -438,7 +438,8 @@ def analyze(view: GraphView) -> ResidualStream:
     problems: list[str] = []
     notes: list[str] = []
     if len(widths) > 1:
-        problems.append(f"the norms on the stream have different widths {sorted(widths | {width})}")
+        problems.append(f"the norms on the stream have different widths {sorted(widths)} (the stream changes width, "
+                        "as at a patch merging)")
     if not a.joins and stream_norms:
         notes.append("no residual adds: the norms read their writers directly")
 

@@ -17,7 +17,7 @@ the paper's band ``|i - j| <= floor(floor(N * density) / 2)`` over the flattened
 or a 2-D local window on the token grid (``mask=window2d``, ``grid=HxW``, square by
 default).
 
-Sites: self-attention found by ``passes/attention.py`` (FX SDPA or the matmul-softmax
+Sites: self-attention found by ``rewriter/canon/attention.py`` (FX SDPA or the matmul-softmax
 chain; ONNX ``Attention`` or the opset-18 decomposition), with static ``H``, ``N``, ``Dh``.
 Declined with the reason: cross-attention (keys of another length or projected from
 another tensor; ``cross=true`` accepts the same-length case), masks, causal attention,
@@ -47,7 +47,7 @@ from typing import Any, Literal
 import numpy as np
 
 from backends.rettention_spec import BlockLayout, MaskSpec, Schedule, auto_block
-from passes.attention import AttentionSite, describe, find_attention
+from rewriter.canon.attention import AttentionSite, describe, find_attention
 from rewriter.ir.fx_view import FxView
 from rewriter.ir.onnx_view import PROVENANCE_PASS, PROVENANCE_REPLACED, OnnxView
 from rewriter.ir.view import GraphView

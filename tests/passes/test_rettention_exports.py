@@ -195,7 +195,7 @@ def test_contrib_attention_declined_by_name(op, rng):
 
 def test_group_query_attention_declined_by_name(rng):
     """GroupQueryAttention (not run here: its cache inputs) is declined by name by the matcher."""
-    from passes.attention import find_attention
+    from rewriter.canon.attention import find_attention
     from rewriter.ir.onnx_view import OnnxView
     import onnx_ir as ir
 
