@@ -20,8 +20,10 @@ Eligibility (``ResidualStream.problems``, model level, and per-norm reasons):
 * post-LN: a norm reads the stream and its output is written back into it;
 * the raw stream read by anything but joins, stream layout ops and norms (an exported
   hidden state, an op reading the stream), or a stream value that is a graph output;
-* a branch output scaled channel-wise by a data-dependent gate (adaLN-Zero): the update
-  ``gate * f(x)`` is not zero-mean for any re-centring of ``f``;
+* a branch output scaled channel-wise by a gate computed from a conditioning input
+  (adaLN-Zero; the rule is ``rewriter.canon.gates``, decided by data dependence whether or
+  not the gate's channel size is known): the update ``gate * f(x)`` is not zero-mean for
+  any re-centring of ``f``;
 * ops that read only the stream's shape are not readers of its values: a ``Shape`` /
   ``Size`` (ONNX) or ``aten.sym_size`` (FX) of a stream value or of a norm output (the
   ``Shape -> Gather -> Unsqueeze -> Concat -> Reshape`` chains of dynamic axes) is listed
@@ -48,6 +50,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
+from rewriter.canon.gates import conditioning_gate
 from rewriter.ir.view import Declined, Dim, GraphView, Layout, Node, NormParams
 
 log = logging.getLogger(__name__)
@@ -121,6 +124,10 @@ class _Analysis:
         self.layouts: dict[int, Node] = {}
         self.leaves: dict[int, Any] = {}  # writer values
         self.problems: list[str] = []
+        self.memo: dict[int, bool] = {}  # id(value) -> computed from the stream (canon.gates)
+
+    def on_stream(self, value) -> bool:
+        return id(value) in self.values
 
     # -- layout helpers ------------------------------------------------------------------
     def _layout(self, node: Node | None) -> Layout | None:
@@ -256,6 +263,16 @@ def _walk_writer(a: _Analysis, value, width: int | None, state: dict) -> Writer:
                 continue
             return Writer("other", value, p, path)
         if p.op == "mul" and len(p.inputs) == 2 and axis == -1:
+            gate = conditioning_gate(v, p, a.on_stream, a.memo)
+            if gate is not None and gate.scalar:  # one factor per token keeps the mean at zero
+                path.append((p, axis))
+                u = gate.branch
+                continue
+            if gate is not None:
+                return Writer("gated", value, p, path,
+                              f"branch output {v.value_name(gate.branch)} is scaled channel-wise by a gate "
+                              f"computed from a conditioning input, not from the tokens ({p.name}, as in "
+                              "adaLN-Zero): the stream stops being zero-mean")
             shapes = [v.shape(x) for x in p.inputs]
             if all(s for s in shapes):
                 narrow = [i for i, s in enumerate(shapes) if s[-1] == 1]
