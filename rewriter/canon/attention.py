@@ -106,6 +106,7 @@ def find_attention(view: GraphView) -> list[AttentionSite]:
         sites = _fx_sites(view)
     else:  # pragma: no cover - only two IRs
         return []
+    sites += linear_attention(view)
     for s in sites:
         if not s.ok:
             continue
@@ -118,13 +119,94 @@ def find_attention(view: GraphView) -> list[AttentionSite]:
     return sites
 
 
+# -- linear attention ----------------------------------------------------------------------------
+_MATMUL = ("matmul", "bmm")
+_FEATURE_MAPS = ("relu", "elu", "sigmoid", "softplus")
+
+
+def _feature_map(view: GraphView, value: Value, depth: int = 4) -> Node | None:
+    """The kernel feature map (``relu(Q)``, ``elu(K) + 1``) ``value`` is a per-token view of."""
+    for _ in range(depth):
+        node = view.producer(value)
+        if node is None or not node.inputs:
+            return None
+        name = _op_name(node)
+        if name in _FEATURE_MAPS:
+            return node
+        if not (node.op == "transpose" or name in _PER_TOKEN or name in ("add", "pad")):
+            return None
+        value = node.inputs[0]
+    return None
+
+
+def linear_attention(view: GraphView) -> list[AttentionSite]:
+    """Linear attention (Sana, Linformer-style kernels): ``phi(Q) (phi(K)^T V)`` as two
+    products of run-time tensors with a kernel feature map ``phi`` (ReLU, ELU + 1) on an
+    operand and no softmax. Recognised so that a decline names it; never rewritten."""
+    sites = []
+    for node in view.nodes():
+        if _op_name(node) not in _MATMUL or len(node.inputs) != 2:
+            continue
+        if any(view.const_value(x) is not None for x in node.inputs):
+            continue
+        inner = [view.producer(x) for x in node.inputs]
+        inner = [n for n in inner if n is not None and _op_name(n) in _MATMUL and len(n.inputs) == 2
+                 and all(view.const_value(x) is None for x in n.inputs)]
+        if not inner:
+            continue
+        phi = next((f for x in [*node.inputs, *inner[0].inputs] if (f := _feature_map(view, x)) is not None), None)
+        if phi is None:
+            continue
+        sites.append(AttentionSite(node.name, "linear", raw=[inner[0].raw[0], node.raw[0]], reason=(
+            f"{node.name}: linear attention (feature map {phi.op.split(':', 1)[-1]} {phi.name}, products "
+            f"{inner[0].name} and {node.name}, no softmax): Re-ttention sparsifies softmax attention only")))
+    return sites
+
+
 # -- shared ------------------------------------------------------------------------------------
+# the start of a decline that better shape inference may lift (``rewriter.shapes``)
+SHAPES_UNKNOWN = "shape inference left the heads, tokens or head width unknown"
+
+
+def _known(shape) -> bool:
+    """Every axis but the first (the batch, symbolic under dynamic axes) is known."""
+    return shape is not None and all(d is not None for d in shape[1:])
+
+
+def shape_stop(view: GraphView, value: Value, depth: int = 64) -> Node | None:
+    """The op where shape inference stopped on the way to ``value``: the first op back
+    from it whose data inputs all have known shapes (but the batch) and whose output has
+    not; None when the walk reaches an input first."""
+    for _ in range(depth):
+        node = view.producer(value)
+        if node is None:
+            return None
+        unknown = next((x for x in node.inputs if x is not None and view.const_value(x) is None
+                        and not _known(view.shape(x))), None)
+        if unknown is None:
+            return node
+        value = unknown
+    return None
+
+
+def shape_stop_note(view: GraphView, value: Value, which: str = "") -> str:
+    node = shape_stop(view, value)
+    if node is None:
+        return ""
+    op = node.op.split(":", 1)[-1]
+    return (f"; inference stops at {op} {node.name}"
+            + (f" on the way to {which}" if which else "")
+            + " (its output shape is not derived from its inputs' known shapes)")
+
+
 def _check_shapes(view: GraphView, s: AttentionSite) -> None:
     qs, ks, vs = view.shape(s.q), view.shape(s.k), view.shape(s.v)
     if (ks is None or None in ks[1:]) and s.k_transposed and qs is not None and vs is not None and len(qs) == len(vs) == 4:
         ks = (qs[0], qs[1], qs[3], vs[2])  # K^T of the decomposition often has no shape: Q @ K^T says it
     if qs is None or ks is None or vs is None:
-        s.reason = f"{s.name}: the shapes of Q, K, V are unknown"
+        which = next(w for w, x in (("Q", qs), ("K", ks), ("V", vs)) if x is None)
+        value = {"Q": s.q, "K": s.k, "V": s.v}[which]
+        s.reason = f"{s.name}: {SHAPES_UNKNOWN} ({which}'s rank is unknown){shape_stop_note(view, value)}"
         return
     if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
         s.reason = f"{s.name}: Q, K, V are not [B, H, N, Dh] (ranks {len(qs)}, {len(ks)}, {len(vs)})"
@@ -133,7 +215,10 @@ def _check_shapes(view: GraphView, s: AttentionSite) -> None:
         ks = (ks[0], ks[1], ks[3], ks[2])
     b, h, n, d = qs
     if None in (h, n, d) or None in ks[1:] or None in vs[1:]:
-        s.reason = f"{s.name}: heads, tokens and head width must be static (Q is {list(qs)})"
+        which, value = next((w, x) for w, x, sh in (("Q", s.q, qs), ("K", s.k, ks), ("V", s.v, vs))
+                            if None in sh[1:])
+        s.reason = (f"{s.name}: {SHAPES_UNKNOWN} (Q is {list(qs)}, K {list(ks)}, V {list(vs)})"
+                    f"{shape_stop_note(view, value, which)}")
         return
     if ks[1] != h or vs[1] != h:
         s.reason = f"{s.name}: {ks[1]} key heads for {h} query heads (GQA/MQA is not supported)"
