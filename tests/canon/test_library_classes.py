@@ -8,6 +8,7 @@ declines, the reason must be the true one."""
 from __future__ import annotations
 
 import onnx
+import onnx_ir as ir
 import pytest
 
 import rewriter
@@ -138,3 +139,17 @@ def test_unknown_shapes_name_where_inference_stopped(files):
     shapes = {n: list(a.shape) for n, a in zip(built.names, built.args)}
     res, rep = _rewrite(path, "rettention", shapes=shapes)
     assert rep["applied"] == 2 and res.passed
+
+
+# -- 4. BatchNorm1d through a Flatten after a bias-free linear ------------------------------
+@pytest.mark.parametrize("exporter", ["ts17", "dynamo18"])
+def test_levit_batchnorms_fold_through_flatten(files, exporter):
+    """LevitModel: every BatchNormalization (MatMul -> Flatten / Reshape -> BatchNormalization -> Reshape, and the patch-embedding convs') folds, exactly."""
+    path, built = files("levit", exporter)
+    n_bn = sum(n.op_type == "BatchNormalization" for n in onnx.load(str(path)).graph.node)
+    assert n_bn == 22  # the patch-embedding convs', and two or three per block
+    res, rep = _rewrite(path, "foldnorm")
+    assert rep["applied"] == n_bn and not rep["declined"] and res.passed
+    proto = res.model if isinstance(res.model, onnx.ModelProto) else ir.to_proto(res.model)
+    assert not any(n.op_type == "BatchNormalization" for n in proto.graph.node)
+    assert _exact(path, res, built) <= FP32
