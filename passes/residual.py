@@ -33,7 +33,9 @@ Eligibility (``ResidualStream.problems``, model level, and per-norm reasons):
   shape_read_problems``). Constant-folded reads (``Shape`` of a static tensor) are in
   ``shape_reads``;
 * norms that do not read the stream are listed apart with the reason (an embedding
-  LayerNorm, a QK-norm) and stay as they are.
+  LayerNorm, a QK-norm) and stay as they are. A norm that starts the stream (no norm
+  upstream, its output written into a residual add: CLIP's ``pre_layrnorm``; the rule is
+  ``rewriter.canon.embedding_norms``) is a writer of the stream, not a post-LN norm.
 
 Depth: ``StreamNorm.depth`` counts the stream norms upstream of a norm; ``block`` counts
 the upstream norms whose branch has no attention (the MLP pre-norms), which is the
@@ -50,6 +52,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
+from rewriter.canon.embedding_norms import embedding_norm
 from rewriter.canon.gates import conditioning_gate
 from rewriter.ir.view import Declined, Dim, GraphView, Layout, Node, NormParams
 
@@ -429,6 +432,10 @@ def analyze(view: GraphView) -> ResidualStream:
     a = _Analysis(view)
     nodes = view.nodes()
     norms = [n for n in nodes if n.op in NORM_OPS and n.inputs]
+    # a norm that starts the stream (rewriter.canon.embedding_norms) reads the embeddings,
+    # not the stream: its output is a writer
+    starts = [n for n in norms if embedding_norm(view, n, NORM_OPS)]
+    norms = [n for n in norms if not any(n is e for e in starts)]
     for n in norms:
         a.visit(n.inputs[0])
     # norms on the stream: their input (through layouts) is a stream value or a writer value
@@ -450,6 +457,9 @@ def analyze(view: GraphView) -> ResidualStream:
             p = view.producer(start)
             what = f"{p.op} {p.name}" if p is not None else view.value_name(start)
             other_norms.append((n, f"{n.name} does not read the residual stream (it reads {what})"))
+    for n in starts:
+        other_norms.append((n, f"{n.name} does not read the residual stream: an embedding norm, it reads "
+                               "the embeddings and starts the stream (a writer of it)"))
     widths = {sn.params.width for sn in stream_norms if sn.params is not None}
     width = widths.pop() if len(widths) == 1 else None
     problems: list[str] = []

@@ -32,14 +32,14 @@ class Built:
 
 
 class _Call(torch.nn.Module):
-    """Positional inputs -> ``model(**{key: input}, return_dict=False)[0]``."""
+    """Positional inputs -> ``model(**{key: input}, return_dict=False)[out]``."""
 
-    def __init__(self, model, keys: list[str], fixed: dict | None = None):
+    def __init__(self, model, keys: list[str], out: int = 0):
         super().__init__()
-        self.model, self.keys, self.fixed = model, keys, fixed or {}
+        self.model, self.keys, self.out = model, keys, out
 
     def forward(self, *xs):
-        return self.model(**dict(zip(self.keys, xs)), **self.fixed, return_dict=False)[0]
+        return self.model(**dict(zip(self.keys, xs)), return_dict=False)[self.out]
 
 
 def _seeded(model: torch.nn.Module) -> torch.nn.Module:
@@ -70,13 +70,14 @@ def swin() -> Built:
 
 
 def clip_vision() -> Built:
+    """The pooled image feature (``post_layernorm`` of the class token): what a user exports."""
     import transformers as T
 
     cfg = T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                              image_size=16, patch_size=4)
     cfg._attn_implementation = "eager"
     m = _seeded(T.CLIPVisionModel(cfg))
-    return Built(_Call(m, ["pixel_values"]), (_randn(2, 3, 16, 16),), ["pixels"], {"pixels": {0: "batch"}})
+    return Built(_Call(m, ["pixel_values"], out=1), (_randn(2, 3, 16, 16),), ["pixels"], {"pixels": {0: "batch"}})
 
 
 def levit() -> Built:

@@ -153,3 +153,16 @@ def test_levit_batchnorms_fold_through_flatten(files, exporter):
     proto = res.model if isinstance(res.model, onnx.ModelProto) else ir.to_proto(res.model)
     assert not any(n.op_type == "BatchNormalization" for n in proto.graph.node)
     assert _exact(path, res, built) <= FP32
+
+
+# -- 3. an embedding LayerNorm before a pre-LN stack ----------------------------------------
+@pytest.mark.parametrize("exporter", ["ts17", "dynamo18"])
+def test_clip_embedding_norm_is_a_writer(files, exporter):
+    """CLIPVisionModel: pre_layrnorm starts the stream (a writer, centred by one op), not a post-LN norm: rms and crms apply, exactly."""
+    path, built = files("clip_vision", exporter)
+    for p in ("rms", "crms"):
+        res, rep = _rewrite(path, p)
+        assert rep["applied"] > 0 and not rep["declined"] and res.passed, _reasons(rep)[:1]
+        starts = [s.reason for s in res.records[0].applied if "explicit centering op" in s.reason]
+        assert len(starts) == 1, starts  # pre_layrnorm's output, the only writer without parameters to re-centre
+        assert _exact(path, res, built) <= FP32
