@@ -27,11 +27,9 @@ _HARMLESS = {aten._assert_tensor_metadata.default}
 
 
 class FxNormAdapter(NormAdapter):
-    def __init__(self, gm: fx.GraphModule):
-        from rewriter.ir.fx_view import FxView
-
+    def __init__(self, gm: fx.GraphModule, view):
         self.gm = gm
-        self.view = FxView(gm)  # for its constant folding and shapes
+        self.view = view  # an FxView of gm: its constant folding and shapes
 
     def nodes(self) -> list[fx.Node]:
         return list(self.gm.graph.nodes)
@@ -105,11 +103,12 @@ class FxNormAdapter(NormAdapter):
         return self.view.rank(value) if isinstance(value, fx.Node) else None
 
 
-def canonicalize_norms(gm: fx.GraphModule) -> int:
+def canonicalize_norms(gm: fx.GraphModule, view) -> int:
     """Rewrite every recognised norm chain of ``gm`` into ``aten.rms_norm`` /
     ``aten.layer_norm`` over the last axis; returns how many. A chain whose scale or shift
-    is not a ``[width]`` tensor of the input's dtype is left as it is."""
-    ad = FxNormAdapter(gm)
+    is not a ``[width]`` tensor of the input's dtype is left as it is. ``view``: an
+    ``FxView`` of ``gm`` (constants and shapes)."""
+    ad = FxNormAdapter(gm, view)
     search = find_norms(ad)
     done = 0
     for m in search.matches:
