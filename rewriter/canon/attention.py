@@ -65,7 +65,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from rewriter.ir.view import Declined, GraphView, Node, Value
+from rewriter.ir.view import Declined, GraphView, Layout, Node, Value
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +286,8 @@ def token_source(view: GraphView, value: Value, depth: int = 48):
         if name in ("mul", "div", "add", "sub") and len(node.inputs) == 2:
             return _binary_source(view, node, depth - 1)
         lay = _layout(view, node)
+        if lay is None and name in ("cat", "concat"):
+            lay = _fx_cat(view, node)
         if lay is not None and lay.kind == "concat":
             return _concat_source(view, node, lay, depth - 1)
         if not node.inputs:
@@ -304,6 +306,17 @@ def _layout(view: GraphView, node: Node):
         return view.layout(node)
     except Declined:
         return None
+
+
+def _fx_cat(view: GraphView, node: Node) -> Layout | None:
+    """``aten.cat(tensors, dim)`` as a concat layout (FX views leave it unclassified)."""
+    raw = node.raw[0] if node.raw else None
+    args = getattr(raw, "args", None)
+    rank = view.rank(node.output)
+    if not args or rank is None:
+        return None
+    dim = args[1] if len(args) > 1 else getattr(raw, "kwargs", {}).get("dim", 0)
+    return Layout("concat", [int(dim) % rank]) if isinstance(dim, int) else None
 
 
 def _same(a, b) -> bool:
