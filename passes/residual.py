@@ -273,8 +273,8 @@ def _walk_writer(a: _Analysis, value, width: int | None, state: dict) -> Writer:
                 continue
             if gate is not None:
                 return Writer("gated", value, p, path,
-                              f"branch output {v.value_name(gate.branch)} is scaled channel-wise by a gate "
-                              f"computed from a conditioning input, not from the tokens ({p.name}, as in "
+                              f"branch output {v.value_name(gate.branch)} is scaled channel-wise by a data-dependent "
+                              f"gate computed from a conditioning input, not from the tokens ({p.name}, as in "
                               "adaLN-Zero): the stream stops being zero-mean")
             shapes = [v.shape(x) for x in p.inputs]
             if all(s for s in shapes):

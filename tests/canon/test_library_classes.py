@@ -111,7 +111,7 @@ def test_adaln_zero_same_answer_from_both_exporters(files, name):
         path, _ = files(name, exporter)
         res, rep = _rewrite(path, "crms")
         assert rep["applied"] == 0, exporter
-        assert any("gate computed from a conditioning input" in r for r in _reasons(rep)), (exporter, _reasons(rep)[:1])
+        assert any("data-dependent gate computed from a conditioning input" in r for r in _reasons(rep)), (exporter, _reasons(rep)[:1])
 
 
 # -- 6. linear attention: the decline names the real cause ----------------------------------
