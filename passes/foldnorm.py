@@ -47,6 +47,7 @@ from typing import Literal
 
 import numpy as np
 
+from rewriter.canon.linear import keeps_features, producer_through_views
 from rewriter.ir.view import Affine, Declined, GraphView, LinearParams, Node, scale_linear
 from rewriter.pass_api import Kind, Pass, Site, register
 
@@ -175,6 +176,12 @@ class FoldNorm(Pass):
             if view.data_users(src) != [consumer] or view.is_graph_output(src):
                 return None, f"{p.name}'s output has other readers"
             if p.op != "transpose":
+                if axis in (None, -1) and keeps_features(view, p):
+                    # a Flatten / Reshape keeping the feature axis (LeViT's BatchNorm1d over
+                    # linear(x).flatten(0, 1)): rewriter.canon.linear
+                    q, _ = producer_through_views(view, src, consumer)
+                    if q is not None and q.op == "linear":
+                        p = q
                 break
             if axis is not None:
                 rank = view.rank(p.output)

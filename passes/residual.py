@@ -20,8 +20,10 @@ Eligibility (``ResidualStream.problems``, model level, and per-norm reasons):
 * post-LN: a norm reads the stream and its output is written back into it;
 * the raw stream read by anything but joins, stream layout ops and norms (an exported
   hidden state, an op reading the stream), or a stream value that is a graph output;
-* a branch output scaled channel-wise by a data-dependent gate (adaLN-Zero): the update
-  ``gate * f(x)`` is not zero-mean for any re-centring of ``f``;
+* a branch output scaled channel-wise by a gate computed from a conditioning input
+  (adaLN-Zero; the rule is ``rewriter.canon.gates``, decided by data dependence whether or
+  not the gate's channel size is known): the update ``gate * f(x)`` is not zero-mean for
+  any re-centring of ``f``;
 * ops that read only the stream's shape are not readers of its values: a ``Shape`` /
   ``Size`` (ONNX) or ``aten.sym_size`` (FX) of a stream value or of a norm output (the
   ``Shape -> Gather -> Unsqueeze -> Concat -> Reshape`` chains of dynamic axes) is listed
@@ -31,7 +33,9 @@ Eligibility (``ResidualStream.problems``, model level, and per-norm reasons):
   shape_read_problems``). Constant-folded reads (``Shape`` of a static tensor) are in
   ``shape_reads``;
 * norms that do not read the stream are listed apart with the reason (an embedding
-  LayerNorm, a QK-norm) and stay as they are.
+  LayerNorm, a QK-norm) and stay as they are. A norm that starts the stream (no norm
+  upstream, its output written into a residual add: CLIP's ``pre_layrnorm``; the rule is
+  ``rewriter.canon.embedding_norms``) is a writer of the stream, not a post-LN norm.
 
 Depth: ``StreamNorm.depth`` counts the stream norms upstream of a norm; ``block`` counts
 the upstream norms whose branch has no attention (the MLP pre-norms), which is the
@@ -48,6 +52,8 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
+from rewriter.canon.embedding_norms import embedding_norm
+from rewriter.canon.gates import conditioning_gate
 from rewriter.ir.view import Declined, Dim, GraphView, Layout, Node, NormParams
 
 log = logging.getLogger(__name__)
@@ -121,6 +127,10 @@ class _Analysis:
         self.layouts: dict[int, Node] = {}
         self.leaves: dict[int, Any] = {}  # writer values
         self.problems: list[str] = []
+        self.memo: dict[int, bool] = {}  # id(value) -> computed from the stream (canon.gates)
+
+    def on_stream(self, value) -> bool:
+        return id(value) in self.values
 
     # -- layout helpers ------------------------------------------------------------------
     def _layout(self, node: Node | None) -> Layout | None:
@@ -256,6 +266,16 @@ def _walk_writer(a: _Analysis, value, width: int | None, state: dict) -> Writer:
                 continue
             return Writer("other", value, p, path)
         if p.op == "mul" and len(p.inputs) == 2 and axis == -1:
+            gate = conditioning_gate(v, p, a.on_stream, a.memo)
+            if gate is not None and gate.scalar:  # one factor per token keeps the mean at zero
+                path.append((p, axis))
+                u = gate.branch
+                continue
+            if gate is not None:
+                return Writer("gated", value, p, path,
+                              f"branch output {v.value_name(gate.branch)} is scaled channel-wise by a data-dependent "
+                              f"gate computed from a conditioning input, not from the tokens ({p.name}, as in "
+                              "adaLN-Zero): the stream stops being zero-mean")
             shapes = [v.shape(x) for x in p.inputs]
             if all(s for s in shapes):
                 narrow = [i for i, s in enumerate(shapes) if s[-1] == 1]
@@ -412,6 +432,10 @@ def analyze(view: GraphView) -> ResidualStream:
     a = _Analysis(view)
     nodes = view.nodes()
     norms = [n for n in nodes if n.op in NORM_OPS and n.inputs]
+    # a norm that starts the stream (rewriter.canon.embedding_norms) reads the embeddings,
+    # not the stream: its output is a writer
+    starts = [n for n in norms if embedding_norm(view, n, NORM_OPS)]
+    norms = [n for n in norms if not any(n is e for e in starts)]
     for n in norms:
         a.visit(n.inputs[0])
     # norms on the stream: their input (through layouts) is a stream value or a writer value
@@ -433,12 +457,16 @@ def analyze(view: GraphView) -> ResidualStream:
             p = view.producer(start)
             what = f"{p.op} {p.name}" if p is not None else view.value_name(start)
             other_norms.append((n, f"{n.name} does not read the residual stream (it reads {what})"))
+    for n in starts:
+        other_norms.append((n, f"{n.name} does not read the residual stream: an embedding norm, it reads "
+                               "the embeddings and starts the stream (a writer of it)"))
     widths = {sn.params.width for sn in stream_norms if sn.params is not None}
     width = widths.pop() if len(widths) == 1 else None
     problems: list[str] = []
     notes: list[str] = []
     if len(widths) > 1:
-        problems.append(f"the norms on the stream have different widths {sorted(widths | {width})}")
+        problems.append(f"the norms on the stream have different widths {sorted(widths)} (the stream changes width, "
+                        "as at a patch merging)")
     if not a.joins and stream_norms:
         notes.append("no residual adds: the norms read their writers directly")
 

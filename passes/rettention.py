@@ -26,7 +26,7 @@ attention's batch the frames, and the remaining tokens are text (assumed first, 
 CogVideoX's joint attention). The site reason says which mask was chosen and why, with
 the token density and the block density of the sparse kernels' layout.
 
-Sites: self-attention found by ``passes/attention.py`` (FX SDPA or the matmul-softmax
+Sites: self-attention found by ``rewriter/canon/attention.py`` (FX SDPA or the matmul-softmax
 chain; ONNX ``Attention`` or the opset-18 decomposition), with static ``H``, ``N``, ``Dh``.
 Declined with the reason: cross-attention (keys of another length or projected from
 another tensor; ``cross=true`` accepts the same-length case), masks, causal attention,
@@ -54,7 +54,7 @@ import logging
 from typing import Literal
 
 from backends.rettention_spec import BlockLayout, MaskSpec, Schedule, TokenLayout, auto_block
-from passes.attention import AttentionSite, describe, find_attention
+from rewriter.canon.attention import SHAPES_UNKNOWN, AttentionSite, describe, find_attention
 from rewriter.ir.onnx_view import OnnxView
 from rewriter.ir.view import Declined, GraphView
 from rewriter.lower.rettention import lower_rettention, lowering_problem
@@ -66,8 +66,7 @@ log = logging.getLogger(__name__)
 
 
 # find_attention's reasons that better shape inference may lift (rewriter.run.shapes.resolve_static)
-_SHAPE_PROBLEMS = ("the shapes of Q, K, V are unknown", "heads, tokens and head width must be static",
-                   "Q, K, V are not [B, H, N, Dh]")
+_SHAPE_PROBLEMS = (SHAPES_UNKNOWN, "Q, K, V are not [B, H, N, Dh]")
 
 
 @dataclasses.dataclass
@@ -151,10 +150,14 @@ class Rettention(Pass):
         sites: list[Site] = []
         problem = self._problem()
         found = find_attention(view)
+        shape_note = ""
         if isinstance(view, OnnxView) and any(p in s.reason for s in found for p in _SHAPE_PROBLEMS):
             if resolve_static(view):  # static inputs: infer the inner shapes onnx's inference left open
                 found = find_attention(view)
+            shape_note = _shape_note(view)
         for s in found:
+            if shape_note and SHAPES_UNKNOWN in s.reason:
+                s.reason += shape_note
             if s.reason and not (self.options.cross and not s.self_attention and s.tokens
                                  and view.shape(s.v) and s.reason.startswith(f"{s.name}: cross-attention (keys are")):
                 sites.append(Site(s.name, False, s.reason))
@@ -223,6 +226,21 @@ def layout_from_patch_embed(view: GraphView, s: AttentionSite) -> tuple[TokenLay
         if text >= 0:
             return TokenLayout(text, frames, h, gw), f"patch embedding {node.name} ({kh}x{kw} patches)"
     return None, ""
+
+
+def _shape_note(view: OnnxView) -> str:
+    """What was tried for a site whose shapes inference left open (a limit of the tool's
+    shape inference, not of the file): the input sizes that would fix them."""
+    symbolic = [v.name for v in view.graph.inputs if not v.is_initializer()
+                and (v.shape is None or not all(isinstance(d, int) for d in v.shape))]
+    if view.shape_hints and not symbolic:
+        return "; symbolic shape inference from the static input shapes did not fix them either"
+    if view.shape_hints:
+        return "; symbolic shape inference from the given input shapes did not fix them either"
+    if symbolic:
+        return (f"; the inputs {', '.join(symbolic[:3])} have symbolic dims: give their sizes "
+                "(--shape NAME=D0,D1,..., or rewrite(shapes=...)) to infer the inner shapes from them")
+    return "; symbolic shape inference from the static input shapes failed"
 
 
 def _assumed_dims(view: GraphView, s) -> str:

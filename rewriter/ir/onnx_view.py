@@ -24,8 +24,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from rewriter.canon.norms import find_norms
-from rewriter.canon.onnx_adapter import OnnxNormAdapter
+from rewriter.canon.onnx_nodes import build_nodes, classify, skip_bias
 from rewriter.ir import onnx_consts, onnx_params, onnx_shapes
 from rewriter.ir.onnx_consts import _np_dtype, _read_tensor
 from rewriter.ir.onnx_reader import inline_proto, is_mapped
@@ -43,24 +42,6 @@ from rewriter.ir.view import (
 
 log = logging.getLogger(__name__)
 
-_ELEMENTWISE = {"Mul": "mul", "Add": "add", "Sub": "sub", "Div": "div"}
-_SIMPLE = {
-    "Transpose": "transpose",
-    "Conv": "conv",
-    "BatchNormalization": "batch_norm",
-    "LayerNormalization": "layer_norm",
-    "RMSNormalization": "rms_norm",
-    "Attention": "attention",
-}
-# ONNX Runtime's own norms (contrib ops; SimplifiedLayerNormalization also in the default
-# domain): the same inputs and attributes as LayerNormalization / RMSNormalization
-_ORT_NORMS = {
-    ("com.microsoft", "LayerNormalization"): "layer_norm",
-    ("com.microsoft", "SimplifiedLayerNormalization"): "rms_norm",
-    ("", "SimplifiedLayerNormalization"): "rms_norm",
-}
-# ONNX Runtime norms that fuse the residual add into the norm (see ``norm``)
-_ORT_SKIP_NORMS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
 _SHAPE_READERS = {"Shape", "Size"}
 
 PROVENANCE_PASS = "rewriter.pass"
@@ -104,53 +85,15 @@ class OnnxView(GraphView):
 
     # -- structure ---------------------------------------------------------------------
     def _build_nodes(self) -> list[Node]:
-        nodes: list[Node] = []
-        taken: set[int] = set()
-        chains = self._norm_chains()
-        self._skip_joins = {}
-        for raw in self.graph:
-            chain = chains.get(id(raw))
-            if chain is not None:
-                if chain is not True:  # the chain's last node: the norm takes its place
-                    nodes.append(chain)
-                continue
-            if id(raw) in taken:
-                continue
-            if raw.domain == "com.microsoft" and raw.op_type in _ORT_SKIP_NORMS:
-                nodes.extend(self._skip_nodes(raw))
-                continue
-            node = self._classify(raw, taken)
-            nodes.append(node)
+        # the semantic nodes come from the recognition layer (rewriter.canon.onnx_nodes)
+        nodes, self._skip_joins, self.canon_near_misses = build_nodes(self, self._free_name)
         return nodes
 
-    def _skip_nodes(self, raw: ir.Node) -> list[Node]:
-        """``SkipLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` (com.microsoft) as
-        what they compute: a residual join ``s = input + skip (+ bias)`` and a norm of ``s``,
-        two semantic nodes over the one IR node. ``s`` is the op's optional fourth output
-        (``input_skip_bias_sum``); when the file leaves it out, the output is declared (named,
-        unread: the op computes it anyway), so that the join has a value to write."""
-        name = raw.name or f"{raw.op_type}_{id(raw)}"
-        if len(raw.outputs) < 4:
-            raw.resize_outputs(4)
-            for o in raw.outputs[1:3]:
-                if o.name is None:
-                    o.name = ""  # left out, as in the file
-        s = raw.outputs[3]
-        if not s.name:
-            s.name = self._free_name(f"{name}_input_skip_bias_sum")
-        if s.dtype is None:
-            s.dtype = raw.inputs[0].dtype or raw.inputs[2].dtype
-        if s.shape is None:
-            s.shape = raw.inputs[0].shape
-        join = Node("add", f"{name}__add", [raw.inputs[0], raw.inputs[1]], s, [raw], {"skip": raw})
-        kind = "layer_norm" if raw.op_type == "SkipLayerNormalization" else "rms_norm"
-        norm = Node(kind, name, [s], raw.outputs[0], [raw], {"skip": raw, "join": join})
-        self._skip_joins[s] = join
-        return [join, norm]
+    def _classify(self, raw: ir.Node, taken: set[int]) -> Node:
+        return classify(self, raw, taken)
 
     def _skip_bias(self, raw: ir.Node) -> ir.Value | None:
-        idx = 4 if raw.op_type == "SkipLayerNormalization" else 3
-        return raw.inputs[idx] if len(raw.inputs) > idx else None
+        return skip_bias(raw)
 
     def producer(self, value: Value) -> Node | None:
         self.nodes()
@@ -161,96 +104,6 @@ class OnnxView(GraphView):
         out = super().users(value)
         # a Skip norm's IR node reads input / skip / bias as its join, not as its norm
         return [n.attrs["join"] if "join" in n.attrs and value is not n.inputs[0] else n for n in out]
-
-    def _norm_chains(self) -> dict[int, Node | bool]:
-        """Norms spelled as chains of standard ops (``rewriter.canon``), as semantic nodes
-        over the chain's IR nodes; the graph itself is not changed. Maps the id of each
-        chain's last IR node to its Node and the other members to True."""
-        search = find_norms(OnnxNormAdapter(self))
-        self.canon_near_misses = [(r.name or r.op_type, why) for r, why in search.near_misses]
-        if not search.matches:
-            return {}
-        pos = {id(r): i for i, r in enumerate(self.graph)}
-        out: dict[int, Node | bool] = {}
-        for m in search.matches:
-            raws = sorted(m.nodes, key=lambda r: pos[id(r)])
-            m.nodes = raws
-            anchor = m.core.producer()
-            name = anchor.name or f"{anchor.op_type}_{id(anchor)}"
-            node = Node(m.kind, name, [m.x], m.out, raws, {"canon": m, "rule": m.rule})
-            for r in raws:
-                out[id(r)] = True
-            out[id(raws[-1])] = node
-        return out
-
-    def _classify(self, raw: ir.Node, taken: set[int]) -> Node:
-        name = raw.name or f"{raw.op_type}_{id(raw)}"
-        out = raw.outputs[0] if raw.outputs else None
-        op_type = raw.op_type if raw.domain in ("", "ai.onnx") else f"{raw.domain}::{raw.op_type}"
-        if raw.domain in ("", "ai.onnx"):
-            if raw.op_type == "MatMul" and self._const_2d(raw.inputs[1]):
-                group = [raw]
-                bias_add = self._bias_add(raw)
-                if bias_add is not None:
-                    group.append(bias_add)
-                    taken.add(id(bias_add))
-                    attrs = {"_internal": [out]}
-                    return Node("linear", name, [raw.inputs[0]], bias_add.outputs[0], group, attrs)
-                return Node("linear", name, [raw.inputs[0]], out, group)
-            if raw.op_type == "Gemm" and self._gemm_is_linear(raw):
-                return Node("linear", name, [raw.inputs[0]], out, [raw])
-            if raw.op_type in _ELEMENTWISE:
-                data = [v for v in raw.inputs if v is not None and not self._is_const(v)]
-                return Node(_ELEMENTWISE[raw.op_type], name, data, out, [raw])
-            if raw.op_type == "Gather" and self._is_const(raw.inputs[0]):
-                return Node("embedding", name, [raw.inputs[1]], out, [raw])
-            if raw.op_type in _SIMPLE:
-                return Node(_SIMPLE[raw.op_type], name, [raw.inputs[0]], out, [raw])
-        if (raw.domain, raw.op_type) in _ORT_NORMS:
-            return Node(_ORT_NORMS[(raw.domain, raw.op_type)], name, [raw.inputs[0]], out, [raw])
-        data = [v for v in raw.inputs if v is not None and not v.is_initializer()]
-        return Node(f"other:{op_type}", name, data, out, [raw])
-
-    def _is_const(self, v: ir.Value | None) -> bool:
-        """``const_value(v) is not None``, from the metadata alone for an initializer."""
-        if v is not None and v.const_value is not None:
-            return not v.is_graph_input()
-        return self.const_value(v) is not None
-
-    def _const_2d(self, v: ir.Value | None) -> bool:
-        if v is None:
-            return False
-        if v.const_value is not None and not v.is_graph_input():
-            return len(v.const_value.shape) == 2
-        c = self.const_value(v)
-        return c is not None and c.ndim == 2
-
-    def _bias_add(self, matmul: ir.Node) -> ir.Node | None:
-        out = matmul.outputs[0]
-        uses = list(out.uses())
-        if len(uses) != 1 or out.is_graph_output():
-            return None
-        add = uses[0].node
-        if add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
-            return None
-        other = add.inputs[1 - uses[0].idx]
-        c = self.const_value(other) if other is not None else None
-        w = matmul.inputs[1]
-        n_out = int(w.const_value.shape[1]) if w.const_value is not None else self.const_value(w).shape[1]
-        if c is None or c.size != n_out or (c.ndim > 0 and c.shape[-1] != n_out):
-            return None
-        return add
-
-    def _gemm_is_linear(self, raw: ir.Node) -> bool:
-        if raw.attributes.get_int("transA", 0) != 0:
-            return False
-        if not self._is_const(raw.inputs[1]):
-            return False
-        if len(raw.inputs) > 2 and raw.inputs[2] is not None:
-            c = self.const_value(raw.inputs[2])
-            if c is None or (c.ndim == 2 and c.shape[0] != 1):
-                return False
-        return True
 
     def _raw_users(self, value: Value) -> list[Any]:
         return [u.node for u in value.uses()]

@@ -1,5 +1,5 @@
 """Lowering of Re-ttention (layer 4, docs/architecture.md): one attention site, found by
-``passes/attention.py``, replaced by the Re-ttention op in each IR.
+``rewriter/canon/attention.py``, replaced by the Re-ttention op in each IR.
 
 * ONNX: a call of the ``rewriter::Rettention`` function (``backends/ort/rettention.py``)
   on ``(q, k, v, rettention_step, rho, residual)`` plus the state protocol: the step and

@@ -15,7 +15,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import rewriter
-from passes.attention import find_attention
+from rewriter.canon.attention import find_attention
 from rewriter.ir.onnx_view import OnnxView
 from tests.conftest import init, max_rel, op_types, run_ort
 

@@ -24,10 +24,26 @@ ONNX: a constant of zeros (additive) / true (boolean), an ``Expand`` / ``Cast`` 
 or ``Where(all true, 0, .)``, at every run-time shape; FX: an SDPA mask computed from no
 input at all, evaluated once and all true / all zero. The mask op then goes with the chain.
 
-Self- or cross-attention: ``Q`` and ``K`` are traced back through head reshapes,
-transposes, casts and scalar multiplications to the linear projection that made them;
-the site is self-attention when both projections read the same tensor. Keys of another
-length, or projections of another tensor, make it cross-attention.
+Self- or cross-attention is decided by dataflow, never by equal lengths (``token_source``).
+Rule ``self``: ``Q`` and ``K`` derive from the same token tensor through per-token ops,
+each in the list below, or from one concatenation of token tensors along the tokens:
+
+* head reshapes, transposes, splits of a fused projection, float casts, copies;
+* scalar scales (constant, or computed from a ``Shape`` under dynamic axes);
+* a qk-norm (``layer_norm`` / ``rms_norm``: HunyuanDiT, CogVideoX, SD3, Flux);
+* RoPE: products and sums with position tables (operands that derive from no linear
+  projection, constants or inputs), rotate-half (negation, and a concatenation along the
+  feature axis whose parts come from one tensor);
+* one linear projection: the tensor it reads is the token source;
+* a concatenation along a token axis of projections of several sequences (SD3 / Flux
+  joint attention; CogVideoX concatenates before projecting) is a ``Joint`` source; Q and
+  K must concatenate the same sources in the same order.
+
+Otherwise the keys derive from another tensor than the queries: cross-attention
+(text-conditioned DiTs: the keys of ``attn2`` are projected from the text embedding),
+declined also when the text happens to be as long as the image token sequence. Where the
+trace meets any other op, the site is declined and the reason names that op (it cannot be
+told apart). Keys of another length than the queries are cross-attention in any case.
 
 Declined (the reason names the site): an attention mask, causal attention, dropout, soft
 capping, a KV cache, GQA (fewer key heads), 3-D inputs, unknown static H / N / Dh, extra
@@ -48,9 +64,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from rewriter.ir.fx_view import FxView
-from rewriter.ir.onnx_view import OnnxView
-from rewriter.ir.view import GraphView, Node, Value
+from rewriter.ir.view import Declined, GraphView, Layout, Node, Value
 
 log = logging.getLogger(__name__)
 
@@ -85,27 +99,113 @@ class AttentionSite:
 def find_attention(view: GraphView) -> list[AttentionSite]:
     """Every attention site of ``view`` in graph order, each with its shapes and scale, or
     with the reason it cannot be rewritten."""
-    if isinstance(view, OnnxView):
+    if view.ir == "onnx":
         sites = _onnx_sites(view)
-    elif isinstance(view, FxView):
+    elif view.ir == "torch":
         sites = _fx_sites(view)
     else:  # pragma: no cover - only two IRs
         return []
+    sites += linear_attention(view)
     for s in sites:
-        if s.ok:
-            _check_shapes(view, s)
-        if s.ok:
-            _classify_self(view, s)
+        if not s.ok:
+            continue
+        _classify_self(view, s)
+        decided, self_attention = s.reason, s.self_attention
+        s.reason, s.self_attention = "", True
+        _check_shapes(view, s)
+        if decided and s.self_attention:  # cross-attention, or undecided, before any shape question
+            s.reason, s.self_attention = decided, self_attention
+    return sites
+
+
+# -- linear attention ----------------------------------------------------------------------------
+_MATMUL = ("matmul", "bmm")
+_FEATURE_MAPS = ("relu", "elu", "sigmoid", "softplus")
+
+
+def _feature_map(view: GraphView, value: Value, depth: int = 4) -> Node | None:
+    """The kernel feature map (``relu(Q)``, ``elu(K) + 1``) ``value`` is a per-token view of."""
+    for _ in range(depth):
+        node = view.producer(value)
+        if node is None or not node.inputs:
+            return None
+        name = _op_name(node)
+        if name in _FEATURE_MAPS:
+            return node
+        if not (node.op == "transpose" or name in _PER_TOKEN or name in ("add", "pad")):
+            return None
+        value = node.inputs[0]
+    return None
+
+
+def linear_attention(view: GraphView) -> list[AttentionSite]:
+    """Linear attention (Sana, Linformer-style kernels): ``phi(Q) (phi(K)^T V)`` as two
+    products of run-time tensors with a kernel feature map ``phi`` (ReLU, ELU + 1) on an
+    operand and no softmax. Recognised so that a decline names it; never rewritten."""
+    sites = []
+    for node in view.nodes():
+        if _op_name(node) not in _MATMUL or len(node.inputs) != 2:
+            continue
+        if any(view.const_value(x) is not None for x in node.inputs):
+            continue
+        inner = [view.producer(x) for x in node.inputs]
+        inner = [n for n in inner if n is not None and _op_name(n) in _MATMUL and len(n.inputs) == 2
+                 and all(view.const_value(x) is None for x in n.inputs)]
+        if not inner:
+            continue
+        phi = next((f for x in [*node.inputs, *inner[0].inputs] if (f := _feature_map(view, x)) is not None), None)
+        if phi is None:
+            continue
+        sites.append(AttentionSite(node.name, "linear", raw=[inner[0].raw[0], node.raw[0]], reason=(
+            f"{node.name}: linear attention (feature map {phi.op.split(':', 1)[-1]} {phi.name}, products "
+            f"{inner[0].name} and {node.name}, no softmax): Re-ttention sparsifies softmax attention only")))
     return sites
 
 
 # -- shared ------------------------------------------------------------------------------------
+# the start of a decline that better shape inference may lift (``rewriter.shapes``)
+SHAPES_UNKNOWN = "shape inference left the heads, tokens or head width unknown"
+
+
+def _known(shape) -> bool:
+    """Every axis but the first (the batch, symbolic under dynamic axes) is known."""
+    return shape is not None and all(d is not None for d in shape[1:])
+
+
+def shape_stop(view: GraphView, value: Value, depth: int = 64) -> Node | None:
+    """The op where shape inference stopped on the way to ``value``: the first op back
+    from it whose data inputs all have known shapes (but the batch) and whose output has
+    not; None when the walk reaches an input first."""
+    for _ in range(depth):
+        node = view.producer(value)
+        if node is None:
+            return None
+        unknown = next((x for x in node.inputs if x is not None and view.const_value(x) is None
+                        and not _known(view.shape(x))), None)
+        if unknown is None:
+            return node
+        value = unknown
+    return None
+
+
+def shape_stop_note(view: GraphView, value: Value, which: str = "") -> str:
+    node = shape_stop(view, value)
+    if node is None:
+        return ""
+    op = node.op.split(":", 1)[-1]
+    return (f"; inference stops at {op} {node.name}"
+            + (f" on the way to {which}" if which else "")
+            + " (its output shape is not derived from its inputs' known shapes)")
+
+
 def _check_shapes(view: GraphView, s: AttentionSite) -> None:
     qs, ks, vs = view.shape(s.q), view.shape(s.k), view.shape(s.v)
     if (ks is None or None in ks[1:]) and s.k_transposed and qs is not None and vs is not None and len(qs) == len(vs) == 4:
         ks = (qs[0], qs[1], qs[3], vs[2])  # K^T of the decomposition often has no shape: Q @ K^T says it
     if qs is None or ks is None or vs is None:
-        s.reason = f"{s.name}: the shapes of Q, K, V are unknown"
+        which = next(w for w, x in (("Q", qs), ("K", ks), ("V", vs)) if x is None)
+        value = {"Q": s.q, "K": s.k, "V": s.v}[which]
+        s.reason = f"{s.name}: {SHAPES_UNKNOWN} ({which}'s rank is unknown){shape_stop_note(view, value)}"
         return
     if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
         s.reason = f"{s.name}: Q, K, V are not [B, H, N, Dh] (ranks {len(qs)}, {len(ks)}, {len(vs)})"
@@ -114,7 +214,10 @@ def _check_shapes(view: GraphView, s: AttentionSite) -> None:
         ks = (ks[0], ks[1], ks[3], ks[2])
     b, h, n, d = qs
     if None in (h, n, d) or None in ks[1:] or None in vs[1:]:
-        s.reason = f"{s.name}: heads, tokens and head width must be static (Q is {list(qs)})"
+        which, value = next((w, x) for w, x, sh in (("Q", s.q, qs), ("K", s.k, ks), ("V", s.v, vs))
+                            if None in sh[1:])
+        s.reason = (f"{s.name}: {SHAPES_UNKNOWN} (Q is {list(qs)}, K {list(ks)}, V {list(vs)})"
+                    f"{shape_stop_note(view, value, which)}")
         return
     if ks[1] != h or vs[1] != h:
         s.reason = f"{s.name}: {ks[1]} key heads for {h} query heads (GQA/MQA is not supported)"
@@ -129,43 +232,183 @@ def _check_shapes(view: GraphView, s: AttentionSite) -> None:
                     "static mask is defined over one token sequence")
 
 
-def _classify_self(view: GraphView, s: AttentionSite) -> None:
-    sq, sk = _source(view, s.q), _source(view, s.k)
-    if sq is None or sk is None:
-        s.note = "self-attention assumed (queries and keys have the same length)"
-        return
-    if sq is not sk:
-        s.self_attention = False
-        s.reason = (f"{s.name}: cross-attention (keys are projected from {view.value_name(sk)}, "
-                    f"queries from {view.value_name(sq)})")
+class Undecided(Exception):
+    """The token-source trace met an op it cannot see through (the node)."""
+
+    def __init__(self, node: Node | None, what: str = ""):
+        super().__init__(what)
+        self.node = node
+        self.what = what
 
 
-_FOLLOW = ("transpose", "mul", "div")
+@dataclasses.dataclass(frozen=True)
+class Joint:
+    """Q or K as one concatenation of per-sequence projections along a token axis (joint
+    attention: SD3, Flux): the token source of each part, in order."""
+
+    parts: tuple
 
 
-def _source(view: GraphView, value: Value, depth: int = 12) -> Value | None:
-    """The input of the linear projection ``value`` is a reshaped / scaled view of, or None."""
+# ops that map each token to itself: head reshapes, transposes, casts, copies, splits of a
+# fused projection, negations (RoPE's rotate-half), by the name the view gives an op it
+# does not classify (``other:NAME``; ONNX op types and aten targets)
+_PER_TOKEN = frozenset({
+    "identity", "cast", "reshape", "flatten", "squeeze", "unsqueeze", "expand", "split", "neg", "gather", "slice",
+    "getitem", "view", "_unsafe_view", "clone", "contiguous", "alias", "detach", "_to_copy", "to", "unbind",
+    "chunk", "select", "permute", "unflatten", "split_with_sizes", "transpose", "t", "narrow",
+})
+_QK_NORMS = ("layer_norm", "rms_norm")
+
+
+def _op_name(node: Node) -> str:
+    """``Reshape`` / ``aten.view.default`` / ``getitem`` -> ``reshape`` / ``view`` / ``getitem``."""
+    op = node.op.split(":", 1)[1] if node.op.startswith("other:") else node.op
+    if op.startswith("aten."):
+        op = op.split(".")[1]
+    return op.lower()
+
+
+def token_source(view: GraphView, value: Value, depth: int = 48):
+    """The token tensor ``value`` (Q or K) is computed from by per-token ops: back through
+    head reshapes / transposes / splits / casts, scalar scales, a qk-norm, RoPE (products
+    with position tables, rotate-half) and one linear projection, whose input it returns.
+    A concatenation along a token axis gives a ``Joint`` of its parts' sources (one along
+    the feature axis, as RoPE's rotate-half, needs one source for every part). Returns the
+    value itself when it is a graph input; raises ``Undecided`` at any other op."""
     for _ in range(depth):
         node = view.producer(value)
         if node is None:
-            return None
+            return value
         if node.op == "linear":
             return node.inputs[0]
-        follow = node.op in _FOLLOW or view.layout(node) is not None
-        if not follow or not node.inputs:
-            return None
-        if node.op in ("mul", "div") and len(node.inputs) != 1:
-            # a product with a run-time scalar (``1 / sqrt(Dh)`` computed from a Shape when
-            # the export has dynamic axes) still scales one projection; a product of two
-            # data tensors is not a projection
-            scalar = [i for i, x in enumerate(node.inputs) if view.shape(x) is not None
-                      and all(d == 1 for d in view.shape(x))]
-            if len(node.inputs) != 2 or len(scalar) != 1 or (node.op == "div" and scalar != [1]):
-                return None
-            value = node.inputs[1 - scalar[0]]
+        name = _op_name(node)
+        if name in ("mul", "div", "add", "sub") and len(node.inputs) == 2:
+            return _binary_source(view, node, depth - 1)
+        lay = _layout(view, node)
+        if lay is None and name in ("cat", "concat"):
+            lay = _fx_cat(view, node)
+        if lay is not None and lay.kind == "concat":
+            return _concat_source(view, node, lay, depth - 1)
+        if not node.inputs:
+            raise Undecided(node, "an op without a data input")
+        if (node.op in ("transpose", *_QK_NORMS) or name in _PER_TOKEN
+                or (lay is not None and lay.kind in ("identity", "reshape", "expand", "select"))
+                or (name in ("mul", "div") and len(node.inputs) == 1)):
+            value = node.inputs[0]
             continue
-        value = node.inputs[0]
-    return None
+        raise Undecided(node)
+    raise Undecided(view.producer(value), "a trace longer than the depth limit")
+
+
+def _layout(view: GraphView, node: Node):
+    try:
+        return view.layout(node)
+    except Declined:
+        return None
+
+
+def _fx_cat(view: GraphView, node: Node) -> Layout | None:
+    """``aten.cat(tensors, dim)`` as a concat layout (FX views leave it unclassified)."""
+    raw = node.raw[0] if node.raw else None
+    args = getattr(raw, "args", None)
+    rank = view.rank(node.output)
+    if not args or rank is None:
+        return None
+    dim = args[1] if len(args) > 1 else getattr(raw, "kwargs", {}).get("dim", 0)
+    return Layout("concat", [int(dim) % rank]) if isinstance(dim, int) else None
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, Joint) or isinstance(b, Joint):
+        return (isinstance(a, Joint) and isinstance(b, Joint) and len(a.parts) == len(b.parts)
+                and all(_same(x, y) for x, y in zip(a.parts, b.parts)))
+    return a is b
+
+
+def _concat_source(view: GraphView, node: Node, lay, depth: int):
+    parts = [x for x in view.operands(node) if view.const_value(x) is None]
+    rank = view.rank(node.output)
+    if rank is None:
+        raise Undecided(node, "a concatenation of unknown rank")
+    srcs = [token_source(view, x, depth) for x in parts]
+    if not srcs:
+        raise Undecided(node, "a concatenation of constants")
+    if lay.axes[0] == rank - 1:  # along the features (rotate-half): one token tensor
+        if all(_same(srcs[0], x) for x in srcs[1:]):
+            return srcs[0]
+        raise Undecided(node, "a concatenation of features of different tensors")
+    return Joint(tuple(srcs))
+
+
+def _is_table(view: GraphView, value: Value, limit: int = 64) -> bool:
+    """``value`` does not derive from any linear projection (a scalar, a constant, RoPE's
+    cos / sin tables from positions or given as inputs) or is scalar-sized: a per-token
+    product or sum with it keeps the tokens' source."""
+    if view.const_value(value) is not None:
+        return True
+    shape = view.shape(value)
+    if shape is not None and all(d == 1 for d in shape):
+        return True
+    seen, todo = set(), [value]
+    while todo and len(seen) < limit:
+        v = todo.pop()
+        n = view.producer(v)
+        if n is None or id(n) in seen or view.is_shape_reader(n):
+            continue
+        seen.add(id(n))
+        if n.op in ("linear", "conv", "embedding", "attention"):
+            return False
+        todo.extend(n.inputs)
+    return len(seen) < limit
+
+
+def _binary_source(view: GraphView, node: Node, depth: int):
+    srcs, failures = [], []
+    for x in node.inputs:
+        if _is_table(view, x):
+            continue
+        try:
+            srcs.append(token_source(view, x, depth))
+        except Undecided as why:
+            failures.append(why)
+    if failures:
+        raise failures[0]
+    if not srcs:
+        raise Undecided(node, "a product of position tables")
+    if all(_same(srcs[0], x) for x in srcs[1:]):
+        return srcs[0]
+    raise Undecided(node, "a combination of two token tensors")
+
+
+def _describe_source(view: GraphView, src) -> str:
+    if isinstance(src, Joint):
+        return "concat(" + ", ".join(_describe_source(view, p) for p in src.parts) + ")"
+    return view.value_name(src)
+
+
+def _classify_self(view: GraphView, s: AttentionSite) -> None:
+    """Self- or cross-attention by dataflow: self when Q and K derive from the same token
+    tensor (or the same concatenation of token tensors) through per-token ops."""
+    found = {}
+    for which, value in (("queries", s.q), ("keys", s.k)):
+        try:
+            found[which] = token_source(view, value)
+        except Undecided as why:
+            n = why.node
+            op = "?" if n is None else (n.op.split(":", 1)[-1])
+            where = "" if n is None else f" {n.name}"
+            s.self_attention = False
+            s.reason = (f"{s.name}: cannot tell self- from cross-attention: the trace of the {which} to "
+                        f"their token tensor stops at {op}{where}" + (f" ({why.what})" if why.what else ""))
+            return
+    sq, sk = found["queries"], found["keys"]
+    if _same(sq, sk):
+        joint = " (joint attention over one concatenation)" if isinstance(sq, Joint) else ""
+        s.note = f"self-attention: queries and keys derive from {_describe_source(view, sq)}{joint}"
+        return
+    s.self_attention = False
+    s.reason = (f"{s.name}: cross-attention (keys are projected from {_describe_source(view, sk)}, "
+                f"queries from {_describe_source(view, sq)})")
 
 
 def _scalar(arr: np.ndarray | None) -> float | None:
@@ -183,7 +426,7 @@ CONTRIB_ATTENTION = frozenset({
 })
 
 
-def _onnx_sites(view: OnnxView) -> list[AttentionSite]:
+def _onnx_sites(view: GraphView) -> list[AttentionSite]:
     sites = []
     for raw in view.graph:
         if raw.domain == "com.microsoft" and raw.op_type in CONTRIB_ATTENTION:
@@ -203,7 +446,7 @@ def _onnx_sites(view: OnnxView) -> list[AttentionSite]:
     return sites
 
 
-def _onnx_attention(view: OnnxView, raw) -> AttentionSite:
+def _onnx_attention(view: GraphView, raw) -> AttentionSite:
     name = raw.name or "Attention"
     s = AttentionSite(name, "attention", raw=[raw])
     ins = list(raw.inputs) + [None] * 6
@@ -259,7 +502,7 @@ def _nan_guard(softmax) -> Any | None:
     return where
 
 
-def _score_root(view: OnnxView, value, depth: int = 8):
+def _score_root(view: GraphView, value, depth: int = 8):
     """The ``MatMul(a, b)`` of two run-time tensors that ``value`` is (up to scalar scales,
     casts, reshapes and additive / Where masks) computed from, or None."""
     for _ in range(depth):
@@ -288,7 +531,7 @@ def _score_root(view: OnnxView, value, depth: int = 8):
     return None
 
 
-def _scalar_like(view: OnnxView, value) -> bool:
+def _scalar_like(view: GraphView, value) -> bool:
     arr = view.const_value(value)
     if arr is not None:
         return arr.size == 1
@@ -296,7 +539,7 @@ def _scalar_like(view: OnnxView, value) -> bool:
     return shape is not None and all(d == 1 for d in shape)
 
 
-def _mask_kind(view: OnnxView, node, score_side, limit: int = 400) -> str:
+def _mask_kind(view: GraphView, node, score_side, limit: int = 400) -> str:
     """``causal`` when the mask applied by ``node`` (an Add or Where on the scores) is built
     from a comparison of two position tensors (``j <= i``, not a tensor against a scalar as a
     padding mask's ``m >= 0``) or a Trilu; else ``padding``."""
@@ -314,7 +557,7 @@ def _mask_kind(view: OnnxView, node, score_side, limit: int = 400) -> str:
     return "padding"
 
 
-def _neutral(view: OnnxView, value, fill: float | None, depth: int = 6) -> bool:
+def _neutral(view: GraphView, value, fill: float | None, depth: int = 6) -> bool:
     """Whether ``value`` is, at every run-time shape, filled with ``fill`` (a float: an additive
     mask that adds nothing, 0) or all true (``fill`` None: a boolean mask that keeps every key):
     a constant of that value, or an ``Expand`` / ``Cast`` of one, or ``Where(c, a, b)`` with
@@ -337,7 +580,7 @@ def _neutral(view: OnnxView, value, fill: float | None, depth: int = 6) -> bool:
     return False
 
 
-def _onnx_chain(view: OnnxView, softmax) -> AttentionSite | None:
+def _onnx_chain(view: GraphView, softmax) -> AttentionSite | None:
     x = softmax.inputs[0]
     rank = view.rank(x)
     axis = softmax.attributes.get_int("axis", -1)
@@ -438,7 +681,7 @@ def _onnx_chain(view: OnnxView, softmax) -> AttentionSite | None:
 
 
 # -- FX ----------------------------------------------------------------------------------------
-def _fx_sites(view: FxView) -> list[AttentionSite]:
+def _fx_sites(view: GraphView) -> list[AttentionSite]:
     aten = torch.ops.aten
     softmaxes = {aten.softmax.int, aten._softmax.default, torch.softmax, torch.nn.functional.softmax}
     sites = []
@@ -454,7 +697,7 @@ def _fx_sites(view: FxView) -> list[AttentionSite]:
     return sites
 
 
-def _fx_sdpa(view: FxView, raw) -> AttentionSite:
+def _fx_sdpa(view: GraphView, raw) -> AttentionSite:
     args = list(raw.args) + [None] * 8
     kw = raw.kwargs
     s = AttentionSite(raw.name, "sdpa", q=args[0], k=args[1], v=args[2], out=raw, raw=[raw])
@@ -518,7 +761,7 @@ def _fx_keeps_every_key(mask, limit: int = 40) -> bool:
     return bool(m.all()) if m.dtype == torch.bool else bool((m == 0).all())
 
 
-def _fx_chain(view: FxView, softmax) -> AttentionSite | None:
+def _fx_chain(view: GraphView, softmax) -> AttentionSite | None:
     aten = torch.ops.aten
     matmuls = {aten.matmul.default, operator.matmul, torch.matmul}
     dim = softmax.args[1] if len(softmax.args) > 1 else softmax.kwargs.get("dim", -1)
