@@ -725,78 +725,90 @@ def independent_check(original: str, rewritten: str, cache: Path) -> float:
     return _max_rel(_run(want_s, {k: v for k, v in base.items() if k in names}), _run(got_s, base))
 
 
-def worker_passes(file: str, cache: Path, passes: list[str], out: Path) -> None:
-    """Each pass through ``rewriter.rewrite`` on ``file``; one JSON line per pass in ``out``."""
+def attention_verdict(applied: int, truth: dict[str, Any]) -> str:
+    """Empty when ``applied`` rewritten attention sites fit the ground truth (at most the model's
+    unmasked self-attention sites), else why not."""
+    if truth and applied > truth.get("self_unmasked", 0):
+        return (f"rewrote {applied} attention sites, the model has {truth.get('self_unmasked', 0)} unmasked "
+                f"self-attention sites ({truth.get('cross', 0)} cross, {truth.get('self_masked', 0)} masked)")
+    return ""
+
+
+def run_pass(file: str, cache: Path, p: str, inputs: dict[str, np.ndarray], truth: dict[str, Any]) -> dict[str, Any]:
+    """One pass through ``rewriter.rewrite`` on ``file``, classified (see the module docstring)."""
     import rewriter
     from rewriter.errors import RewriterError
 
+    row: dict[str, Any] = {"pass": p}
+    t0 = time.perf_counter()
+    try:
+        with _quiet():
+            res = rewriter.rewrite(file, [p], inputs=inputs)
+        rec = res.report["passes"][0]
+        row["applied"] = rec["applied"]
+        row["declined"] = [f"{d.get('site', '')}: {d.get('reason') or ''}"[:300] for d in rec["declined"]]
+        row["sites"] = [f"{s.get('site', '')}: {s.get('reason') or ''}"[:200] for s in rec["sites"]][:40]
+        if rec["applied"] == 0:
+            row["outcome"] = "declined" if row["declined"] else "none"
+        elif not res.passed:
+            v = res.verification
+            row["outcome"], row["why"] = "wrong", (f"exit 1: tool verification failed, max rel "
+                                                   f"{v.get('max_rel_error')} {v.get('error', '')}")[:300]
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                dst = str(Path(tmp) / "out.onnx")
+                res.save(dst)
+                try:
+                    err = independent_check(file, dst, cache)
+                except Exception as exc:  # noqa: BLE001
+                    err = None
+                    row["outcome"], row["why"] = "wrong", f"rewritten model does not run: {type(exc).__name__}: " \
+                                                          f"{str(exc).splitlines()[0][:200]}"
+            if err is not None:
+                row["max_rel"] = err
+                if p == "lns":  # architectural: the function changes on purpose; it must still run
+                    row["outcome"] = "applied" if np.isfinite(err) else "wrong"
+                    if row["outcome"] == "wrong":
+                        row["why"] = "lns output not finite"
+                elif err <= EXACT_TOL:
+                    row["outcome"] = "applied"
+                else:
+                    row["outcome"], row["why"] = "wrong", f"not exact: max rel {err:.3g} > {EXACT_TOL:g}"
+            if p == "rettention" and row.get("outcome") == "applied":
+                why = attention_verdict(rec["applied"], truth)
+                if why:
+                    row["outcome"], row["why"] = "wrong", why
+    except _Timeout:
+        row["outcome"], row["why"] = "timeout", f"over {PASS_TIMEOUT} s"
+    except RewriterError as err:
+        code = getattr(err, "exit_code", 2)
+        row["outcome"] = "refused" if code == 2 else "wrong" if code == 1 else "declined"
+        row["why"] = f"exit {code}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+    except Exception as err:  # noqa: BLE001 - exit 4
+        tb = traceback.extract_tb(err.__traceback__)
+        where = next((f"{Path(f.filename).name}:{f.lineno}" for f in reversed(tb)
+                      if "/rewriter/" in f.filename or "/passes/" in f.filename), "")
+        row["outcome"], row["why"] = "wrong", f"exit 4: internal error: {type(err).__name__}: " \
+                                              f"{(str(err).splitlines() or [''])[0][:200]} ({where})"
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def worker_passes(file: str, cache: Path, passes: list[str], out: Path) -> None:
+    """Each pass on ``file`` (``run_pass``) under an alarm; one JSON line per pass in ``out``."""
     inputs = dict(np.load(cache / "inputs.npz"))
-    meta = json.loads((cache / "meta.json").read_text())
-    truth = meta.get("ground_truth", {})
+    truth = json.loads((cache / "meta.json").read_text()).get("ground_truth", {})
 
     def alarm(signum, frame):
         raise _Timeout
 
     signal.signal(signal.SIGALRM, alarm)
     for p in passes:
-        row: dict[str, Any] = {"pass": p}
-        t0 = time.perf_counter()
         signal.alarm(PASS_TIMEOUT)
         try:
-            with _quiet():
-                res = rewriter.rewrite(file, [p], inputs=inputs)
-            rec = res.report["passes"][0]
-            row["applied"] = rec["applied"]
-            row["declined"] = [f"{d.get('site', '')}: {d.get('reason') or ''}"[:300] for d in rec["declined"]]
-            row["sites"] = [f"{s.get('site', '')}: {s.get('reason') or ''}"[:200] for s in rec["sites"]][:40]
-            if rec["applied"] == 0:
-                row["outcome"] = "declined" if row["declined"] else "none"
-            elif not res.passed:
-                v = res.verification
-                row["outcome"], row["why"] = "wrong", (f"exit 1: tool verification failed, max rel "
-                                                       f"{v.get('max_rel_error')} {v.get('error', '')}")[:300]
-            else:
-                with tempfile.TemporaryDirectory() as tmp:
-                    dst = str(Path(tmp) / "out.onnx")
-                    res.save(dst)
-                    try:
-                        err = independent_check(file, dst, cache)
-                    except Exception as exc:  # noqa: BLE001
-                        err = None
-                        row["outcome"], row["why"] = "wrong", f"rewritten model does not run: {type(exc).__name__}: " \
-                                                              f"{str(exc).splitlines()[0][:200]}"
-                if err is not None:
-                    row["max_rel"] = err
-                    if p == "lns":
-                        ok = np.isfinite(err)
-                        row["outcome"] = "applied" if ok else "wrong"
-                        if not ok:
-                            row["why"] = "lns output not finite"
-                    elif err <= EXACT_TOL:
-                        row["outcome"] = "applied"
-                    else:
-                        row["outcome"], row["why"] = "wrong", f"not exact: max rel {err:.3g} > {EXACT_TOL:g}"
-                if p == "rettention" and row.get("outcome") == "applied" and truth:
-                    if rec["applied"] > truth["self_unmasked"]:
-                        row["outcome"] = "wrong"
-                        row["why"] = (f"rewrote {rec['applied']} attention sites, the model has "
-                                      f"{truth['self_unmasked']} unmasked self-attention sites "
-                                      f"({truth['cross']} cross, {truth['self_masked']} masked)")
-        except _Timeout:
-            row["outcome"], row["why"] = "timeout", f"over {PASS_TIMEOUT} s"
-        except RewriterError as err:
-            code = getattr(err, "exit_code", 2)
-            row["outcome"] = "refused" if code == 2 else "wrong" if code == 1 else "declined"
-            row["why"] = f"exit {code}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
-        except Exception as err:  # noqa: BLE001 - exit 4
-            tb = traceback.extract_tb(err.__traceback__)
-            where = next((f"{Path(f.filename).name}:{f.lineno}" for f in reversed(tb)
-                          if "/rewriter/" in f.filename or "/passes/" in f.filename), "")
-            row["outcome"], row["why"] = "wrong", f"exit 4: internal error: {type(err).__name__}: " \
-                                                  f"{(str(err).splitlines() or [''])[0][:200]} ({where})"
+            row = run_pass(file, cache, p, inputs, truth)
         finally:
             signal.alarm(0)
-        row["seconds"] = round(time.perf_counter() - t0, 2)
         with open(out, "a") as f:
             f.write(json.dumps(row) + "\n")
 
