@@ -369,7 +369,7 @@ def build_hf(family: str):
     if main == "input_ids":
         names += [n for n in ("attention_mask",) if n in params]
         if "decoder_input_ids" in params and getattr(config, "is_encoder_decoder", False):
-            names.append("decoder_input_ids")
+            names += [n for n in ("decoder_input_ids", "decoder_attention_mask") if n in params]
         dyn = {n: {0: "batch", 1: "seq"} for n in names}
 
         def make(b, s, seed):
@@ -378,6 +378,8 @@ def build_hf(family: str):
                 out["attention_mask"] = _mask(b, s, seed)
             if "decoder_input_ids" in names:
                 out["decoder_input_ids"] = _ids(b, s, seed + 1)
+            if "decoder_attention_mask" in names:  # without a mask transformers traces torch.diff (no ONNX)
+                out["decoder_attention_mask"] = _mask(b, s, seed + 1)
             return out
     elif main == "pixel_values":
         size = getattr(config, "image_size", 32)
@@ -398,14 +400,16 @@ def build_hf(family: str):
         frames = 2 * getattr(config, "max_source_positions", 8) if family == "whisper" else \
             getattr(config, "max_length", 32)
         if "decoder_input_ids" in params and getattr(config, "is_encoder_decoder", False):
-            names.append("decoder_input_ids")
-        dyn = {main: {0: "batch"}, **({"decoder_input_ids": {0: "batch", 1: "seq"}} if len(names) > 1 else {})}
+            names += [n for n in ("decoder_input_ids", "decoder_attention_mask") if n in params]
+        dyn = {main: {0: "batch"}, **{n: {0: "batch", 1: "seq"} for n in names[1:]}}
 
         def make(b, s, seed):
             feats = _randn((b, frames, mels) if family != "whisper" else (b, mels, frames), seed)
             out = {"input_features": feats}
             if "decoder_input_ids" in names:
                 out["decoder_input_ids"] = _ids(b, s, seed + 1)
+            if "decoder_attention_mask" in names:
+                out["decoder_attention_mask"] = _mask(b, s, seed + 1)
             return out
     else:
         raise NotImplementedError(f"main input {main!r} not handled")
@@ -826,6 +830,8 @@ REASON_KINDS: tuple[tuple[str, str, str], ...] = (
     (r"no norm reads a residual stream", "model", "no residual stream norm"),
     (r"not a pre-norm", "model", "not a pre-norm"),
     (r"no softmax|linear attention", "model", "no softmax attention"),
+    (r"its producer \S+ is other:(Cast|Concat|Gather|Constant|Range|Sin|Cos|Expand|Unsqueeze)\b.*"
+     r"(not into the readers|$)", "model", "no linear or conv beside it"),
     (r"migration needs linear readers|is read by|read by other|stream norms only", "model",
      "norm output not read by linears only"),
     (r"shape inference|must be static|unknown (shape|width|rank)|could not (infer|trace)|cannot decide|stopped at",
