@@ -72,23 +72,23 @@ MEM_CAP = 6 << 30  # address space per worker
 
 # -- families ---------------------------------------------------------------------------------
 # a sample of every kind, run by default; `--families all` runs the whole registry
-DEFAULT = (
-    # decoders
-    "gpt2", "gpt_neox", "llama", "qwen2", "mistral", "phi", "gemma", "falcon", "bloom", "opt", "gptj", "olmo",
-    "stablelm", "starcoder2", "mpt", "codegen",
-    # encoders
-    "bert", "roberta", "distilbert", "albert", "electra", "deberta-v2", "xlm-roberta", "mpnet", "ernie",
-    # encoder-decoders
-    "t5", "bart", "whisper",
-    # vision
-    "vit", "deit", "beit", "dinov2", "swin", "convnext", "levit", "resnet", "regnet", "mobilevit", "efficientnet",
-    "clip_vision_model", "siglip_vision_model", "segformer", "poolformer", "convnextv2", "vit_msn", "data2vec-vision",
-    # audio
-    "wav2vec2", "hubert", "data2vec-audio", "audio-spectrogram-transformer",
-    # diffusion
+DEFAULT = (  # ordered so that a run cut short has covered every kind
+    # diffusion transformers and UNets
     "DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel",
     "HunyuanDiT2DModel", "CogVideoXTransformer3DModel", "SanaTransformer2DModel", "UNet2DModel",
     "UNet2DConditionModel",
+    # vision
+    "swin", "clip_vision_model", "levit", "vit", "beit", "dinov2", "convnext", "resnet", "mobilevit",
+    "segformer", "siglip_vision_model", "efficientnet", "poolformer", "regnet", "convnextv2", "deit",
+    # decoders
+    "gpt2", "gpt_neox", "llama", "qwen2", "mistral", "phi", "gemma", "falcon", "bloom", "opt", "olmo",
+    "stablelm", "gptj",
+    # encoders
+    "bert", "roberta", "distilbert", "albert", "electra", "deberta-v2", "mpnet",
+    # encoder-decoders
+    "t5", "bart", "whisper",
+    # audio
+    "wav2vec2", "hubert", "audio-spectrogram-transformer",
 )
 
 # per-family config overrides (applied after the generic shrink)
@@ -450,7 +450,8 @@ def build_diffusers(family: str):
                     .reshape(16, 3).astype(np.float32),
                     "txt_ids": np.zeros((5, 3), np.float32)}
         if kind == "hunyuan":  # text as long as the image tokens (16): the equal-length cross-attention case
-            return {"hidden_states": lat, "timestep": t(b, seed), "encoder_hidden_states": _randn((b, 16, 24), seed + 3),
+            return {"hidden_states": lat, "timestep": t(b, seed).astype(np.float32),
+                    "encoder_hidden_states": _randn((b, 16, 24), seed + 3),
                     "text_embedding_mask": np.ones((b, 16), np.int64),
                     "encoder_hidden_states_t5": _randn((b, 16, 24), seed + 5),
                     "text_embedding_mask_t5": np.ones((b, 16), np.int64)}
@@ -547,7 +548,8 @@ def _ground_truth(built: Built) -> dict[str, Any]:
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             if func is F.scaled_dot_product_attention:
-                q, k = args[0], args[1]
+                q = args[0] if args else kwargs["query"]
+                k = args[1] if len(args) > 1 else kwargs["key"]
                 mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
                 causal = kwargs.get("is_causal", args[5] if len(args) > 5 else False)
                 site(int(q.shape[-2]), int(k.shape[-2]), mask is not None, bool(causal), "sdpa")
@@ -868,11 +870,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("REWRITER_SWEEP_CACHE", Path.home() / ".cache/rewriter/sweep"))
 
 
-def run_family(family: str, kind: str, root: Path, rebuild: bool, passes: list[str], log) -> dict[str, Any]:
+def run_family(family: str, kind: str, root: Path, rebuild: bool | str, passes: list[str], log) -> dict[str, Any]:
     cache = root / re.sub(r"[^\w.-]", "_", family)
     meta_path = cache / "meta.json"
     t0 = time.perf_counter()
-    if rebuild or not meta_path.exists():
+    if rebuild == "failed" and meta_path.exists() and json.loads(meta_path.read_text()).get("build_error"):
+        meta_path.unlink()
+    if rebuild is True or not meta_path.exists():
         code, tail = _sub(["--worker-build", family, "--cache", str(cache)], BUILD_TIMEOUT)
         if not meta_path.exists():
             cache.mkdir(parents=True, exist_ok=True)
@@ -1020,6 +1024,7 @@ def main() -> None:
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--from-json", default="")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the cached exports")
+    ap.add_argument("--rebuild-failed", action="store_true", help="rebuild the families that failed to build")
     ap.add_argument("--worker-build", default="")
     ap.add_argument("--worker-passes", default="")
     ap.add_argument("--cache", default="")
@@ -1056,7 +1061,7 @@ def main() -> None:
 
     for i, fam in enumerate(names):
         log(f"[{i + 1}/{len(names)}] {fam} ({known.get(fam, '?')}) {time.perf_counter() - t0:.0f}s")
-        fams.append(run_family(fam, known.get(fam, "diffusion" if fam[0].isupper() else "?"), root, args.rebuild,
+        fams.append(run_family(fam, known.get(fam, "diffusion" if fam[0].isupper() else "?"), root, args.rebuild or ("failed" if args.rebuild_failed else False),
                                args.passes.split(","), log))
         if fams[-1]["build_error"]:
             log(f"  not built: {fams[-1]['build_error'][:200]}")
