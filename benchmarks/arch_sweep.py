@@ -67,6 +67,7 @@ BATCH, SEQ = 2, 8
 CHECK_BATCH, CHECK_SEQ = 3, 6
 VOCAB = 96
 SPEC_VERSION = 1  # bump when the shrinking / inputs / export code changes (invalidates the cache)
+GT_VERSION = 2  # bump when _ground_truth changes (recomputed from a fresh build, the exports kept)
 BUILD_TIMEOUT, PASSES_TIMEOUT, PASS_TIMEOUT = 600, 900, 240
 MEM_CAP = 6 << 30  # address space per worker
 
@@ -514,7 +515,10 @@ def _ground_truth(built: Built) -> dict[str, Any]:
         return ("attention" in c or "attn" in c) and "block" not in c and "layer" not in c
 
     def pre(m, args, kwargs):
-        stack.append((names.get(m, "?"), m, kwargs))
+        kw = dict(kwargs)
+        if args and isinstance(args[0], torch.Tensor):
+            kw.setdefault("hidden_states", args[0])
+        stack.append((names.get(m, "?"), m, kw))
         c = type(m).__name__
         if isinstance(m, torch.nn.LayerNorm) or c.endswith("LayerNorm") or "RMSNorm" in c or isinstance(
                 m, getattr(torch.nn, "RMSNorm", ())):
@@ -534,9 +538,15 @@ def _ground_truth(built: Built) -> dict[str, Any]:
 
     def site(q_len, k_len, mask, causal, via):
         attn = next(((n, m, kw) for n, m, kw in reversed(stack) if is_attn(m)), (None, None, {}))
-        name, mod, _ = attn
+        name, mod, mkw = attn
         kw_any = any(kw.get(k) is not None for _, m, kw in stack if is_attn(m) for k in _CROSS_KW)
-        joint = mod is not None and (getattr(mod, "added_kv_proj_dim", None) or "joint" in type(mod).__name__.lower())
+        # joint attention: the module got two token streams and attends over their union
+        # (queries as many as both), e.g. CogVideoX, SD3, Flux
+        h, e = mkw.get("hidden_states"), mkw.get("encoder_hidden_states")
+        union = (isinstance(h, torch.Tensor) and isinstance(e, torch.Tensor) and h.dim() == 3 and e.dim() == 3
+                 and q_len == k_len == h.shape[1] + e.shape[1])
+        joint = mod is not None and (bool(getattr(mod, "added_kv_proj_dim", None)) or union
+                                     or "joint" in type(mod).__name__.lower())
         cross_meta = mod is not None and (bool(getattr(mod, "is_cross_attention", False)) or
                                           bool(_CROSS_NAMES.search(name or "")) or kw_any)
         masked_kw = any(kw.get("attention_mask") is not None for _, m, kw in stack if is_attn(m))
@@ -640,13 +650,26 @@ def _versions() -> str:
     return f"t{torch.__version__}-tf{transformers.__version__}-d{diffusers.__version__}-o{onnx.__version__}-s{SPEC_VERSION}"
 
 
+def worker_ground_truth(family: str, out: Path) -> None:
+    """Recompute the ground truth of a cached family (``GT_VERSION`` changed), exports kept."""
+    import torch
+
+    torch.set_num_threads(1)
+    meta = json.loads((out / "meta.json").read_text())
+    with _quiet():
+        built = build(family)
+    meta["ground_truth"] = _ground_truth(built)
+    meta["gt_version"] = GT_VERSION
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
 def worker_build(family: str, out: Path) -> None:
     """Build, record the ground truth, export both files; write ``meta.json`` (also on failure)."""
     import torch
 
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
-    meta: dict[str, Any] = {"family": family, "files": {}, "export_errors": {}, "notes": {}}
+    meta: dict[str, Any] = {"family": family, "files": {}, "export_errors": {}, "notes": {}, "gt_version": GT_VERSION}
     t0 = time.perf_counter()
     try:
         with _quiet():
@@ -731,9 +754,19 @@ def independent_check(original: str, rewritten: str, cache: Path) -> float:
     return _max_rel(_run(want_s, {k: v for k, v in base.items() if k in names}), _run(got_s, base))
 
 
-def attention_verdict(applied: int, truth: dict[str, Any]) -> str:
+def attention_verdict(applied: int, truth: dict[str, Any], sites: list[str] = ()) -> str:
     """Empty when ``applied`` rewritten attention sites fit the ground truth (at most the model's
-    unmasked self-attention sites), else why not."""
+    unmasked self-attention sites, and none whose node name, where the exporter kept the module
+    path as TorchScript does, is a cross-attention or masked module), else why not."""
+    by_module = {}
+    for s in truth.get("sites", []):
+        by_module.setdefault(s["module"], []).append(s)
+    for site in sites:
+        path = site.split(":", 1)[0].strip("/").rsplit("/", 1)[0].replace("/", ".")
+        bad = [s for s in by_module.get(path, []) if s["cross"] or s["masked"]]
+        if bad and len(bad) == len(by_module[path]):
+            kind = "cross-attention" if bad[0]["cross"] else "masked"
+            return f"rewrote the {kind} site of module {path} ({site.split(':', 1)[0]})"
     if truth and applied > truth.get("self_unmasked", 0):
         return (f"rewrote {applied} attention sites, the model has {truth.get('self_unmasked', 0)} unmasked "
                 f"self-attention sites ({truth.get('cross', 0)} cross, {truth.get('self_masked', 0)} masked)")
@@ -781,7 +814,7 @@ def run_pass(file: str, cache: Path, p: str, inputs: dict[str, np.ndarray], trut
                 else:
                     row["outcome"], row["why"] = "wrong", f"not exact: max rel {err:.3g} > {EXACT_TOL:g}"
             if p == "rettention" and row.get("outcome") == "applied":
-                why = attention_verdict(rec["applied"], truth)
+                why = attention_verdict(rec["applied"], truth, [x["site"] for x in rec["sites"]])
                 if why:
                     row["outcome"], row["why"] = "wrong", why
     except _Timeout:
@@ -884,6 +917,9 @@ def run_family(family: str, kind: str, root: Path, rebuild: bool | str, passes: 
             meta_path.write_text(json.dumps({"family": family, "files": {}, "export_errors": {},
                                              "build_error": f"build worker exit {code}: {last}"[:300]}))
     meta = json.loads(meta_path.read_text())
+    if not meta.get("build_error") and meta.get("gt_version") != GT_VERSION:
+        _sub(["--worker-gt", family, "--cache", str(cache)], BUILD_TIMEOUT)
+        meta = json.loads(meta_path.read_text())
     build_s = time.perf_counter() - t0
     fam = {"family": family, "kind": kind, "build_error": meta.get("build_error"),
            "export_errors": meta.get("export_errors", {}), "notes": meta.get("notes", {}),
@@ -1027,11 +1063,15 @@ def main() -> None:
     ap.add_argument("--rebuild-failed", action="store_true", help="rebuild the families that failed to build")
     ap.add_argument("--worker-build", default="")
     ap.add_argument("--worker-passes", default="")
+    ap.add_argument("--worker-gt", default="")
     ap.add_argument("--cache", default="")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     if args.worker_build:
         worker_build(args.worker_build, Path(args.cache))
+        return
+    if args.worker_gt:
+        worker_ground_truth(args.worker_gt, Path(args.cache))
         return
     if args.worker_passes:
         worker_passes(args.worker_passes, Path(args.cache), args.passes.split(","), Path(args.out))

@@ -81,6 +81,11 @@ def test_verdicts_can_fail():
     truth = {"self_unmasked": 2, "self_masked": 2, "cross": 2}
     assert sweep.attention_verdict(2, truth) == ""
     assert "rewrote 4" in sweep.attention_verdict(4, truth)
+    sites = [{"module": "model.blocks.0.attn1", "cross": False, "masked": False},
+             {"module": "model.blocks.0.attn2", "cross": True, "masked": False}]
+    assert sweep.attention_verdict(1, {"self_unmasked": 1, "sites": sites}, ["/model/blocks.0/attn1/Softmax"]) == ""
+    assert "cross-attention site of module model.blocks.0.attn2" in sweep.attention_verdict(
+        1, {"self_unmasked": 1, "sites": sites}, ["/model/blocks.0/attn2/Softmax"])
     assert sweep.reason_kind("a2: cross-attention (5 keys)")[0] == "model"
     assert sweep.reason_kind("n1: post-LN norm on the stream")[0] == "model"
     assert sweep.reason_kind("s: heads, tokens and head width must be static")[0] == "tool"
