@@ -1017,6 +1017,19 @@ def table(doc: dict) -> str:
     lines += ["", f"Totals: {t['families']} families, {t['built']} built, {t['build_failed']} failed to build, "
                   f"{t['files']} files ({t['export_failed']} exports failed); (file, pass) cases: "
                   + ", ".join(f"{k} {v}" for k, v in t["outcomes"].items()) + f"; {doc['seconds']:.0f} s."]
+    c = doc["coverage"]
+    lines += ["", "Coverage (built files, one per family and exporter):", "",
+              f"- pre-LN LayerNorm stack (eager forward: >= 2 LayerNorms whose input a residual add also reads): "
+              f"{c['pre_ln_files']} files; `rms` applied on {c['pre_ln_rms']}, `crms` on {c['pre_ln_crms']}",
+              f"- RMSNorm stack (same test on RMSNorm modules): {c['rms_files']} files; `lns` applied on "
+              f"{c['rms_lns']}, `osplus` on {c['rms_osplus']}",
+              f"- diffusion transformers: {c['dit_files']} files holding {c['dit_self_sites']} unmasked "
+              f"self-attention sites (ground truth); `rettention` rewrote {c['dit_found']} of them"]
+    if c["tool_reasons"]:
+        lines += ["", "Decline reasons that are a limit of the tool (or not yet sorted, `REASON_KINDS`):", ""]
+        lines += [f"- {k} ({', '.join(v[:4])}{', ...' if len(v) > 4 else ''})" for k, v in c["tool_reasons"].items()]
+    if doc.get("wrong"):
+        lines += ["", "Wrong:", ""] + [f"- {w.split(' -- repro')[0]}" for w in doc["wrong"]]
     fails = [f for f in fams if f["build_error"]]
     if fails:
         lines += ["", "Not built:", ""] + [f"- `{f['family']}` ({f['kind']}): {f['build_error'][:160]}" for f in fails]
