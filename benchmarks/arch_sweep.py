@@ -362,7 +362,7 @@ def build_hf(family: str):
     try:
         model = cls._from_config(config, attn_implementation="sdpa")
     except Exception:  # noqa: BLE001 - no SDPA implementation: the eager one
-        model = cls._from_config(config)
+        model = cls._from_config(config, attn_implementation="eager")
     model = _seeded(model)
     params = inspect.signature(model.forward).parameters
     main = getattr(model, "main_input_name", "input_ids")
