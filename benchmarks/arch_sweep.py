@@ -922,8 +922,9 @@ def run_family(family: str, kind: str, root: Path, rebuild: bool | str, passes: 
         _sub(["--worker-gt", family, "--cache", str(cache)], BUILD_TIMEOUT)
         meta = json.loads(meta_path.read_text())
     build_s = time.perf_counter() - t0
+    ansi = re.compile(r"\x1b\[[0-9;]*m")
     fam = {"family": family, "kind": kind, "build_error": meta.get("build_error"),
-           "export_errors": meta.get("export_errors", {}), "notes": meta.get("notes", {}),
+           "export_errors": {k: ansi.sub("", v) for k, v in meta.get("export_errors", {}).items()}, "notes": meta.get("notes", {}),
            "ground_truth": {k: v for k, v in meta.get("ground_truth", {}).items() if k != "sites"},
            "files": {}, "build_seconds": round(build_s, 1)}
     for exp, path in meta.get("files", {}).items():
@@ -1073,6 +1074,7 @@ def main() -> None:
     ap.add_argument("--json", default="")
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--from-json", default="")
+    ap.add_argument("--merge-into", default="", help="replace these families in a saved --json run, recount")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the cached exports")
     ap.add_argument("--rebuild-failed", action="store_true", help="rebuild the families that failed to build")
     ap.add_argument("--worker-build", default="")
@@ -1125,6 +1127,13 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(doc, indent=1))
     doc = {"seconds": time.perf_counter() - t0, "versions": _versions(), "families": fams,
            "totals": totals(fams), "coverage": coverage(fams), "wrong": wrong_cases(fams)}
+    if args.merge_into:
+        old = json.loads(Path(args.merge_into).read_text())
+        mine = {f["family"]: f for f in fams}
+        merged = [mine.pop(f["family"], f) for f in old["families"]] + list(mine.values())
+        doc = {"seconds": old["seconds"] + doc["seconds"], "versions": doc["versions"], "families": merged,
+               "totals": totals(merged), "coverage": coverage(merged), "wrong": wrong_cases(merged)}
+        Path(args.merge_into).write_text(json.dumps(doc, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=1))
     log(json.dumps(doc["totals"]))
