@@ -1065,6 +1065,19 @@ def wrong_cases(fams: list[dict]) -> list[str]:
     return out
 
 
+def _compact(doc: dict) -> str:
+    """The JSON document with each case's site list cut to 3 and decline list to 12 (size)."""
+    for f in doc["families"]:
+        for rows in f["files"].values():
+            for p, r in rows.items():
+                if p != "_seconds":
+                    r["sites"] = r.get("sites", [])[:3]
+                    if len(r.get("declined", [])) > 12:
+                        r["declined_total"] = len(r["declined"])
+                        r["declined"] = r["declined"][:12]
+    return json.dumps(doc, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", default="default", help="comma list, 'default' or 'all'")
@@ -1124,7 +1137,7 @@ def main() -> None:
         doc = {"seconds": time.perf_counter() - t0, "versions": _versions(), "families": fams,
                "totals": totals(fams), "coverage": coverage(fams), "wrong": wrong_cases(fams)}
         if args.json:
-            Path(args.json).write_text(json.dumps(doc, indent=1))
+            Path(args.json).write_text(_compact(doc))
     doc = {"seconds": time.perf_counter() - t0, "versions": _versions(), "families": fams,
            "totals": totals(fams), "coverage": coverage(fams), "wrong": wrong_cases(fams)}
     if args.merge_into:
@@ -1133,9 +1146,9 @@ def main() -> None:
         merged = [mine.pop(f["family"], f) for f in old["families"]] + list(mine.values())
         doc = {"seconds": old["seconds"] + doc["seconds"], "versions": doc["versions"], "families": merged,
                "totals": totals(merged), "coverage": coverage(merged), "wrong": wrong_cases(merged)}
-        Path(args.merge_into).write_text(json.dumps(doc, indent=1))
+        Path(args.merge_into).write_text(_compact(doc))
     if args.json:
-        Path(args.json).write_text(json.dumps(doc, indent=1))
+        Path(args.json).write_text(_compact(doc))
     log(json.dumps(doc["totals"]))
     log(json.dumps({k: v for k, v in doc["coverage"].items() if k != "tool_reasons"}))
     for k, v in doc["coverage"]["tool_reasons"].items():
