@@ -866,8 +866,9 @@ REASON_KINDS: tuple[tuple[str, str, str], ...] = (
     (r"no norm reads a residual stream", "model", "no residual stream norm"),
     (r"not a pre-norm", "model", "not a pre-norm"),
     (r"no softmax|linear attention", "model", "no softmax attention"),
-    (r"its producer \S+ is other:(Cast|Concat|Gather|Constant|Range|Sin|Cos|Expand|Unsqueeze)\b.*"
-     r"(not into the readers|$)", "model", "no linear or conv beside it"),
+    (r"does not run", "model", "the exported file does not run in ONNX Runtime"),
+    (r"its producer \S+ is other:(Flatten|Reshape|Transpose)\b", "tool", "linear seen through a view"),
+    (r"not into the producer.*not into the readers", "model", "no linear or conv beside it"),
     (r"migration needs linear readers|is read by|read by other|stream norms only", "model",
      "norm output not read by linears only"),
     (r"shape inference|must be static|unknown (shape|width|rank)|could not (infer|trace)|cannot decide|stopped at",
@@ -977,7 +978,8 @@ def coverage(fams: list[dict]) -> dict[str, Any]:
                                                   and r.get("why") else []):
                     kind, label = reason_kind(d)
                     if kind != "model":
-                        reason = d.split(": ", 1)[-1][:160]
+                        reason = re.sub(r"(/[\w.\-/]+|\bnode_\w+)", "<node>", d.split(": ", 1)[-1])
+                        reason = re.sub(r"^(<node>: )+", "", reason)[:160]
                         key = f"{p}: {reason}"
                         cov["tool_reasons"].setdefault(key, []).append(f"{f['family']}/{exp}")
     cov["tool_reasons"] = {k: sorted(set(v)) for k, v in cov["tool_reasons"].items()}
