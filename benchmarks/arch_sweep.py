@@ -979,8 +979,7 @@ def coverage(fams: list[dict]) -> dict[str, Any]:
                                                   and r.get("why") else []):
                     kind, label = reason_kind(d)
                     if kind != "model":
-                        reason = re.sub(r"(/[\w.\-/]+|\bnode_\w+)", "<node>", d.split(": ", 1)[-1])
-                        reason = re.sub(r"^(<node>: )+", "", reason)[:160]
+                        reason = _norm_reason(d)[:160]
                         key = f"{p}: {reason}"
                         cov["tool_reasons"].setdefault(key, []).append(f"{f['family']}/{exp}")
     cov["tool_reasons"] = {k: sorted(set(v)) for k, v in cov["tool_reasons"].items()}
@@ -1068,16 +1067,24 @@ def wrong_cases(fams: list[dict]) -> list[str]:
     return out
 
 
+def _norm_reason(text: str) -> str:
+    """A decline reason with node names elided (to group the same reason across sites)."""
+    return re.sub(r"^(<node>: )+", "", re.sub(r"(/[\w.\-/]+|\bnode_\w+)", "<node>", text.split(": ", 1)[-1]))
+
+
 def _compact(doc: dict) -> str:
-    """The JSON document with each case's site list cut to 3 and decline list to 12 (size)."""
+    """The JSON document with each case's sites cut to 2 and its declines to one example per
+    distinct reason (at most 10; ``declined_total`` keeps the count)."""
     for f in doc["families"]:
         for rows in f["files"].values():
             for p, r in rows.items():
                 if p != "_seconds":
-                    r["sites"] = r.get("sites", [])[:3]
-                    if len(r.get("declined", [])) > 12:
-                        r["declined_total"] = len(r["declined"])
-                        r["declined"] = r["declined"][:12]
+                    r["sites"] = r.get("sites", [])[:2]
+                    seen: dict[str, str] = {}
+                    for d in r.get("declined", []):
+                        seen.setdefault(_norm_reason(d), d)
+                    r["declined_total"] = r.get("declined_total", len(r.get("declined", [])))
+                    r["declined"] = list(seen.values())[:10]
     return json.dumps(doc, indent=1)
 
 
