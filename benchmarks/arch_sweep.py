@@ -1074,7 +1074,7 @@ def _norm_reason(text: str) -> str:
 
 def _compact(doc: dict) -> str:
     """The JSON document with each case's sites cut to 2 and its declines to one example per
-    distinct reason (at most 6, each cut to 200 characters; ``declined_total`` keeps the count),
+    distinct reason (at most 6, each cut to 400 characters; ``declined_total`` keeps the count),
     one line per family."""
     for f in doc["families"]:
         for rows in f["files"].values():
@@ -1085,7 +1085,7 @@ def _compact(doc: dict) -> str:
                     for d in r.get("declined", []):
                         seen.setdefault(_norm_reason(d), d)
                     r["declined_total"] = r.get("declined_total", len(r.get("declined", [])))
-                    r["declined"] = [d[:200] for d in list(seen.values())[:6]]
+                    r["declined"] = [d[:400] for d in list(seen.values())[:6]]
                     r["sites"] = [x[:160] for x in r["sites"]]
     # one line per family
     fams = ",\n  ".join(json.dumps(f, separators=(",", ":")) for f in doc["families"])
