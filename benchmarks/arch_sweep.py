@@ -874,6 +874,8 @@ REASON_KINDS: tuple[tuple[str, str, str], ...] = (
      "norm output not read by linears only"),
     (r"shape inference|must be static|unknown (shape|width|rank)|could not (infer|trace)|cannot decide|stopped at",
      "tool", "analysis limit"),
+    (r"rank of its input is unknown|is unknown", "tool", "shape / rank unknown"),
+    (r"builds its shape from the width", "tool", "a Reshape reads the stream's width"),
     (r"not supported|unsupported|not handled|not recogni[sz]ed", "tool", "unsupported pattern"),
 )
 
