@@ -168,7 +168,7 @@ DIFFUSERS: dict[str, dict[str, Any]] = {
     "HunyuanDiT2DModel": dict(kwargs=dict(num_attention_heads=2, attention_head_dim=16, in_channels=4,
                                           sample_size=8, patch_size=2, hidden_size=32, num_layers=2,
                                           cross_attention_dim=24, cross_attention_dim_t5=24,
-                                          pooled_projection_dim=16, text_len=16, text_len_t5=16,
+                                          pooled_projection_dim=16, text_len=8, text_len_t5=8,
                                           use_style_cond_and_image_meta_size=False), inputs="hunyuan"),
     "CogVideoXTransformer3DModel": dict(kwargs=dict(num_attention_heads=2, attention_head_dim=16, in_channels=4,
                                                     out_channels=4, time_embed_dim=32, text_embed_dim=24,
@@ -451,12 +451,12 @@ def build_diffusers(family: str):
                     "img_ids": np.stack(np.meshgrid(np.zeros(1), np.arange(4), np.arange(4), indexing="ij"), -1)
                     .reshape(16, 3).astype(np.float32),
                     "txt_ids": np.zeros((5, 3), np.float32)}
-        if kind == "hunyuan":  # text as long as the image tokens (16): the equal-length cross-attention case
+        if kind == "hunyuan":  # CLIP + T5 text (8 + 8) as long as the image tokens (16): equal-length cross-attention
             return {"hidden_states": lat, "timestep": t(b, seed).astype(np.float32),
-                    "encoder_hidden_states": _randn((b, 16, 24), seed + 3),
-                    "text_embedding_mask": np.ones((b, 16), np.int64),
-                    "encoder_hidden_states_t5": _randn((b, 16, 24), seed + 5),
-                    "text_embedding_mask_t5": np.ones((b, 16), np.int64)}
+                    "encoder_hidden_states": _randn((b, 8, 24), seed + 3),
+                    "text_embedding_mask": np.ones((b, 8), np.int64),
+                    "encoder_hidden_states_t5": _randn((b, 8, 24), seed + 5),
+                    "text_embedding_mask_t5": np.ones((b, 8), np.int64)}
         if kind == "cogvideox":
             return {"hidden_states": _randn((b, 2, 4, 8, 8), seed), "encoder_hidden_states": _randn((b, 8, 24), seed + 3),
                     "timestep": t(b, seed)}
