@@ -308,3 +308,48 @@ def test_valid_file_still_rewritten(tmp_path, capfd):
         want = run_ort(onnx.load(tmp_path / name), x)[0]
         got = run_ort(onnx.load(tmp_path / f"o{i}.onnx"), x)[0]
         assert max_rel(want, got) <= 1e-5
+
+
+def _stream_model(extra_nodes=(), extra_outputs=(), chain: int = 0) -> onnx.ModelProto:
+    """A one-block residual stream: r0 = x + p; y = r0 + LayerNorm(r0) (through ``chain``
+    Identity nodes) @ W."""
+    rng = np.random.default_rng(0)
+    d = 16
+    inits = [lc._init("s", np.ones(d)), lc._init("b", np.zeros(d)), lc._init("p", rng.standard_normal((3, d))),
+             lc._init("Wm", rng.standard_normal((d, d)))]
+    nodes = [helper.make_node("Add", ["x", "p"], ["r0"], name="emb"),
+             helper.make_node("LayerNormalization", ["r0", "s", "b"], ["n"], name="ln", axis=-1)]
+    src = "n"
+    for i in range(chain):
+        nodes.append(helper.make_node("Identity", [src], [f"i{i}"], name=f"id{i}"))
+        src = f"i{i}"
+    nodes += [helper.make_node("MatMul", [src, "Wm"], ["m"], name="mm"),
+              helper.make_node("Add", ["r0", "m"], ["y"], name="res"), *extra_nodes]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, d]),
+                                       helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, d]), *extra_outputs], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    m.ir_version = 10
+    return m
+
+
+def _if_reading_norm() -> onnx.ModelProto:
+    then = helper.make_graph([helper.make_node("Identity", ["n"], ["t"], name="tid")], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2, 3, 16])])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"], name="eid")], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2, 3, 16])])
+    return _stream_model([helper.make_node("If", ["c"], ["z"], name="if", then_branch=then, else_branch=other)],
+                         [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3, 16])])
+
+
+@pytest.mark.parametrize("case", ["If branch reads the norm", "10,000-long Identity chain"])
+@pytest.mark.parametrize("passes", ["rms", "foldnorm"])
+def test_valid_models_that_crashed(case, passes, tmp_path, capfd):
+    """Two valid models that used to exit 4 (an Identity in an If branch reading a
+    LayerNorm output; a 10,000-long Identity chain, RecursionError): now a verdict (0 or 3)
+    in at most one line."""
+    m = _if_reading_norm() if case.startswith("If") else _stream_model(chain=10_000)
+    name = lc.write(tmp_path, m)
+    rc, lines = _cli(tmp_path, name, "-o", "out.onnx", passes=passes, capfd=capfd)
+    assert rc in (0, 3), lines
+    assert len(lines) <= 1 and not any("internal error" in ln for ln in lines), lines
