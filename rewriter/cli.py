@@ -621,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     if not debug:
         for noisy in ("torch", "onnxscript", "onnx_ir"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
+        _quiet_onnxruntime()
     if not args:
         args = ["--help"]
     if args and args[0] not in SUBCOMMANDS and args[0] not in ("--help", "-h"):
@@ -652,6 +653,16 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         code = 4
     return _finish(code, argv)
+
+
+def _quiet_onnxruntime() -> None:
+    """ONNX Runtime logs its own errors on stderr before raising them; the CLI quotes them in
+    its one line instead (``rewriter.verify.original_session``)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:  # optional: the cpu / gpu extra
+        return
+    ort.set_default_logger_severity(4)
 
 
 def _finish(code: int, argv: list[str] | None) -> int:
