@@ -394,6 +394,10 @@ def check_proto(proto: onnx.ModelProto, path: str | os.PathLike, mapped: set[int
         if key in seen_functions:
             raise BadInput(f"{where}: local function {f.domain}::{f.name} is defined twice")
         seen_functions.add(key)
+        for node in f.node:
+            for a in node.attribute:
+                for t in ([a.t] if a.HasField("t") else []) + list(a.tensors):
+                    _check_tensor(t, f"{where}: function {f.name!r}", files)
     # (graph, names visible from enclosing scopes, label, is the main graph)
     stack = [(proto.graph, frozenset(), "graph", True)]
     while stack:
