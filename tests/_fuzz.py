@@ -37,9 +37,17 @@ from tests import _loader_cases as lc
 TOL = 1e-4  # foldnorm / rms in float32, folded in float64: far below this
 
 
-def _seeds(folder: Path) -> list[tuple[str, onnx.ModelProto, str, bool]]:
+def _seeds() -> list[tuple[str, onnx.ModelProto, str, bool]]:
     """(name, model, pass, uses external data) for each seed model."""
-    return [("base", lc.base(), "foldnorm", False), ("ext", lc.base(1), "foldnorm", True)]
+    return [("base", lc.base(), "foldnorm", False), ("ext", lc.base(1), "foldnorm", True),
+            ("stream", lc.stream(), "rms", False)]
+
+
+def _feeds(cls: str, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    if cls.startswith("stream"):
+        return {"x": rng.standard_normal((2, 3, 16)).astype(np.float32), "c": np.array(True)}
+    return {"x": rng.standard_normal((2, lc.N_IN)).astype(np.float32)}
 
 
 def _structured(rng: np.random.Generator, m: onnx.ModelProto, external: bool) -> str:
@@ -73,7 +81,7 @@ def _structured(rng: np.random.Generator, m: onnx.ModelProto, external: bool) ->
         return "duplicate initializer"
     if k == 4:
         n = m.graph.node[rng.integers(len(m.graph.node))]
-        n.output[0] = rng.choice(["x", "W", "h", "bn.var"])
+        n.output[0] = str(rng.choice(["x", "W", "h", "bn.var", "n", "r0", "p"]))
         return "output name collision"
     if k == 5:
         m.graph.output.add().CopyFrom(helper.make_tensor_value_info(f"ghost{rng.integers(9)}", TensorProto.FLOAT, [2]))
@@ -150,7 +158,7 @@ def _bytes(rng: np.random.Generator, data: bytes) -> tuple[bytes, str]:
 def make_mutant(seed: int, folder: Path) -> tuple[str, str, str]:
     """Write mutant ``seed`` into the empty ``folder``; returns (model file, pass, class)."""
     rng = np.random.default_rng(seed)
-    name, m, passes, external = _seeds(folder)[int(rng.integers(2))]
+    name, m, passes, external = _seeds()[int(rng.integers(3))]
     if external:
         m = lc.external(folder, m)
     cls = ["structured", "wire", "bytes"][int(rng.integers(3))]
@@ -215,7 +223,7 @@ def check(seed: int, root: Path) -> dict:
     if rc in ("timeout", "memory", 4) or rc not in (0, 1, 2, 3):
         bad.append(f"exit {rc}")
     elif rc == 0:
-        x = {"x": np.random.default_rng(seed).standard_normal((2, lc.N_IN)).astype(np.float32)}
+        x = _feeds(cls, seed)
         ref = _ort_outputs(folder / name, x)
         got = _ort_outputs(folder / "out.onnx", x) if (folder / "out.onnx").exists() else None
         if ref is None:

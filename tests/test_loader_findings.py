@@ -310,27 +310,7 @@ def test_valid_file_still_rewritten(tmp_path, capfd):
         assert max_rel(want, got) <= 1e-5
 
 
-def _stream_model(extra_nodes=(), extra_outputs=(), chain: int = 0) -> onnx.ModelProto:
-    """A one-block residual stream: r0 = x + p; y = r0 + LayerNorm(r0) (through ``chain``
-    Identity nodes) @ W."""
-    rng = np.random.default_rng(0)
-    d = 16
-    inits = [lc._init("s", np.ones(d)), lc._init("b", np.zeros(d)), lc._init("p", rng.standard_normal((3, d))),
-             lc._init("Wm", rng.standard_normal((d, d)))]
-    nodes = [helper.make_node("Add", ["x", "p"], ["r0"], name="emb"),
-             helper.make_node("LayerNormalization", ["r0", "s", "b"], ["n"], name="ln", axis=-1)]
-    src = "n"
-    for i in range(chain):
-        nodes.append(helper.make_node("Identity", [src], [f"i{i}"], name=f"id{i}"))
-        src = f"i{i}"
-    nodes += [helper.make_node("MatMul", [src, "Wm"], ["m"], name="mm"),
-              helper.make_node("Add", ["r0", "m"], ["y"], name="res"), *extra_nodes]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, d]),
-                                       helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, d]), *extra_outputs], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
-    m.ir_version = 10
-    return m
+_stream_model = lc.stream
 
 
 def _if_reading_norm() -> onnx.ModelProto:
