@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -585,7 +586,15 @@ def compare(reference: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray
             tol: float | Budget | None) -> dict[str, Any]:
     """Per-output errors and the overall verdict (``tol`` None: dtype tolerance; a float:
     max relative error; a ``Budget``: its metric). Every record carries the max relative
-    error, the relative Frobenius error and, where it applies, the mean cosine."""
+    error, the relative Frobenius error and, where it applies, the mean cosine. Silent on
+    inf / NaN outputs (numpy's warnings would be stray stderr lines of the CLI)."""
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _compare(reference, actual, tol)
+
+
+def _compare(reference: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray],
+             tol: float | Budget | None) -> dict[str, Any]:
     outputs = []
     worst_abs = worst_rel = 0.0
     passed = True
