@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -628,7 +629,10 @@ def main(argv: list[str] | None = None) -> int:
         args.insert(0, "run")
     code = 0
     try:
-        rv = app(args, standalone_mode=False, prog_name="rewrite")
+        with warnings.catch_warnings():
+            if not debug:  # a library's warning would be a stray stderr line: one line, always
+                warnings.simplefilter("ignore")
+            rv = app(args, standalone_mode=False, prog_name="rewrite")
         code = rv if isinstance(rv, int) else 0
     except RewriterError as e:
         if debug:

@@ -349,3 +349,21 @@ def test_compare_is_silent_on_inf_and_nan():
         rec = compare(a, b, None)
         compare({"y": np.full(3, np.nan, np.float32)}, {"y": np.full(3, np.nan, np.float32)}, None)
     assert not rec["passed"]
+
+
+def test_library_warnings_never_add_stderr_lines(tmp_path, capfd, monkeypatch):
+    """A library's Python warning (onnx-ir's 'Ignoring unknown external data key' on main)
+    is no second stderr line: the CLI prints exactly its own one line."""
+    import warnings
+
+    from rewriter import loader
+
+    real = loader.load_onnx
+
+    def noisy(path):
+        warnings.warn("a library speaking", UserWarning)
+        return real(path)
+
+    monkeypatch.setattr(loader, "load_onnx", noisy)
+    name, needle = _raw_short(tmp_path)
+    _refused(tmp_path, name, needle, capfd)
