@@ -209,7 +209,11 @@ class FoldNorm(Pass):
         targets: list[tuple[Node, int]] = []
         transposes: list[Node] = []
 
-        def walk(value, axis) -> str:
+        def walk(value, axis, depth: int = 0) -> str:
+            if value is None:
+                return "the normalized tensor is read inside a subgraph"
+            if depth > 64:
+                return "more than 64 transposes after the norm"
             if view.is_graph_output(value):
                 return "the normalized tensor is a graph output"
             users = view.data_users(value)
@@ -225,7 +229,7 @@ class FoldNorm(Pass):
                     else:
                         ax = None
                     transposes.append(u)
-                    why = walk(u.output, ax)
+                    why = walk(u.output, ax, depth + 1)
                     if why:
                         return why
                 elif u.op == "linear" and u.inputs[0] is value:

@@ -186,7 +186,26 @@ class _Analysis:
 
     # -- phase 1: joins ------------------------------------------------------------------
     def visit(self, value) -> None:
-        """``value`` is read by a join or a norm: record the stream behind it."""
+        """``value`` is read by a join or a norm: record the stream behind it (depth first,
+        with an explicit stack: a 10,000-long chain of joins is no recursion)."""
+        end = object()
+        stack = [self._enter(value)]
+        while stack:
+            o = next(stack[-1], end)
+            if o is end:
+                stack.pop()
+                continue
+            if self.view.const_value(o) is not None and not self._embedding_source(o):
+                self.leaves[id(o)] = o
+                continue
+            s, ch = self.back(o)
+            if self._is_join(self.view.producer(s)) and self.view.const_value(s) is None:
+                stack.append(self._enter(o))
+            else:
+                self.leaves[id(o)] = o
+
+    def _enter(self, value):
+        """``visit``'s step: record the join behind ``value``; its operands still to visit."""
         start, chain = self.back(value)
         p = self.view.producer(start)
         if self._is_join(p) and self.view.const_value(start) is None:
@@ -194,18 +213,11 @@ class _Analysis:
                 self.layouts[id(n.raw[0])] = n
                 self.values[id(n.output)] = n.output
             if id(p.raw[0]) in self.joins:
-                return
+                return iter(())
             self.joins[id(p.raw[0])] = p
             self.values[id(p.output)] = p.output
-            for o in self.view.operands(p):
-                if self.view.const_value(o) is not None and not self._embedding_source(o):
-                    self.leaves[id(o)] = o
-                    continue
-                s, ch = self.back(o)
-                if self._is_join(self.view.producer(s)) and self.view.const_value(s) is None:
-                    self.visit(o)
-                else:
-                    self.leaves[id(o)] = o
+            return iter(self.view.operands(p))
+        return iter(())
 
     def _embedding_source(self, value) -> bool:
         p = self.view.producer(value)
@@ -409,22 +421,30 @@ def _norm_readers(a: _Analysis, sn: StreamNorm) -> None:
     """The linear layers reading the norm's output, through channel-keeping layout ops."""
     v = a.view
 
-    def walk(value, chain: list[Node]) -> None:
+    def visit(value, chain: list[Node]):
         if v.is_graph_output(value):
             sn.others.append(f"the normalized tensor {v.value_name(value)} is a graph output")
-        for u in v.users(value):
-            if v.is_harmless_reader(u) or v.is_shape_reader(u):
-                continue  # a read of the shape only (dynamic axes): values unchanged
-            if u.op == "linear" and u.inputs and u.inputs[0] is value:
-                sn.linears.append((u, list(chain)))
-                continue
-            lay = a._layout(u)
-            if lay is not None and lay.kind != "concat" and a._keeps_last(u, lay):
-                walk(u.output, chain + [u])
-                continue
-            sn.others.append(f"{u.op} ({u.name})")
+        return value, chain, iter(v.users(value))
 
-    walk(sn.node.output, [])
+    # depth first with an explicit stack (a 10,000-long Identity chain is no recursion)
+    stack = [visit(sn.node.output, [])]
+    while stack:
+        value, chain, users = stack[-1]
+        u = next(users, None)
+        if u is None:
+            stack.pop()
+            continue
+        if v.is_harmless_reader(u) or v.is_shape_reader(u):
+            continue  # a read of the shape only (dynamic axes): values unchanged
+        if u.op == "linear" and u.inputs and u.inputs[0] is value:
+            sn.linears.append((u, list(chain)))
+            continue
+        lay = a._layout(u)
+        if lay is not None and lay.kind != "concat" and a._keeps_last(u, lay) and u.output is not None:
+            stack.append(visit(u.output, chain + [u]))
+            continue
+        # any other reader blocks, a node of an If / Loop subgraph (no output of this graph) too
+        sn.others.append(f"{u.op} ({u.name})" + (" in a subgraph" if u.output is None else ""))
 
 
 def analyze(view: GraphView) -> ResidualStream:
@@ -521,7 +541,7 @@ def analyze(view: GraphView) -> ResidualStream:
 
 def _only_feeds(view: GraphView, value, targets: set[int], depth: int = 8) -> bool:
     """Every path from ``value`` ends in one of the ``targets`` nodes (or dies)."""
-    if depth == 0 or view.is_graph_output(value):
+    if depth == 0 or value is None or view.is_graph_output(value):
         return False
     for u in view.users(value):
         if id(u.raw[0]) in targets:

@@ -3,13 +3,35 @@
 >>> import rewriter
 >>> result = rewriter.rewrite("model.onnx", passes=["foldnorm"])
 >>> result.save("model.foldnorm.onnx")
+
+The package's names are loaded on first use (PEP 562 ``__getattr__``): importing a low
+layer such as ``rewriter.errors`` (which ``backends`` does) must not load the whole tool,
+or a plugin that imports ``passes.foldnorm`` first would meet a half-initialised
+``backends.ort`` (docs/architecture.md).
 """
 
-from rewriter.api import Result, rewrite
+from __future__ import annotations
+
+import importlib
+
 from rewriter.errors import BadInput, NothingApplied, RewriterError, VerificationFailed
-from rewriter.pass_api import Kind, Pass, Site, all_passes, register
+
+_LAZY = {
+    "Result": "rewriter.api", "rewrite": "rewriter.api",
+    "Kind": "rewriter.pass_api", "Pass": "rewriter.pass_api", "Site": "rewriter.pass_api",
+    "all_passes": "rewriter.pass_api", "register": "rewriter.pass_api",
+}
 
 __all__ = [
     "BadInput", "Kind", "NothingApplied", "Pass", "Result", "RewriterError", "Site",
     "VerificationFailed", "all_passes", "register", "rewrite",
 ]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rewriter' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -129,7 +129,7 @@ class Result:
         if (self._original is None and isinstance(src, (str, os.PathLike)) and _onnx_file(str(src))
                 and Path(src).resolve() == Path(path).resolve()):
             self._original = self.original  # overwriting the input: keep what diff()/bench() compare with
-        out = save(self.view, path)
+        out = save(self.view, path, overwrite_input=True)  # the CLI refuses it earlier (check_output_path)
         self.report["output"] = str(out)
         return out
 

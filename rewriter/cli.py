@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -593,13 +594,17 @@ def main(argv: list[str] | None = None) -> int:
     if not debug:
         for noisy in ("torch", "onnxscript", "onnx_ir"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
+        _quiet_onnxruntime()
     if not args:
         args = ["--help"]
     if args and args[0] not in SUBCOMMANDS and args[0] not in ("--help", "-h"):
         args.insert(0, "run")
     code = 0
     try:
-        rv = app(args, standalone_mode=False, prog_name="rewrite")
+        with warnings.catch_warnings():
+            if not debug:  # a library's warning would be a stray stderr line: one line, always
+                warnings.simplefilter("ignore")
+            rv = app(args, standalone_mode=False, prog_name="rewrite")
         code = rv if isinstance(rv, int) else 0
     except RewriterError as e:
         if debug:
@@ -624,6 +629,16 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         code = 4
     return _finish(code, argv)
+
+
+def _quiet_onnxruntime() -> None:
+    """ONNX Runtime logs its own errors on stderr before raising them; the CLI quotes them in
+    its one line instead (``rewriter.run.verify.original_session``)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:  # optional: the cpu / gpu extra
+        return
+    ort.set_default_logger_severity(4)
 
 
 def _finish(code: int, argv: list[str] | None) -> int:

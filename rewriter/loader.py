@@ -30,7 +30,7 @@ import models_zoo
 from rewriter.compile import export_program
 from rewriter.errors import BadInput
 from rewriter.ir.fx_view import FxView, capture
-from rewriter.ir.onnx_reader import load_mapped, shape_only_proto
+from rewriter.ir.onnx_reader import input_files, load_model, shape_only_proto
 from rewriter.ir.onnx_view import OnnxView
 from rewriter.ir.onnx_writer import save_single_file
 from rewriter.ir.view import GraphView
@@ -95,14 +95,16 @@ def load_onnx(path: str | os.PathLike) -> OnnxView:
     if not head:
         raise BadInput(f"{path}: empty file")
     try:
-        # large weights mapped from the file, not copied (falls back to onnx-ir's loader)
-        model = load_mapped(path) or ir.load(path)
+        # large weights mapped from the file, not copied; checked like ONNX Runtime checks it
+        model = load_model(path)
+    except BadInput:
+        raise
     except Exception as err:  # noqa: BLE001 - any parse failure is bad input
         raise BadInput(f"{path}: not a valid ONNX model ({type(err).__name__})") from None
     if len(model.graph) == 0 and not model.graph.outputs:
         raise BadInput(f"{path}: the file holds no ONNX graph (a protobuf, but not a model)")
+    _READS[str(path.resolve())] = input_files(model)
     view = OnnxView(model, path)
-    _check_external_data(view, path)
     check_model(view, str(path))
     infer_shapes(view)
     return view
@@ -241,16 +243,6 @@ def infer_shapes(view: OnnxView) -> None:
 
 
 
-def _check_external_data(view: OnnxView, path: Path) -> None:
-    base = path.resolve().parent
-    for v in view.graph.initializers.values():
-        t = v.const_value
-        if isinstance(t, ir.ExternalTensor):
-            loc = (Path(t.base_dir) / t.location).resolve()
-            if base not in loc.parents and loc != base:
-                raise BadInput(f"{path}: external data {t.location!r} of {v.name!r} lies outside the model's directory")
-            if not loc.exists():
-                raise BadInput(f"{path}: external data file {t.location!r} of {v.name!r} is missing")
 
 
 def to_view(source: Source, ir_kind: str, *, opset: int = 18, workdir: str | None = None) -> GraphView:
@@ -293,15 +285,52 @@ def check_output_path(target: str | os.PathLike, input_path: str | None = None) 
         raise BadInput(f"{target}: the output must end in .onnx or .pt2")
     if target.is_dir():
         raise BadInput(f"{target}: is a directory")
-    if input_path is not None and Path(input_path).resolve() == target.resolve():
+    if input_path is not None and (Path(input_path).resolve() == target.resolve() or _same(target, input_path)):
         raise BadInput(f"{target}: refusing to overwrite the input model")
+    if input_path is not None and _same(_side_file(target), input_path):
+        raise BadInput(f"{target}: its weights file {_side_file(target).name} would be the input model itself")
     return target
 
 
-def save(view: GraphView, target: str | os.PathLike) -> Path:
-    """Write ``view`` to ``target`` atomically (.onnx or .pt2)."""
+_READS: dict[str, list[Path]] = {}  # resolved model path -> the files loading it read
+
+
+def _side_file(target: Path) -> Path:
+    return target.with_name(target.name + ".data")
+
+
+def _same(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_not_input(view: GraphView, target: str | os.PathLike, *, model_too: bool = True) -> None:
+    """Refuse (BadInput, before anything is written) when an output file, the model or its
+    ``.data`` side file, is a file the input model reads: the model file (unless not
+    ``model_too``: the API may replace its own input file, which it has finished reading)
+    or one of its external data files; compared by inode (``os.path.samefile``)."""
+    path = getattr(view, "path", None)
+    if path is None:
+        return
+    reads = _READS.get(str(Path(path).resolve())) or [Path(path)]
+    target = Path(target)
+    for out in (target, _side_file(target)):
+        for i, f in enumerate(reads):
+            if (i == 0 and not model_too and out == target) or not _same(out, f):
+                continue
+            what = "the input model" if i == 0 else f"the input's external data file {f.name!r}"
+            raise BadInput(f"{out}: refusing to write over {what} (an output may not be a file the input reads)")
+
+
+def save(view: GraphView, target: str | os.PathLike, *, overwrite_input: bool = False) -> Path:
+    """Write ``view`` to ``target`` atomically (.onnx or .pt2). No output file may be a file
+    the input reads (``check_not_input``); ``overwrite_input`` lets the model file replace
+    the input model file (the API's explicit choice), never an input's side file."""
     target = Path(target)
     parent = _atomic_dir(target)
+    check_not_input(view, target, model_too=not overwrite_input)
     tmpdir = Path(tempfile.mkdtemp(prefix=".rewriter-", dir=parent))
     try:
         if isinstance(view, OnnxView):

@@ -22,7 +22,7 @@ from rewriter.errors import BadInput, RewriterError
 from rewriter.ir.view import GraphView
 from rewriter.loader import FREEZE_HINT, freeze_initializer_inputs, initializer_inputs
 from rewriter.pass_api import Kind, Pass, Site
-from rewriter.run.verify import Runner, compare
+from rewriter.run.verify import Runner, compare, reference_outputs
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def run_passes(view: GraphView, passes: list[Pass], *, feeds: Mapping[str, np.nd
     if feeds is not None:
         say("running the original model")
         try:
-            reference = Runner(view)(feeds)
+            reference = reference_outputs(view, feeds)  # ORT's run of the user's file as given
         except RewriterError:
             raise
         except Exception as err:  # noqa: BLE001 - the user's model does not run

@@ -163,7 +163,7 @@ def linear_attention(view: GraphView) -> list[AttentionSite]:
 
 
 # -- shared ------------------------------------------------------------------------------------
-# the start of a decline that better shape inference may lift (``rewriter.shapes``)
+# the start of a decline that better shape inference may lift (``rewriter.run.shapes``)
 SHAPES_UNKNOWN = "shape inference left the heads, tokens or head width unknown"
 
 

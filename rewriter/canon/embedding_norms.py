@@ -39,6 +39,8 @@ def writes_into_add(view: GraphView, node: Node, depth: int = 4) -> bool:
         if len(nxt) != 1:
             return False
         value = nxt[0].output
+        if value is None:  # a reader with no output of its own (a subgraph's node)
+            return False
     return False
 
 

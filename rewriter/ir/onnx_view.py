@@ -145,9 +145,40 @@ class OnnxView(GraphView):
             return None if value.is_graph_input() else _read_tensor(t)
         key = value
         if key not in self._const_cache:
+            self._const_ancestors_first(value)
             self._const_cache[key] = None  # cycle guard
             self._const_cache[key] = self._eval_const(value)
         return self._const_cache[key]
+
+    _NONDETERMINISTIC = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                         "Bernoulli")
+
+    def _const_ancestors_first(self, value: ir.Value) -> None:
+        """Evaluate (and cache) the node outputs ``_eval_const`` would recurse into, ancestors
+        first, with an explicit stack: its recursion is then one level deep whatever the
+        length of the chain (a 10,000-long Identity chain)."""
+        order: list[ir.Value] = []
+        seen = {value}
+        stack = [(value, False)]
+        while stack:
+            v, done = stack.pop()
+            if done:
+                order.append(v)
+                continue
+            stack.append((v, True))
+            node = v.producer()
+            if (v.const_value is not None or node is None or node.domain not in ("", "ai.onnx")
+                    or node.op_type in ("Constant", *self._NONDETERMINISTIC)
+                    or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())):
+                continue
+            for i in node.inputs:
+                if i is not None and i not in seen and i not in self._const_cache and i.const_value is None:
+                    seen.add(i)
+                    stack.append((i, False))
+        for v in order[:-1]:
+            if v not in self._const_cache:
+                self._const_cache[v] = None
+                self._const_cache[v] = self._eval_const(v)
 
     def _eval_const(self, value: ir.Value) -> np.ndarray | None:
         return onnx_consts._eval_const(self, value)

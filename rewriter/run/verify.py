@@ -24,9 +24,11 @@ import ast
 import dataclasses
 import logging
 import math
+import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,6 +37,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from backends.ort import run_onnx
 from backends.ort import session as ort_session
 from rewriter.errors import BadInput
 from rewriter.ir.dtypes import to_numpy, to_torch
@@ -397,6 +400,55 @@ def load_calib(path: str, specs: list[InputSpec]) -> dict[str, np.ndarray]:
     return feeds
 
 
+def original_session(path: str | os.PathLike):
+    """An ONNX Runtime session (optimizations off) of the user's file as given: ORT reads the
+    path and its side files itself, so the reference is the runtime's own reading, never this
+    tool's parse. ORT's own logging is silenced; a file it cannot load is BadInput, one line
+    quoting its message."""
+    try:
+        import onnxruntime as ort
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise BadInput("onnxruntime is not installed: install the project with the `cpu` or `gpu` extra") from None
+    ort.set_default_logger_severity(4)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 4
+    try:
+        return ort.InferenceSession(os.fspath(path), opts, providers=ort_session.providers())
+    except Exception as err:  # noqa: BLE001 - ORT's load errors
+        text = " ".join(str(err).split())
+        text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+        if len(text) > 300:
+            text = text[:297] + "..."
+        raise _NoReference(f"{path}: ONNX Runtime cannot load the file ({type(err).__name__}: {text}), so "
+                           "no rewrite can be verified against it (--no-verify rewrites without a reference)",
+                           kind=type(err).__name__) from None
+
+
+class _NoReference(BadInput):
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def reference_outputs(view: GraphView, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The original model's outputs, the reference of verification: for a model read from an
+    ONNX file, ONNX Runtime's run of that file as given (``original_session``); a bfloat16
+    model, once ORT has loaded the file (a missing bfloat16 kernel is the only error
+    accepted), through the float32 shadow of the parse; otherwise ``Runner(view)``."""
+    path = getattr(view, "path", None)
+    if not (isinstance(view, OnnxView) and path is not None and os.path.isfile(path)):
+        return Runner(view)(feeds)
+    if holds_bfloat16(view.model):
+        try:
+            original_session(path)
+        except _NoReference as err:
+            if err.kind != "NotImplemented":
+                raise
+        return Runner(view)._run_shadow(feeds)
+    return run_onnx(original_session(path), feeds)
+
+
 class Runner:
     """Runs a view on numpy feeds and returns its outputs as named numpy arrays."""
 
@@ -521,7 +573,15 @@ def compare(reference: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray
             tol: float | Budget | None) -> dict[str, Any]:
     """Per-output errors and the overall verdict (``tol`` None: dtype tolerance; a float:
     max relative error; a ``Budget``: its metric). Every record carries the max relative
-    error, the relative Frobenius error and, where it applies, the mean cosine."""
+    error, the relative Frobenius error and, where it applies, the mean cosine. Silent on
+    inf / NaN outputs (numpy's warnings would be stray stderr lines of the CLI)."""
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _compare(reference, actual, tol)
+
+
+def _compare(reference: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray],
+             tol: float | Budget | None) -> dict[str, Any]:
     outputs = []
     worst_abs = worst_rel = 0.0
     passed = True
