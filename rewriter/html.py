@@ -244,10 +244,10 @@ def _latency(lat: dict | None) -> str:
                if lat["engine"] == "onnxruntime" else "")
             + f"; {lat['runs']} interleaved samples of {lat.get('inner', 1)} call(s) each, after {lat.get('warmup', 0)} warm-up calls"
             + (f'; <b>speedup {sp:.3f}×</b>' if sp else "") + "</p>")
-    out = [head, "".join(svg)]
+    out = [head, "".join(svg), _phases(lat)]
     ops = lat.get("op_types") or []
     if ops:
-        from rewriter.report import _share, profile_note
+        from rewriter.report import _share, profile_note, profiled_side
 
         top = ops[:25]
         sides = [("before", "#78909c"), ("after", "#43a047")] if a else [("before", "#78909c")]
@@ -258,13 +258,14 @@ def _latency(lat: dict | None) -> str:
         for i, (r, sh) in enumerate(zip(top, shares)):
             y = 6 + i * 30
             svg.append(f'<text x="4" y="{y + 15}">{_e(r["op"][:20])}</text>' + "".join(
-                _bar(v, scale, color, f"{r['op']} {lat[s]['label']}: {100 * v:.1f}% ({r[s + '_ms']:.4g} ms profiled)",
+                _bar(v, scale, color, f"{r['op']} {profiled_side(lat, s)['label']}: {100 * v:.1f}% "
+                     f"({r[s + '_ms']:.4g} ms profiled)",
                      y + 12 * k, text=f"{100 * v:.1f}%")
                 for k, ((s, color), v) in enumerate(zip(sides, sh))))
         svg.append("</svg>")
         out.append("".join(svg))
         out.append('<p class="legend">' + "".join(
-            f'<span style="background:{color};border-color:{color};color:#fff">{_e(lat[s]["label"])}</span>'
+            f'<span style="background:{color};border-color:{color};color:#fff">{_e(profiled_side(lat, s)["label"])}</span>'
             for s, color in sides) + "</p>")
         out.append(f'<p class="note" id="profile-note">{_e(profile_note(lat))}</p>')
     if lat.get("per_pass"):
@@ -274,6 +275,28 @@ def _latency(lat: dict | None) -> str:
                        f"<td class=\"n\">{_fmt(r['speedup'])}</td><td class=\"n\">{_fmt(r['cumulative_speedup'])}</td></tr>"
                        for r in lat["per_pass"]) + "</table>")
     return "".join(out)
+
+
+def _phases(lat: dict) -> str:
+    """A stateful model's phases and schedule (``latency.phases`` / ``latency.schedule``)."""
+    rows = lat.get("phases")
+    if not rows:
+        return ""
+    sch = lat["schedule"]
+    c = sch["counts"]
+    words = f"{sch['steps']} steps: " + ", ".join(f"{c[p]} {p}" for p in ("dense", "refresh", "sparse") if c.get(p))
+    body = "".join(f"<tr><td>{_e(r['phase'])} step</td><td class=\"n\">{r['step']}</td><td class=\"n\">{r['count']}</td>"
+                   f"<td>{_e(r.get('state_from', ''))}</td><td class=\"n\">{r['p50_ms']:.4g}</td>"
+                   f"<td class=\"n\">{_fmt(r['speedup'])}×</td></tr>" for r in rows)
+    body += (f"<tr><td><b>schedule</b> ({_e(words)}; mean step)</td><td class=\"n\">0-{sch['steps'] - 1}</td>"
+             f"<td class=\"n\">{sch['steps']}</td><td></td><td class=\"n\">{lat['after']['p50_ms']:.4g}</td>"
+             f"<td class=\"n\"><b>{_fmt(lat.get('speedup'))}×</b></td></tr>")
+    return ("<h3>Per phase of the sampling schedule</h3><p class=\"note\">Each phase timed on the states the steps "
+            "before it produced; the schedule's speedup weighs the phases' paired speedups by their counts "
+            f"(original: {lat['before']['p50_ms']:.4g} ms per step). The per-op profile below is of a "
+            f"{_e(lat.get('profiled_phase', 'sparse'))} step.</p><table id=\"latency-phases\"><tr><th>phase</th>"
+            "<th class=\"n\">step</th><th class=\"n\">steps of schedule</th><th>state from</th>"
+            "<th class=\"n\">p50 ms</th><th class=\"n\">speedup</th></tr>" + body + "</table>")
 
 
 def _fmt(x: Any, spec: str = ".3f") -> str:

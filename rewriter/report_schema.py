@@ -14,6 +14,9 @@ renaming, removing or changing the meaning of a key bumps the ``/N``.
 Keys CI usually reads: ``verification.passed``, ``verification.max_rel_error``,
 ``latency.before.p50_ms``, ``latency.after.p50_ms``, ``latency.speedup``,
 ``diff.params.{before,after}``, ``diff.bytes.{before,after}``, ``goals[].passed``.
+For a stateful (Re-ttention) model ``latency.speedup`` is the sampling schedule's
+(``latency.schedule``: the phases weighed by their counts over ``steps``) and
+``latency.after`` its mean step; each phase's own figures are in ``latency.phases``.
 """
 
 from __future__ import annotations
@@ -153,6 +156,20 @@ LATENCY_SECTION: dict[str, Any] = {
             "properties": {"op": _STR, "before_ms": _NUM, "after_ms": _NUM,
                            # fraction of that model's profiled total (null: not profiled)
                            "before_share": _NUM_OR_NULL, "after_share": _NUM_OR_NULL}}},
+        # stateful models (Re-ttention): each phase timed on the real states of the steps before
+        # it, and the schedule they make up; ``speedup``/``after`` are then the schedule's
+        "phases": {"type": "array", "items": {
+            "type": "object", "required": ["phase", "step", "count", "p50_ms", "speedup"],
+            "properties": {"phase": {"enum": ["dense", "refresh", "sparse"]}, "step": _INT, "label": _STR,
+                           "state_from": _STR, "count": _INT, "p50_ms": _NUM, "p90_ms": _NUM, "min_ms": _NUM,
+                           "samples": _INT, "speedup": _NUM, "p50_ratio": _NUM_OR_NULL}}},
+        "schedule": {"type": "object", "required": ["steps", "counts", "speedup"],
+                     "properties": {"steps": _INT, "warmup": _INT, "period": _INT,
+                                    "counts": {"type": "object", "properties": {
+                                        "dense": _INT, "refresh": _INT, "sparse": _INT}},
+                                    "before_ms": _NUM, "after_ms": _NUM, "speedup": _NUM_OR_NULL,
+                                    "p50_ratio": _NUM_OR_NULL}},
+        "profiled_phase": _STR,
         "per_pass": {"type": "array", "items": {
             "type": "object", "required": ["pass", "p50_ms", "speedup", "cumulative_speedup"],
             "properties": {"pass": _STR, "p50_ms": _NUM, "p90_ms": _NUM, "speedup": _NUM_OR_NULL,
