@@ -279,7 +279,7 @@ def run_cmd(
         if html_out:
             out.print(f"report [bold]{Path(html_out).resolve()}[/]")
         if not verbose:
-            out.print(more_hint(json_out, html_out))
+            out.print(more_hint(json_out, html_out), soft_wrap=True, highlight=False)
     return 0
 
 
