@@ -7,6 +7,8 @@ static mask ``M`` (``backends/rettention_spec.py``)::
     refresh:  O_full = softmax(S) V,   O_M = softmax_M(S) V
               rho    = exp(LSE_M(S) - LSE(S))         (= Z_M / Z_full, fp32, never from N x N)
               R      = O_full - rho * O_M             (the out-of-mask part, before to_out)
+              CPU: (O_full, LSE) from one pass over the full scores, then rho = sum_W P_W and
+              R = O_full - P_W V_W from one pass over the window scores (``window_refresh``)
               returns (O_full, rho, R)
     sparse:   O = (rho + lam * k) * softmax_M(S) V + R   (``coef = lam * k`` is a scalar)
 
@@ -117,16 +119,56 @@ def masked_blocks(q, k, v, scale: float, layout: BlockLayout, *, with_lse: bool)
     return o, (None if lse is None else lse.reshape(b_, h_, npad)[:, :, :n])
 
 
+_WINDOW_CHUNK_BYTES = 4 << 20  # window scores per chunk of heads in window_refresh
+
+
+def window_refresh(q, k, v, scale: float, layout: BlockLayout, o_full, lse):
+    """``(rho, R)`` of the refresh from the dense pass's ``O_full`` and ``LSE`` and one pass
+    over each query block's window scores ``S_W`` (fp32)::
+
+        P_W = exp(S_W - LSE)      (the dense probabilities of the window's keys; 0 off the mask)
+        rho = sum_W P_W           (= Z_M / Z)
+        R   = O_full - P_W V_W    (= O_full - rho * O_M)
+
+    No in-mask LSE, no normalisation of ``O_M`` and no ``rho * O_M`` product: one ``exp``
+    and one row sum over the ``N x W`` window scores besides the two block products."""
+    b_, h_, n, d = q.shape
+    bq, nb, npad = layout.block, layout.nb, layout.padded
+    idx, bias = _layout_tensors(layout, q.device)
+    qf, kf, vf, lf = q.float() * scale, k.float(), v.float(), lse.float()
+    if npad != n:
+        pad = (0, 0, 0, npad - n)
+        qf, kf, vf = (torch.nn.functional.pad(t, pad) for t in (qf, kf, vf))
+        lf = torch.nn.functional.pad(lf, (0, npad - n))
+    bh = b_ * h_
+    qb = qf.reshape(bh, nb, bq, d)
+    kb, vb, lb = kf.reshape(bh, nb, bq, d), vf.reshape(bh, nb, bq, d), lf.reshape(bh, nb, bq, 1)
+    rho = torch.empty((bh, nb, bq), dtype=torch.float32, device=q.device)
+    pv = torch.empty((bh, nb, bq, d), dtype=torch.float32, device=q.device)
+    # a few heads at a time: the [nb, Bq, W] window scores of a chunk stay in cache between
+    # the product, the exp, the row sum and the second product
+    step = max(1, _WINDOW_CHUNK_BYTES // (nb * bq * layout.width * 4))
+    for h0 in range(0, bh, step):
+        sl = slice(h0, h0 + step)
+        kw = kb[sl].index_select(1, idx).reshape(-1, nb, layout.width, d)
+        vw = vb[sl].index_select(1, idx).reshape(-1, nb, layout.width, d)
+        p = torch.matmul(qb[sl], kw.transpose(-1, -2)).add_(bias).sub_(lb[sl]).exp_()
+        torch.sum(p, -1, out=rho[sl])
+        torch.matmul(p, vw, out=pv[sl])
+    rho = rho.reshape(b_, h_, npad)[:, :, :n]
+    pv = pv.reshape(b_, h_, npad, d)[:, :, :n]
+    return rho.contiguous(), o_full.float() - pv
+
+
 def cpu_refresh(q, k, v, scale: float, layout: BlockLayout):
-    """``(O_full, rho, R)``; ``O_full`` in q's dtype, ``rho`` and ``R`` in fp32."""
+    """``(O_full, rho, R)``; ``O_full`` in q's dtype, ``rho`` and ``R`` in fp32. The full
+    scores are read once (``LSE``, then ``O_full``); the mask part is ``window_refresh``."""
     qf, kf, vf = q.float(), k.float(), v.float()
     s = torch.matmul(qf, kf.transpose(-1, -2)).mul_(scale)
     lse = torch.logsumexp(s, -1)
-    o_full = torch.matmul(torch.exp(s - lse[..., None]), vf)
+    o_full = torch.matmul(s.sub_(lse[..., None]).exp_(), vf)
     del s
-    o_m, lse_m = masked_blocks(q, k, v, scale, layout, with_lse=True)
-    rho = torch.exp(lse_m - lse)
-    res = o_full - rho[..., None] * o_m
+    rho, res = window_refresh(q, k, v, scale, layout, o_full, lse)
     return o_full.to(q.dtype), rho, res
 
 
