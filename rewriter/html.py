@@ -299,6 +299,73 @@ def _phases(lat: dict) -> str:
             "<th class=\"n\">p50 ms</th><th class=\"n\">speedup</th></tr>" + body + "</table>")
 
 
+def _scaling(sc: dict | None) -> str:
+    """Latency against tokens (``report["scaling"]``): ms per step of the original, the
+    rewritten model's schedule (mean step) and its sparse step, log-log, one point per
+    token count, with each size's schedule speedup; then the sentence on where it pays."""
+    if not sc or not sc.get("rows"):
+        return ""
+    import math
+
+    rows = sc["rows"]
+    series = [("original", "before_ms", "#78909c", ""), ("rewritten, schedule mean step", "schedule_ms", "#43a047", ""),
+              ("rewritten, sparse step", "sparse_ms", "#1e88e5", "4 3")]
+    xs = [math.log2(r["tokens"]) for r in rows]
+    ys = [math.log10(r[k]) for r in rows for _, k, _, _ in series if r.get(k, 0) > 0]
+    x0, x1 = min(xs) - 0.5, max(xs) + 0.5
+    y0, y1 = math.floor(min(ys) * 2) / 2, math.ceil(max(ys) * 2) / 2 + 1e-9
+    w, h, left, top, bottom = 620, 300, 70, 20, 40
+
+    def px(x):
+        return left + (x - x0) / (x1 - x0) * (w - left - 20)
+
+    def py(y):
+        return top + (y1 - y) / (y1 - y0) * (h - top - bottom)
+
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h + 60}" id="latency-tokens" role="img" '
+           'aria-label="latency against tokens">',
+           f'<rect x="{left}" y="{top}" width="{w - left - 20}" height="{h - top - bottom}" fill="none" stroke="#ccc"/>']
+    e = math.floor(y0)
+    while e <= y1:
+        for m in (1, 2, 5):
+            y = e + math.log10(m)
+            if y0 <= y <= y1:
+                svg.append(f'<line x1="{left}" x2="{w - 20}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="#eee"/>'
+                           f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{m * 10 ** e:g}</text>')
+        e += 1
+    for r, x in zip(rows, xs):
+        sp = r.get("schedule_speedup")
+        svg.append(f'<text x="{px(x):.1f}" y="{h - bottom + 16}" text-anchor="middle">{r["tokens"]}</text>'
+                   f'<text x="{px(x):.1f}" y="{h - bottom + 32}" text-anchor="middle" '
+                   f'fill="{"#2e7d32" if sp and sp > 1 else "#c62828"}">{_fmt(sp, ".2f")}×</text>')
+    svg.append(f'<text x="{left - 60}" y="{top - 6}">ms per step</text>'
+               f'<text x="{w - 20}" y="{h - bottom + 16}" text-anchor="end" font-size="11">tokens</text>')
+    for i, (label, key, color, dash) in enumerate(series):
+        pts = [(px(x), py(math.log10(r[key]))) for r, x in zip(rows, xs) if r.get(key, 0) > 0]
+        path = " ".join(f"{a:.1f},{b:.1f}" for a, b in pts)
+        svg.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"'
+                   + (f' stroke-dasharray="{dash}"' if dash else "") + "/>")
+        svg += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3.5" fill="{color}"><title>{_e(label)}: '
+                f'{r[key]:.3g} ms at {r["tokens"]} tokens</title></circle>' for (a, b), r in zip(pts, rows)]
+        ly = h + 8 + 16 * i
+        svg.append(f'<line x1="{left}" x2="{left + 24}" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="2"'
+                   + (f' stroke-dasharray="{dash}"' if dash else "") + f'/><text x="{left + 30}" y="{ly + 4}">'
+                   f'{_e(label)}</text>')
+    svg.append("</svg>")
+    table = ("<table id=\"latency-tokens-table\"><tr><th class=\"n\">tokens</th><th class=\"n\">original ms</th>"
+             "<th class=\"n\">schedule ms</th><th class=\"n\">sparse ms</th><th class=\"n\">sparse</th>"
+             "<th class=\"n\">refresh</th><th class=\"n\">dense</th><th class=\"n\">schedule</th></tr>" + "".join(
+                 f"<tr><td class=\"n\">{r['tokens']}</td><td class=\"n\">{r['before_ms']:.3g}</td>"
+                 f"<td class=\"n\">{r['schedule_ms']:.3g}</td><td class=\"n\">{r['sparse_ms']:.3g}</td>"
+                 + "".join(f"<td class=\"n\">{_fmt(r.get(k), '.2f')}×</td>"
+                           for k in ("sparse_speedup", "refresh_speedup", "dense_speedup", "schedule_speedup"))
+                 + "</tr>" for r in rows) + "</table>")
+    return (f"<h2>Where the rewrite pays</h2><p>Latency against tokens: {_e(sc.get('description', ''))}; each size "
+            "timed like the latency section (the original interleaved with each phase; speedups are paired medians, "
+            "the schedule's below each size).</p>" + "".join(svg) + table
+            + f'<p id="pays-from"><b>{_e(sc["pays_from"])}</b></p>')
+
+
 def _fmt(x: Any, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -399,7 +466,7 @@ def render_html(report: Mapping[str, Any], before: Snapshot | None = None, after
     body.append(_samples(report.get("samples"), images))
     if before is not None and after is not None:
         body.append(_graphs(diff, before, after))
-    body += [_latency(report.get("latency")), _op_table(diff), _numerics(report.get("verification")),
+    body += [_latency(report.get("latency")), _scaling(report.get("scaling")), _op_table(diff), _numerics(report.get("verification")),
              _sites(passes), _node_tables(diff)]
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
             f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>")

@@ -3,8 +3,8 @@
 - ``REPORT_SCHEMA``: ``rewrite MODEL --passes ... --json F`` and ``rewrite check --json F``
   (``"schema": "rewriter.report/1"``), and ``Result.report`` of the Python API.
   ``latency`` is present with ``--bench`` / ``Result.bench()`` (and in ``check`` with
-  ``--min-speedup``); ``goals`` only in ``check``; ``samples`` only where a caller adds it
-  (``make demo``: ``models_zoo.demo``).
+  ``--min-speedup``); ``goals`` only in ``check``; ``samples`` and ``scaling`` only where a
+  caller adds them (``make demo``: ``models_zoo.demo``).
 - ``DIFF_SCHEMA``: ``rewrite diff A B --json F`` (``"schema": "rewriter.diff/1"``).
 - ``BENCH_SCHEMA``: ``rewrite bench MODEL --json F`` (``"schema": "rewriter.bench/1"``).
 
@@ -177,6 +177,21 @@ LATENCY_SECTION: dict[str, Any] = {
     },
 }
 
+#: The ``scaling`` section (optional; ``make demo``): the same architecture timed per phase at
+#: several token counts, ms per step of the original, the sparse step and the schedule's mean
+#: step, and one sentence on where the rewrite starts to pay.
+SCALING_SECTION: dict[str, Any] = {
+    "type": "object", "required": ["rows", "pays_from"],
+    "properties": {
+        "description": _STR, "steps": _INT, "pays_from": _STR,
+        "rows": {"type": "array", "items": {
+            "type": "object", "required": ["tokens", "before_ms", "sparse_ms", "schedule_ms", "schedule_speedup"],
+            "properties": {"tokens": _INT, "before_ms": _NUM, "sparse_ms": _NUM, "schedule_ms": _NUM,
+                           "sparse_speedup": _NUM, "refresh_speedup": _NUM, "dense_speedup": _NUM,
+                           "schedule_speedup": _NUM_OR_NULL}}},
+    },
+}
+
 #: The ``samples`` section (optional): a generative model sampled with the same seeds by the
 #: original model (``reference``) and by variants of the rewritten one; each variant's mean
 #: PSNR (dB) / SSIM against the reference, and the worst seed's.
@@ -223,6 +238,7 @@ REPORT_SCHEMA: dict[str, Any] = {
                                    "reasons": {"type": "array", "items": _STR}}},
         "goals": {"type": "array", "items": _GOAL},
         "samples": SAMPLES_SECTION,
+        "scaling": SCALING_SECTION,
         "passed": {"type": "boolean"},  # check: every goal met
         "warnings": {"type": "array", "items": _STR},  # e.g. a pass that applied nowhere (--allow-unapplied)
         "output": {"type": ["string", "null"]},
