@@ -235,11 +235,16 @@ def measure(targets: Sequence[Target], *, runs: int = 100, warmup: int = 5, min_
     """Time ``targets`` interleaved (ABBA); returns (stats per target, inner calls per sample)."""
     if runs < 1:
         raise ValueError("runs must be >= 1")
+    # Warm-up calls, each timed: calls per sample are chosen so that the fastest target's
+    # sample lasts min_sample_ms; slow models (seconds per call) need no further calls for it.
+    seen: list[list[float]] = [[] for _ in targets]
     for _ in range(max(warmup, 1)):
-        for t in targets:
-            t.call()
-    # Calls per sample: enough for the fastest target to last min_sample_ms.
-    single = [min(_time_calls(t, 1) for _ in range(3)) for t in targets]
+        for i, t in enumerate(targets):
+            seen[i].append(_time_calls(t, 1))
+    if min(min(x) for x in seen) * 1e3 < min_sample_ms:
+        for i, t in enumerate(targets):
+            seen[i] += [_time_calls(t, 1) for _ in range(3)]
+    single = [min(x[-3:]) if len(x) > 3 else min(x) for x in seen]
     fastest = max(min(single), 1e-7)
     inner = int(min(1000, max(1, math.ceil(min_sample_ms / 1e3 / fastest))))
     samples: list[list[float]] = [[] for _ in targets]
