@@ -236,7 +236,8 @@ def _latency(lat: dict | None) -> str:
         y = 6 + i * 34
         svg.append(f'<text x="4" y="{y + 9}">{name} {_e(b["label"])}</text>' + _bar(vb, scale, "#78909c", f"{name} before", y))
         if va is not None:
-            svg.append(f'<text x="4" y="{y + 23}">{name} {_e(a["label"])}</text>' + _bar(va, scale, "#43a047", f"{name} after", y + 14))
+            short = "schedule" if lat.get("phases") else a["label"]  # the phases' own rows are in the table below
+            svg.append(f'<text x="4" y="{y + 23}">{name} {_e(short)}</text>' + _bar(va, scale, "#43a047", f"{name} after", y + 14))
     svg.append("</svg>")
     sp = lat.get("speedup")
     head = (f"<h2>Latency</h2><p>{_e(lat['engine'])} on {_e(lat['device'])}"
