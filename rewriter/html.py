@@ -340,7 +340,8 @@ def _scaling(sc: dict | None) -> str:
                    f'<text x="{px(x):.1f}" y="{h - bottom + 32}" text-anchor="middle" '
                    f'fill="{"#2e7d32" if sp and sp > 1 else "#c62828"}">{_fmt(sp, ".2f")}×</text>')
     svg.append(f'<text x="{left - 60}" y="{top - 6}">ms per step</text>'
-               f'<text x="{w - 20}" y="{h - bottom + 16}" text-anchor="end" font-size="11">tokens</text>')
+               f'<text x="{left - 6}" y="{h - bottom + 16}" text-anchor="end">tokens</text>'
+               f'<text x="{left - 6}" y="{h - bottom + 32}" text-anchor="end">schedule</text>')
     for i, (label, key, color, dash) in enumerate(series):
         pts = [(px(x), py(math.log10(r[key]))) for r, x in zip(rows, xs) if r.get(key, 0) > 0]
         path = " ".join(f"{a:.1f},{b:.1f}" for a, b in pts)
@@ -356,8 +357,8 @@ def _scaling(sc: dict | None) -> str:
     table = ("<table id=\"latency-tokens-table\"><tr><th class=\"n\">tokens</th><th class=\"n\">original ms</th>"
              "<th class=\"n\">schedule ms</th><th class=\"n\">sparse ms</th><th class=\"n\">sparse</th>"
              "<th class=\"n\">refresh</th><th class=\"n\">dense</th><th class=\"n\">schedule</th></tr>" + "".join(
-                 f"<tr><td class=\"n\">{r['tokens']}</td><td class=\"n\">{r['before_ms']:.3g}</td>"
-                 f"<td class=\"n\">{r['schedule_ms']:.3g}</td><td class=\"n\">{r['sparse_ms']:.3g}</td>"
+                 f"<tr><td class=\"n\">{r['tokens']}</td><td class=\"n\">{r['before_ms']:.4g}</td>"
+                 f"<td class=\"n\">{r['schedule_ms']:.4g}</td><td class=\"n\">{r['sparse_ms']:.4g}</td>"
                  + "".join(f"<td class=\"n\">{_fmt(r.get(k), '.2f')}×</td>"
                            for k in ("sparse_speedup", "refresh_speedup", "dense_speedup", "schedule_speedup"))
                  + "</tr>" for r in rows) + "</table>")
