@@ -177,7 +177,7 @@ def phase_table(lat: dict[str, Any]) -> Table:
     for col in ("phase", "step", "steps of schedule", "p50 ms", "p90 ms", "speedup"):
         t.add_column(col, justify="left" if col == "phase" else "right")
     b = lat["before"]
-    t.add_row(f"original ({escape(b['label'])})", "any", str(sch["steps"]), _ms(b["p50_ms"]), _ms(b["p90_ms"]), "")
+    t.add_row("original" if b["label"] == "original" else f"original ({escape(b['label'])})", "any", str(sch["steps"]), _ms(b["p50_ms"]), _ms(b["p90_ms"]), "")
     for r in lat["phases"]:
         t.add_row(f"{r['phase']} step (state from {r.get('state_from', '-')})", str(r["step"]), str(r["count"]),
                   _ms(r["p50_ms"]), _ms(r["p90_ms"]), _x(r["speedup"]))
