@@ -331,7 +331,8 @@ def _op_changes(ops: dict[str, Any], limit: int = 6) -> str:
 
 def render_summary(report: dict[str, Any], console: Console | None = None) -> None:
     """The default terminal report: one line per pass (applied / declined sites, its error,
-    verified), the op types that changed, the numerics verdict and the latency line. The
+    verified), the op types that changed, the numerics verdict with the verification's notes
+    (shadow, assumed shapes, defaulted dims) and the latency line. The
     full tables are ``render`` + ``render_extras`` (``-v``), the JSON and the HTML."""
     console = console or Console()
     for p in report["passes"]:
@@ -359,5 +360,7 @@ def render_summary(report: dict[str, Any], console: Console | None = None) -> No
         console.print(f"numerics (original vs rewritten, {len(v.get('outputs', []))} output(s)): {ok}, "
                       f"max rel err {_fmt_err(v.get('max_rel_error'))}"
                       + (f" (tolerance {_fmt_err(tol)})" if tol is not None else ""), soft_wrap=True)
+        for note in v.get("notes", []):
+            console.print(f"[dim]note: {escape(note)}[/]", soft_wrap=True)
     if report.get("latency"):
         console.print(latency_line(report["latency"]), soft_wrap=True, markup=False)
