@@ -136,9 +136,16 @@ def _window_consts(bd: _Builder, cfg: FunctionConfig) -> tuple[ir.Value, ir.Valu
 MIN_OPSET = 13  # Softmax over the last axis only, ReduceSum / Squeeze / Unsqueeze with axes as an input
 
 
+def _reduce_max(bd: _Builder, s: ir.Value, axes: ir.Value, opset: int) -> ir.Value:
+    """``ReduceMax(s, axis=-1, keepdims)``: axes as an input from opset 18, as an attribute before."""
+    if opset >= 18:
+        return bd.add("ReduceMax", [s, axes], [ir.AttrInt64("keepdims", 1)])
+    return bd.add("ReduceMax", [s], [ir.AttrInt64s("axes", [-1]), ir.AttrInt64("keepdims", 1)])
+
+
 def _blocked_masked(bd: _Builder, q: ir.Value, k: ir.Value, v: ir.Value, cfg: FunctionConfig,
-                    idx: ir.Value, bias: ir.Value) -> ir.Value:
-    """``O_M [B,H,N,D]`` from the blocked window of each query block."""
+                    idx: ir.Value, bias: ir.Value, *, with_lse: bool, opset: int) -> tuple[ir.Value, ir.Value | None]:
+    """``O_M [B,H,N,D]`` (and ``LSE_M [B,H,N,1]``) from the blocked window of each query block."""
     lay, d = cfg.layout, cfg.head_dim
     n, npad, nb, bq = lay.spec.n, lay.padded, lay.nb, lay.block
     if npad != n:
@@ -152,14 +159,25 @@ def _blocked_masked(bd: _Builder, q: ir.Value, k: ir.Value, v: ir.Value, cfg: Fu
     vw = bd.add("Reshape", [bd.add("Gather", [bd.add("Reshape", [v, blocks]), idx], [ir.AttrInt64("axis", 2)]), window])
     kt = bd.add("Transpose", [kw], [ir.AttrInt64s("perm", [0, 1, 2, 4, 3])])
     s = bd.add("Add", [bd.add("MatMul", [qb, kt]), bias])
-    o = bd.add("MatMul", [bd.add("Softmax", [s], [ir.AttrInt64("axis", -1)]), vw])
+    lse = None
+    if with_lse:
+        axes = bd.ints([-1])
+        mx = _reduce_max(bd, s, axes, opset)
+        e = bd.add("Exp", [bd.add("Sub", [s, mx])])
+        z = bd.add("ReduceSum", [e, axes], [ir.AttrInt64("keepdims", 1)])
+        o = bd.add("Div", [bd.add("MatMul", [e, vw]), z])
+        lse = bd.add("Reshape", [bd.add("Add", [mx, bd.add("Log", [z])]), bd.ints([0, 0, npad, 1])])
+    else:
+        o = bd.add("MatMul", [bd.add("Softmax", [s], [ir.AttrInt64("axis", -1)]), vw])
     o = bd.add("Reshape", [o, bd.ints([0, 0, npad, d])])
     if npad != n:
-        o = bd.add("Slice", [o, bd.ints([0]), bd.ints([n]), bd.ints([2])])
-    return o
+        start, end, ax = bd.ints([0]), bd.ints([n]), bd.ints([2])
+        o = bd.add("Slice", [o, start, end, ax])
+        lse = None if lse is None else bd.add("Slice", [lse, start, end, ax])
+    return o, lse
 
 
-def _window_refresh(bd: _Builder, q, k, v, p, o_full, cfg: FunctionConfig, idx, bias):
+def _window_refresh(bd: _Builder, q, k, v, p, o_full, cfg: FunctionConfig, idx, bias, opset: int):
     """``(rho [B,H,N], R [B,H,N,D])`` of the refresh from the dense step's probabilities
     ``p = softmax(S)`` and one pass over each query block's window scores ``S_W``.
 
@@ -247,12 +265,12 @@ def rettention_function(cfg: FunctionConfig, name: str, opset: int) -> ir.Functi
     bd = _Builder("refresh_")
     p = bd.add("Softmax", [_scaled_scores(bd, q, k, cfg)], [ir.AttrInt64("axis", -1)])
     o_full = bd.add("MatMul", [p, v])
-    rho_new, r_new = _window_refresh(bd, q, k, v, p, o_full, cfg, idx, bias)
+    rho_new, r_new = _window_refresh(bd, q, k, v, p, o_full, cfg, idx, bias, opset)
     refresh = _branch("refresh", bd, [bd.add("Identity", [o_full]), rho_new, r_new], opset)
 
     # sparse: (rho + lam k) O_M + R
     bd = _Builder("sparse_")
-    o_m = _blocked_masked(bd, q, k, v, cfg, idx, bias)
+    o_m, _ = _blocked_masked(bd, q, k, v, cfg, idx, bias, with_lse=False, opset=opset)
     gain = bd.add("Add", [bd.add("Unsqueeze", [rho, bd.ints([-1])]), coef])
     o = bd.add("Add", [bd.add("Mul", [gain, o_m]), res])
     sparse = _branch("sparse", bd, [o, bd.add("Identity", [rho]), bd.add("Identity", [res])], opset)
