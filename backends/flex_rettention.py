@@ -197,12 +197,17 @@ def refresh(q, k, v, scale: float, layout: BlockLayout):
     that ``LSE`` (``backends.triton.rettention.window_refresh``, ``O(N * W * Dh)``; Inductor's
     C++ flex template has no LSE output, torch 2.13); CUDA: both LSEs from flex."""
     o_full, lse = full_lse(q, k, v, scale)
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and not getattr(layout, "prefix", 0):
         from backends.triton.rettention import window_refresh
 
         rho, res = window_refresh(q, k, v, float(scale), layout, o_full, lse)
         return o_full, rho, res
-    o_m, lse_m = masked(q, k, v, scale, layout, with_lse=True)
+    if q.device.type == "cpu":  # dense prefix rows: the block kernel computes them apart
+        from backends.triton.rettention import masked_blocks
+
+        o_m, lse_m = masked_blocks(q, k, v, float(scale), layout, with_lse=True)
+    else:
+        o_m, lse_m = masked(q, k, v, scale, layout, with_lse=True)
     rho = torch.exp(lse_m.float() - lse.float())
     res = o_full.float() - rho[..., None] * o_m.float()
     return o_full, rho, res

@@ -263,9 +263,24 @@ def rettention_function(cfg: FunctionConfig, name: str, opset: int) -> ir.Functi
     # refresh: the dense step's own ops (scores, Softmax, P V) plus one pass over the window
     # scores (module doc): rho = P[i, j*] * sum_W exp(S_W - S_ij*), R = O - P[i, j*] * E_W V_W
     bd = _Builder("refresh_")
-    p = bd.add("Softmax", [_scaled_scores(bd, q, k, cfg)], [ir.AttrInt64("axis", -1)])
-    o_full = bd.add("MatMul", [p, v])
-    rho_new, r_new = _window_refresh(bd, q, k, v, p, o_full, cfg, idx, bias, opset)
+    if getattr(cfg.layout, "prefix", 0):
+        # a layout with dense prefix rows (rows that no window covers): both LSEs, the in-mask
+        # one from _blocked_masked, which computes those rows apart
+        s = _scaled_scores(bd, q, k, cfg)
+        axes = bd.ints([-1])
+        mx = _reduce_max(bd, s, axes, opset)
+        e = bd.add("Exp", [bd.add("Sub", [s, mx])])
+        z = bd.add("ReduceSum", [e, axes], [ir.AttrInt64("keepdims", 1)])
+        o_full = bd.add("Div", [bd.add("MatMul", [e, v]), z])
+        lse = bd.add("Add", [mx, bd.add("Log", [z])])
+        o_m, lse_m = _blocked_masked(bd, q, k, v, cfg, idx, bias, with_lse=True, opset=opset)
+        rho4 = bd.add("Exp", [bd.add("Sub", [lse_m, lse])])
+        r_new = bd.add("Sub", [o_full, bd.add("Mul", [rho4, o_m])])
+        rho_new = bd.add("Squeeze", [rho4, bd.ints([-1])])
+    else:
+        p = bd.add("Softmax", [_scaled_scores(bd, q, k, cfg)], [ir.AttrInt64("axis", -1)])
+        o_full = bd.add("MatMul", [p, v])
+        rho_new, r_new = _window_refresh(bd, q, k, v, p, o_full, cfg, idx, bias, opset)
     refresh = _branch("refresh", bd, [bd.add("Identity", [o_full]), rho_new, r_new], opset)
 
     # sparse: (rho + lam k) O_M + R

@@ -131,7 +131,8 @@ def window_refresh(q, k, v, scale: float, layout: BlockLayout, o_full, lse):
         R   = O_full - P_W V_W    (= O_full - rho * O_M)
 
     No in-mask LSE, no normalisation of ``O_M`` and no ``rho * O_M`` product: one ``exp``
-    and one row sum over the ``N x W`` window scores besides the two block products."""
+    and one row sum over the ``N x W`` window scores besides the two block products. For
+    layouts whose every row is covered by its query block's window (no dense prefix rows)."""
     b_, h_, n, d = q.shape
     bq, nb, npad = layout.block, layout.nb, layout.padded
     idx, bias = _layout_tensors(layout, q.device)
@@ -168,6 +169,10 @@ def cpu_refresh(q, k, v, scale: float, layout: BlockLayout):
     lse = torch.logsumexp(s, -1)
     o_full = torch.matmul(s.sub_(lse[..., None]).exp_(), vf)
     del s
+    if getattr(layout, "prefix", 0):  # dense prefix rows, computed apart by masked_blocks
+        o_m, lse_m = masked_blocks(q, k, v, scale, layout, with_lse=True)
+        rho = torch.exp(lse_m - lse)
+        return o_full.to(q.dtype), rho, o_full - rho[..., None] * o_m
     rho, res = window_refresh(q, k, v, scale, layout, o_full, lse)
     return o_full.to(q.dtype), rho, res
 
