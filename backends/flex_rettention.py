@@ -5,7 +5,8 @@ attention, compiled by Inductor (C++ on CPU, Triton on CUDA).
 With ``S = scale * Q K^T``, ``LSE(x) = log sum exp x`` over keys and the static mask ``M``::
 
     refresh:  (O_full, LSE)   = SDPA flash (CPU) or flex(q, k, v)     one pass, no N x N
-              (O_M,    LSE_M) = flex(q, k, v, block_mask=M, LSE)      (CPU: the block kernel)
+              (O_M,    LSE_M) = flex(q, k, v, block_mask=M, LSE)      (CUDA; CPU: rho and R
+                              straight from LSE and the window scores, ``window_refresh``)
               rho = exp(LSE_M - LSE)        (= Z_M / Z_full, fp32)
               R   = O_full - rho * O_M      (fp32)
     sparse:   O = (rho + coef) * flex(q, k, v, block_mask=M) + R   (elementwise epilogue)
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 from torch.nn.attention import flex_attention as fa
 
-from backends.rettention_blocks import masked_blocks
+from backends.rettention_blocks import masked_blocks, window_refresh
 from backends.rettention_spec import BlockLayout, MaskSpec
 
 log = logging.getLogger(__name__)
@@ -193,12 +194,15 @@ def full_lse(q, k, v, scale: float):
 def refresh(q, k, v, scale: float, layout: BlockLayout):
     """``(O_full, rho, R)``: ``O_full`` in q's dtype, ``rho`` ``[B, H, N]`` and ``R`` fp32.
 
-    CPU: Inductor's C++ flex template has no LSE output (torch 2.13: "`return_lse` is not
-    supported yet"), so ``LSE_M`` comes from the project's block kernel
-    (``backends.rettention_blocks.masked_blocks``, ``O(N * W * Dh)``) and ``LSE`` from the
-    SDPA flash kernel; CUDA: both from flex."""
+    CPU: ``(O_full, LSE)`` from the SDPA flash kernel (one pass over the full scores, the
+    dense step's kernel), then ``rho`` and ``R`` from one pass over the window scores with
+    that ``LSE`` (``backends.rettention_blocks.window_refresh``, ``O(N * W * Dh)``; Inductor's
+    C++ flex template has no LSE output, torch 2.13); CUDA: both LSEs from flex."""
     o_full, lse = full_lse(q, k, v, scale)
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and not getattr(layout, "prefix", 0):
+        rho, res = window_refresh(q, k, v, float(scale), layout, o_full, lse)
+        return o_full, rho, res
+    if q.device.type == "cpu":  # dense prefix rows: the block kernel computes them apart
         o_m, lse_m = masked_blocks(q, k, v, float(scale), layout, with_lse=True)
     else:
         o_m, lse_m = masked(q, k, v, scale, layout, with_lse=True)

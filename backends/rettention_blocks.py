@@ -58,3 +58,45 @@ def _with_prefix(qf, kf, vf, scale: float, layout: BlockLayout, o, lse):
     o_p = torch.matmul(torch.exp(s - lse_p[..., None]), vf)
     o = torch.cat([o_p, o[:, :, p:]], 2)
     return o, (None if lse is None else torch.cat([lse_p, lse[:, :, p:]], 2))
+
+
+_WINDOW_CHUNK_BYTES = 4 << 20  # window scores per chunk of heads in window_refresh
+
+
+def window_refresh(q, k, v, scale: float, layout: BlockLayout, o_full, lse):
+    """``(rho, R)`` of the refresh from the dense pass's ``O_full`` and ``LSE`` and one pass
+    over each query block's window scores ``S_W`` (fp32)::
+
+        P_W = exp(S_W - LSE)      (the dense probabilities of the window's keys; 0 off the mask)
+        rho = sum_W P_W           (= Z_M / Z)
+        R   = O_full - P_W V_W    (= O_full - rho * O_M)
+
+    No in-mask LSE, no normalisation of ``O_M`` and no ``rho * O_M`` product: one ``exp``
+    and one row sum over the ``N x W`` window scores besides the two block products. For
+    layouts whose every row is covered by its query block's window (no dense prefix rows)."""
+    b_, h_, n, d = q.shape
+    bq, nb, npad = layout.block, layout.nb, layout.padded
+    idx, bias = _layout_tensors(layout, q.device)
+    qf, kf, vf, lf = q.float() * scale, k.float(), v.float(), lse.float()
+    if npad != n:
+        pad = (0, 0, 0, npad - n)
+        qf, kf, vf = (torch.nn.functional.pad(t, pad) for t in (qf, kf, vf))
+        lf = torch.nn.functional.pad(lf, (0, npad - n))
+    bh = b_ * h_
+    qb = qf.reshape(bh, nb, bq, d)
+    kb, vb, lb = kf.reshape(bh, nb, bq, d), vf.reshape(bh, nb, bq, d), lf.reshape(bh, nb, bq, 1)
+    rho = torch.empty((bh, nb, bq), dtype=torch.float32, device=q.device)
+    pv = torch.empty((bh, nb, bq, d), dtype=torch.float32, device=q.device)
+    # a few heads at a time: the [nb, Bq, W] window scores of a chunk stay in cache between
+    # the product, the exp, the row sum and the second product
+    step = max(1, _WINDOW_CHUNK_BYTES // (nb * bq * layout.width * 4))
+    for h0 in range(0, bh, step):
+        sl = slice(h0, h0 + step)
+        kw = kb[sl].index_select(1, idx).reshape(-1, nb, layout.width, d)
+        vw = vb[sl].index_select(1, idx).reshape(-1, nb, layout.width, d)
+        p = torch.matmul(qb[sl], kw.transpose(-1, -2)).add_(bias).sub_(lb[sl]).exp_()
+        torch.sum(p, -1, out=rho[sl])
+        torch.matmul(p, vw, out=pv[sl])
+    rho = rho.reshape(b_, h_, npad)[:, :, :n]
+    pv = pv.reshape(b_, h_, npad, d)[:, :, :n]
+    return rho.contiguous(), o_full.float() - pv

@@ -13,9 +13,13 @@
    ``models_zoo.eval.sample``'s sampler) by the original model (dense), by the rewritten
    model (Re-ttention) and by the rewritten model with the residual correction removed
    (naive band-masked attention), with PSNR / SSIM of each against dense.
-4. The graph diff and latency (``Result.diff()``, ``Result.bench()``), the terminal report,
-   the JSON document and the HTML page with the three sample grids side by side
-   (``Result.html(path, images=...)``).
+4. The graph diff and latency (``Result.diff()``, ``Result.bench()``: the original against
+   the dense, refresh and sparse steps and the sampling schedule they make up), the
+   terminal summary, the JSON document and the HTML page with the three sample grids side
+   by side (``Result.html(path, images=...)``).
+5. Where the rewrite pays: the same architecture with random weights at 256, 1024 and 4096
+   tokens, timed the same way (``scaling_section``): a latency-against-tokens figure on the
+   page and one sentence at the end of the terminal report.
 
 ``run_demo`` does the work and returns the ``Result`` and the images; ``main`` prints.
 """
@@ -23,6 +27,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -33,18 +38,15 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.table import Table
 
-from backends.ort.rettention import RettentionRunner, STEP_INPUT, site_configs
+from backends.ort.rettention import RettentionRunner, site_configs
 from backends.ort.session import make_session
-from models_zoo.dit import _example_inputs, load_trained_dit
+from models_zoo.dit import TinyDiT, _example_inputs, load_trained_dit
 from models_zoo.eval import png_grid, psnr, ssim
 from passes.rettention import check_steps
 from passes.rettention_runtime import onnx_stepper, sample_euler
 import rewriter
-from rewriter import api
-from rewriter.report import render, render_extras
-from rewriter.run import bench as B
+from rewriter.report import render_summary
 from rewriter.torch_export import export_to_onnx
 
 log = logging.getLogger(__name__)
@@ -106,22 +108,67 @@ def samples_section(images: dict[str, torch.Tensor], *, seeds: list[int], steps:
             "variants": variants}
 
 
-def sparse_step_latency(result, feeds: dict[str, np.ndarray], *, runs: int) -> dict[str, Any]:
-    """The ``latency`` section for a Re-ttention model: the original (dense attention)
-    against the rewritten model at a sparse step (its state filled by a refresh step),
-    interleaved, through ``rewriter.api.latency`` (``Result.bench`` would time the default
-    step, which is dense)."""
-    schedule = site_configs(result.view.model)[0].schedule
-    runner = RettentionRunner(result.view.model, optimize=False)
-    runner(feeds, schedule.warmup)  # the first refresh step fills rho and R
-    sparse = {**feeds, **runner._state[0], STEP_INPUT: np.asarray(schedule.warmup + 1, dtype=np.int64)}
-    before = B.target_for("original", result.original, feeds)  # short labels: the page's chart has 150 px for them
-    after = B.onnx_target(f"step {schedule.warmup + 1} (sparse)", result.view.to_proto(), sparse)
-    return api.latency(before, after, feeds, runs=runs, warmup=3)
+SCALING_TOKENS = (256, 1024, 4096)  # the latency-against-tokens figure
+
+
+def scaling_section(cfg, out_dir: Path, *, tokens=SCALING_TOKENS, runs: int = 5, say=lambda m: None) -> dict[str, Any]:
+    """The report's ``scaling`` section: the same architecture as ``cfg`` with random weights
+    at each token count (image side ``patch * sqrt(N)``, batch 1), exported, rewritten with
+    ``PASSES`` and timed per phase by ``Result.bench`` (``rewriter.run.bench``: the original
+    against the dense, refresh and sparse steps, interleaved); per ``N`` the original's ms
+    per step, the sparse step's and the schedule's mean step with their speedups, and the
+    sentence saying where the rewrite starts to pay (``pays_from``)."""
+    rows = []
+    for n in tokens:
+        side = cfg.patch * math.isqrt(n)
+        c = dataclasses.replace(cfg, image_size=side)
+        say(f"latency against tokens: N = {n} (random weights)")
+        torch.manual_seed(0)
+        model = TinyDiT(c).eval()
+        x = torch.randn(1, c.channels, side, side)
+        t = torch.full((1,), 0.5)
+        path = export_to_onnx(model, (x, t), out_dir / f"dit-random-{n}.onnx")
+        res = rewriter.rewrite(str(path), PASSES, inputs={"x": x.numpy(), "t": t.numpy()}, source=str(path))
+        if not res.passed:
+            raise RuntimeError(f"N = {n}: the rewrite failed verification")
+        lat = res.bench(runs=runs, warmup=1, profile=False)
+        ph = {r["phase"]: r for r in lat["phases"]}
+        rows.append({"tokens": n, "before_ms": lat["before"]["p50_ms"], "sparse_ms": ph["sparse"]["p50_ms"],
+                     "schedule_ms": lat["after"]["p50_ms"], "sparse_speedup": ph["sparse"]["speedup"],
+                     "refresh_speedup": ph["refresh"]["speedup"], "dense_speedup": ph["dense"]["speedup"],
+                     "schedule_speedup": lat["speedup"]})
+    steps = lat["schedule"]["steps"]
+    return {"description": f"{cfg.n_layer} layers, {cfg.n_head} heads x {cfg.d_model // cfg.n_head}, random weights, "
+                           f"batch 1; ONNX Runtime; {steps}-step schedule", "steps": steps,
+            "rows": rows, "pays_from": pays_from(rows, steps)}
+
+
+def pays_from(rows: list[dict[str, Any]], steps: int) -> str:
+    """One sentence: from how many tokens the schedule is faster than the original."""
+    def words(r):
+        return f"{r['schedule_speedup']:.2f}x at {r['tokens']} (sparse step {r['sparse_speedup']:.2f}x)"
+
+    pays = [r["schedule_speedup"] > 1.0 for r in rows]
+    detail = "; ".join(words(r) for r in rows)
+    if all(pays):
+        return f"The rewrite pays at every size measured, from {rows[0]['tokens']} tokens: {detail}."
+    if not any(pays):
+        return f"The rewrite does not pay up to {rows[-1]['tokens']} tokens on this machine: {detail}."
+    k = pays.index(True)
+    if k > 0 and all(pays[k:]):
+        a, b = rows[k - 1], rows[k]
+        # the crossing of speedup 1, linear in log N between the two sizes around it
+        fa, fb = a["schedule_speedup"] - 1.0, b["schedule_speedup"] - 1.0
+        la, lb = math.log(a["tokens"]), math.log(b["tokens"])
+        cross = math.exp(la + (lb - la) * (-fa) / (fb - fa)) if fb != fa else b["tokens"]
+        return (f"The rewrite starts to pay at about {cross:,.0f} tokens ({steps}-step schedule "
+                f"faster than the original from there): {detail}.")
+    return f"The rewrite pays at some sizes only: {detail}."
 
 
 def run_demo(out_dir: str | Path, *, seeds: list[int] = (0, 1), steps: int = 25, runs: int = 30,
-             check_steps_n: int = 8, html: str | Path | None = None, progress=None) -> dict[str, Any]:
+             check_steps_n: int = 8, html: str | Path | None = None, progress=None, scaling: bool = True,
+             scaling_runs: int = 5, scaling_tokens: tuple[int, ...] = SCALING_TOKENS) -> dict[str, Any]:
     """Run the headline job into ``out_dir``; returns ``{result, images (PNG bytes per variant),
     samples (image tensors per variant), check (per-step formula check), timings}``."""
     say = progress or (lambda msg: None)
@@ -162,11 +209,15 @@ def run_demo(out_dir: str | Path, *, seeds: list[int] = (0, 1), steps: int = 25,
     result.report["samples"]["step_check"] = {k: check[k] for k in ("passed", "tolerance", "steps")}
     timings["sampling_s"] = time.perf_counter() - t
 
-    say("graph diff and latency")
+    say("graph diff and latency per phase")
     t = time.perf_counter()
     result.diff()
-    result.report["latency"] = sparse_step_latency(result, feeds, runs=runs)
+    result.bench(runs=runs, warmup=3)
     timings["diff_bench_s"] = time.perf_counter() - t
+    if scaling:
+        t = time.perf_counter()
+        result.report["scaling"] = scaling_section(model.cfg, out, tokens=scaling_tokens, runs=scaling_runs, say=say)
+        timings["scaling_s"] = time.perf_counter() - t
     result.save(out / "dit-additive.crms+rettention.onnx")
 
     pngs = {name: png_grid(images[name], nrow=4, scale=3, pad=3) for name, _ in VARIANTS}
@@ -178,6 +229,44 @@ def run_demo(out_dir: str | Path, *, seeds: list[int] = (0, 1), steps: int = 25,
     return {"result": result, "images": pngs, "samples": images, "check": check, "timings": timings}
 
 
+def print_report(run: dict[str, Any], out: Path, html: Path, con) -> None:
+    """The demo's terminal report: the run summary (``rewriter.report.render_summary``), one
+    line each for the per-step check, the samples and the latency against tokens, the paths,
+    where the full tables are, and last the sentence on where the rewrite pays. Writes
+    ``out / report.json``."""
+    result = run["result"]
+    render_summary(result.report, con)
+    if not result.passed:
+        con.print("[red]verification failed; nothing written[/]")
+        return
+    chk = run["check"]
+    worst: dict[str, float] = {}
+    for r in chk["steps"]:
+        worst[r["phase"]] = max(worst.get(r["phase"], 0.0), r["max_rel_error"])
+    con.print(f"every site vs its float64 formula, steps 0-{len(chk['steps']) - 1}: "
+              + ", ".join(f"{k} {v:.1e}" for k, v in worst.items())
+              + f" ({'within' if chk['passed'] else 'ABOVE'} {chk['tolerance']:g}); dense step vs original "
+              f"{chk['dense_step_max_rel_error']:.1e} ({'within' if chk['dense_step_exact'] else 'ABOVE'} the exact "
+              f"tolerance {EXACT_TOL:g})", soft_wrap=True, highlight=False)
+    s = result.report["samples"]
+    con.print(f"samples vs dense sampling (seeds {s['seeds']}, {s['images_per_seed']} images each, {s['steps']} steps): "
+              + "; ".join(f"{v['label']}: PSNR {v['psnr']:.2f} dB, SSIM {v['ssim']:.3f} (worst seed {v['psnr_min']:.2f} dB)"
+                          for v in s["variants"] if v["psnr"] is not None), soft_wrap=True, highlight=False)
+    (out / "report.json").write_text(json.dumps(result.report, indent=2, default=str))
+    tm = run["timings"]
+    con.print(f"wrote [bold]{result.report['output']}[/], {out / 'report.json'}, {out}/samples-*.png", soft_wrap=True)
+    con.print(f"report [bold]{Path(html).resolve()}[/]  ({tm['total_s']:.1f} s: " + ", ".join(
+        f"{k[:-2]} {v:.1f}" for k, v in tm.items() if k != "total_s") + ")", soft_wrap=True)
+    con.print("more: every table (sites, op counts, nodes, numerics, per-phase latency, per-step check) is in "
+              f"{out / 'report.json'} and the HTML report", soft_wrap=True, highlight=False)
+    sc = result.report.get("scaling")
+    if sc:
+        con.print("latency against tokens (" + sc["description"] + "): " + ", ".join(
+            f"N={r['tokens']} {r['before_ms']:.1f} -> {r['schedule_ms']:.1f} ms/step" for r in sc["rows"]),
+            soft_wrap=True, highlight=False)
+        con.print(f"[bold]{sc['pays_from']}[/]", soft_wrap=True, highlight=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="demo-out", help="directory for the models, samples and JSON")
@@ -185,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1", help="comma-separated sampler seeds (8 images each)")
     ap.add_argument("--steps", type=int, default=25, help="sampler steps")
     ap.add_argument("--runs", type=int, default=30, help="timed samples per model")
+    ap.add_argument("--scaling-runs", type=int, default=5, help="timed samples per model of the latency-against-tokens "
+                    "figure (0: leave it out)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("torch", "onnxscript", "onnx_ir"):
@@ -194,40 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     con.rule(f"[bold]rewrite {ZOO_NAME} (ONNX) --passes {','.join(PASSES)}")
     with err.status("starting...") as status:
         run = run_demo(a.out, seeds=seeds, steps=a.steps, runs=a.runs, html=a.html,
-                       progress=lambda m: status.update(m + "..."))
+                       progress=lambda m: status.update(m + "..."), scaling=a.scaling_runs > 0,
+                       scaling_runs=max(a.scaling_runs, 1))
     result = run["result"]
-    render(result.report, con)
-    render_extras(result.report, con)
+    print_report(run, Path(a.out), Path(a.html), con)
     if not result.passed:
-        con.print("[red]verification failed; nothing written[/]")
         return 1
     chk = run["check"]
-    t = Table(title="sparse schedule: every site vs the float64 formula (check_steps)")
-    for col in ("step", "phase", "max rel err"):
-        t.add_column(col, justify="right" if col != "phase" else "left")
-    for r in chk["steps"]:
-        t.add_row(str(r["step"]), r["phase"], f"{r['max_rel_error']:.2e}")
-    con.print(t)
-    con.print(f"dense step vs original: max rel err {chk['dense_step_max_rel_error']:.2e} "
-              f"({'within' if chk['dense_step_exact'] else 'ABOVE'} the exact tolerance {EXACT_TOL:g}); "
-              f"refresh/sparse steps {'within' if chk['passed'] else 'ABOVE'} {chk['tolerance']:g}")
-    s = result.report["samples"]
-    t = Table(title=f"samples vs dense sampling (seeds {s['seeds']}, {s['images_per_seed']} images each, "
-                    f"{s['steps']} steps)")
-    for col in ("variant", "PSNR dB", "SSIM", "worst-seed PSNR"):
-        t.add_column(col, justify="left" if col == "variant" else "right")
-    for v in s["variants"]:
-        if v["psnr"] is None:
-            t.add_row(v["label"], "reference", "", "")
-        else:
-            t.add_row(v["label"], f"{v['psnr']:.2f}", f"{v['ssim']:.3f}", f"{v['psnr_min']:.2f}")
-    con.print(t)
-    out = Path(a.out)
-    (out / "report.json").write_text(json.dumps(result.report, indent=2, default=str))
-    tm = run["timings"]
-    con.print(f"wrote [bold]{result.report['output']}[/], {out / 'report.json'}, {out}/samples-*.png")
-    con.print(f"report [bold]{Path(a.html).resolve()}[/]  ({tm['total_s']:.1f} s: " + ", ".join(
-        f"{k[:-2]} {v:.1f}" for k, v in tm.items() if k != "total_s") + ")")
     ok = chk["passed"] and chk["dense_step_exact"]
     return 0 if ok else 1
 

@@ -163,12 +163,16 @@ class Result:
 
     def bench(self, *, runs: int = 100, warmup: int = 5, threads: int | None = None, profile: bool = True,
               per_pass: bool = False, labels: tuple[str, str] = ("original", "rewritten"),
-              progress: BenchProgress | None = None, compiled: bool = False) -> dict[str, Any]:
+              progress: BenchProgress | None = None, compiled: bool = False,
+              steps: int | None = None) -> dict[str, Any]:
         """Time the original and the rewritten model interleaved (``rewriter.run.bench``) on the
         verification inputs; sets and returns ``report["latency"]`` (schema
         ``LATENCY_SECTION``; ``speedup`` > 1 means faster). ``per_pass`` also times the model
         after each prefix of the pass list; ``profile`` adds per-op-type time; ``compiled``
-        times torch models under ``torch.compile`` (backend ``torch-inductor``).
+        times torch models under ``torch.compile`` (backend ``torch-inductor``). A stateful
+        (Re-ttention) result is timed per phase (dense, refresh, sparse, each fed the states
+        of the steps before it) and over a schedule of ``steps`` denoising steps (default 20):
+        ``speedup`` is then the schedule's, ``phases`` beside it.
         Refuses a model that failed verification unless the run was forced."""
         if not self.passed and not self.forced:
             raise VerificationFailed("not timing a model that failed verification (rewrite with force=True)")
@@ -181,7 +185,8 @@ class Result:
         pass_names = [p if isinstance(p, str) else p.name for p in names] if prefixes else []
         self.report["latency"] = latency(self.original, self.view, feeds, runs=runs, warmup=warmup,
                                          threads=threads, profile=profile, pass_names=pass_names,
-                                         prefixes=prefixes, labels=labels, progress=progress, compiled=compiled)
+                                         prefixes=prefixes, labels=labels, progress=progress, compiled=compiled,
+                                         steps=steps)
         return self.report["latency"]
 
     def _prefix_views(self, passes: list) -> list[GraphView]:
@@ -213,13 +218,16 @@ class Result:
 def latency(before: Any, after: Any, feeds: Mapping[str, np.ndarray], *, runs: int = 100, warmup: int = 5,
             threads: int | None = None, profile: bool = True, pass_names: Sequence[str] = (),
             prefixes: Sequence[Any] = (), labels: tuple[str, str] = ("original", "rewritten"),
-            progress: BenchProgress | None = None, compiled: bool = False) -> dict[str, Any]:
+            progress: BenchProgress | None = None, compiled: bool = False,
+            steps: int | None = None) -> dict[str, Any]:
     """The ``latency`` section: ``before`` and ``after`` (GraphViews or ready
     ``rewriter.run.bench.Target``s; ``after`` may be None) timed interleaved, plus the models
     in ``prefixes`` (after each pass of ``pass_names``) and, with ``profile``, per-op-type
     time from a separate profiling run (ORT's profiler, or the torch profiler). Torch
     models with ``compiled``: under ``torch.compile`` (backend ``torch-inductor``; the
-    compiling first call is timed apart, ``compile_s``)."""
+    compiling first call is timed apart, ``compile_s``). A stateful ``after`` (Re-ttention
+    protocol) is timed per phase over a ``steps``-step schedule (``rewriter.run.bench``
+    module doc); ``per_pass`` is not measured for it."""
     if runs < 1:
         raise BadInput(f"--runs {runs}: must be at least 1")
     if warmup < 0:
@@ -229,8 +237,31 @@ def latency(before: Any, after: Any, feeds: Mapping[str, np.ndarray], *, runs: i
     def target(label, v):
         return v if isinstance(v, B.Target) else B.target_for(label, v, feeds, threads=threads, compiled=compiled)
 
+    if steps is not None and steps < 1:
+        raise BadInput(f"--steps {steps}: must be at least 1")
     say("compiling (torch.compile)" if compiled else "preparing sessions", None, None)
     tb = target(labels[0], before)
+    stateful = None
+    if after is not None and not isinstance(after, B.Target):
+        stateful = B.phase_targets(labels[1], after, feeds, threads=threads, compiled=compiled)
+    if stateful is not None:
+        schedule, phases = stateful
+        desc = f"timing the original and {len(phases)} phases, interleaved"
+        say(desc, 0, runs)
+        sec = B.stateful_section(tb, schedule, phases, steps=steps, runs=runs, warmup=warmup, threads=threads,
+                                 inputs=feeds, progress=lambda done, total: say(desc, done, total))
+        if tb.compile_s is not None:
+            sec["compile_s"] = {"before": tb.compile_s,
+                                "after": sum(t.compile_s or 0.0 for t in phases.values())}
+        if profile:
+            say(f"profiling per op type ({sec['profiled_phase']} step)", None, None)
+            n = max(3, min(runs, 20))
+            B.attach_op_types(sec, B.profile_op_types(tb, runs=n, threads=threads),
+                              B.profile_op_types(phases[sec["profiled_phase"]], runs=n, threads=threads))
+            prof = sec["after"].pop("profiled_ms", None)
+            if prof is not None:  # the profile is of the phase, not of the schedule's mean step
+                next(r for r in sec["phases"] if r["phase"] == sec["profiled_phase"])["profiled_ms"] = prof
+        return sec
     ta = target(labels[1], after) if after is not None else None
     extra = [target(f"after {n}", v) for n, v in zip(pass_names, prefixes)]
     desc = f"timing {1 + (ta is not None) + len(extra)} model(s), interleaved"

@@ -2,11 +2,11 @@
 
     rewrite MODEL --passes P1,P2 [-o OUT] [--set PASS.KEY=VALUE ...] [--inputs F.npz]
             [--calib F.npz] [--shape NAME=D0,D1,...] [--no-verify] [--force] [--allow-unapplied] [--json F]
-            [--html F] [--bench [--per-pass] [--runs N]] [--compile] [--debug]
+            [--html F] [--bench [--per-pass] [--runs N] [--steps S]] [--compile] [-v] [--debug]
     rewrite passes [--json]
     rewrite explain MODEL --passes P
     rewrite diff A.onnx B.onnx [--json F] [--html F]
-    rewrite bench MODEL [--against OTHER | --passes P [--per-pass]] [--runs N] [--shape ...] [--compile] [--json F] [--html F]
+    rewrite bench MODEL [--against OTHER | --passes P [--per-pass]] [--runs N] [--steps S] [--shape ...] [--compile] [--json F] [--html F]
     rewrite check MODEL --passes P [--max-rel-error X] [--min-speedup Y] [--json F] [--html F]
 
 Exit codes: 0 done; 1 verification failed (nothing written), or for ``check`` a goal not
@@ -40,7 +40,7 @@ from rewriter.html import render_html, write_html
 from rewriter.ir.fx_view import FxView
 from rewriter.manager import explain
 from rewriter.pass_api import Context, describe_passes, get_pass, make_options, parse_sets
-from rewriter.report import goals_table, latency_tables, render, render_diff, render_extras, sites_table
+from rewriter.report import goals_table, latency_tables, render, render_diff, render_extras, render_summary, sites_table
 from rewriter.run.verify import input_specs, parse_bytes, resolve_shapes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -192,8 +192,12 @@ def run_cmd(
     no_profile: bool = typer.Option(False, "--no-profile", help="--bench: skip the per-op-type ORT profile"),
     compile_: bool = typer.Option(False, "--compile", help="torch (.pt2): check the result under torch.compile "
                                   "(graph breaks in the report); with --bench also time it compiled"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="--bench, stateful models (rettention): denoising "
+                                        "steps of the timed schedule (default 20)"),
     debug: bool = typer.Option(False, "--debug", help="tracebacks and debug logging"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print only errors"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="print every table (sites, op counts, nodes, "
+                                 "numerics, latency), not the summary"),
 ) -> int:
     pass_names = _split_passes(passes)
     options = _options(set_, pass_names)
@@ -236,17 +240,20 @@ def run_cmd(
         if result.passed or force:
             with _BenchBar(quiet) as bar:
                 result.bench(runs=runs, warmup=warmup, threads=threads, profile=not no_profile,
-                             per_pass=per_pass, progress=bar)
+                             per_pass=per_pass, progress=bar, steps=steps)
             if compile_:  # latency: under torch.compile; latency_eager: the eager run above
                 report["latency_eager"] = report["latency"]
                 with _BenchBar(quiet) as bar:
                     result.bench(runs=runs, warmup=warmup, threads=threads, profile=not no_profile,
-                                 progress=bar, compiled=True)
+                                 progress=bar, compiled=True, steps=steps)
         elif not quiet:
             err.print("[yellow]benchmark skipped: verification failed[/]")
     if not quiet:
-        render(report, out)
-        render_extras(report, out)
+        if verbose:
+            render(report, out)
+            render_extras(report, out)
+        else:
+            render_summary(report, out)
     if json_out:
         _write_json(json_out, report)
     if html_out:
@@ -268,9 +275,20 @@ def run_cmd(
         result.html(html_out)
     if not quiet:
         out.print(f"wrote [bold]{path}[/]")
+        if json_out:
+            out.print(f"JSON [bold]{Path(json_out).resolve()}[/]")
         if html_out:
             out.print(f"report [bold]{Path(html_out).resolve()}[/]")
+        if not verbose:
+            out.print(more_hint(json_out, html_out), soft_wrap=True, highlight=False)
     return 0
+
+
+def more_hint(json_out: str | None, html_out: str | None) -> str:
+    """The summary's last line: where the full tables are."""
+    keep = [f for f, given in (("--json F", json_out), ("--html F", html_out)) if not given]
+    return ("more: -v prints every site, op count, node change, numerics and latency table"
+            + (f"; {' or '.join(keep)} writes them to a file" if keep else "; the JSON and HTML hold them all"))
 
 
 def _width() -> int:
@@ -409,6 +427,8 @@ def bench_cmd(
     inputs: Optional[str] = typer.Option(None, "--inputs", help=".npz of inputs"),
     no_profile: bool = typer.Option(False, "--no-profile", help="skip the per-op-type ORT profile"),
     compile_: bool = typer.Option(False, "--compile", help="torch models: also time under torch.compile (Inductor)"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="stateful models (rettention): denoising steps of "
+                                        "the timed schedule (default 20)"),
     json_out: Optional[str] = typer.Option(None, "--json", help="write the bench document here"),
     html_out: Optional[str] = typer.Option(None, "--html", help="write a self-contained HTML page here"),
     debug: bool = typer.Option(False, "--debug"),
@@ -440,12 +460,12 @@ def bench_cmd(
         with _BenchBar(quiet) as bar:
             sec = result.bench(runs=runs, warmup=warmup, threads=threads, profile=not no_profile,
                                per_pass=per_pass, labels=(model, f"{model} + {','.join(pass_names)}"),
-                               progress=bar)
+                               progress=bar, steps=steps)
             if compile_:
                 eager = sec
                 sec = result.bench(runs=runs, warmup=warmup, threads=threads, profile=not no_profile,
                                    labels=(model, f"{model} + {','.join(pass_names)}"), progress=bar,
-                                   compiled=True)
+                                   compiled=True, steps=steps)
     else:
         feeds, _ = api.verification_feeds(view, inputs, shapes, max_input_bytes=max_bytes)
         other = None
@@ -455,12 +475,13 @@ def bench_cmd(
                 raise BadInput(f"--against {against}: a {other.ir} model cannot be timed against a {view.ir} model")
         with _BenchBar(quiet) as bar:
             sec = api.latency(view, other, feeds, runs=runs, warmup=warmup, threads=threads,
-                              profile=not no_profile, labels=(model, against or "rewritten"), progress=bar)
+                              profile=not no_profile, labels=(model, against or "rewritten"), progress=bar,
+                              steps=steps)
             if compile_:
                 eager = sec
                 sec = api.latency(view, other, feeds, runs=runs, warmup=warmup, threads=threads,
                                   profile=not no_profile, labels=(model, against or "rewritten"), progress=bar,
-                                  compiled=True)
+                                  compiled=True, steps=steps)
     doc = {"schema": "rewriter.bench/1", "model": model, "against": against, "latency": sec}
     if compile_:  # latency: under torch.compile; latency_eager: the eager timing
         doc["latency_eager"] = eager

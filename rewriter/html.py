@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import html
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -26,7 +27,7 @@ from typing import Any
 import networkx as nx
 
 from rewriter.diff import Snapshot, op_rows, statuses
-from rewriter.report import _share, profile_note
+from rewriter.report import _share, profile_note, profiled_side
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,8 @@ def _latency(lat: dict | None) -> str:
         y = 6 + i * 34
         svg.append(f'<text x="4" y="{y + 9}">{name} {_e(b["label"])}</text>' + _bar(vb, scale, "#78909c", f"{name} before", y))
         if va is not None:
-            svg.append(f'<text x="4" y="{y + 23}">{name} {_e(a["label"])}</text>' + _bar(va, scale, "#43a047", f"{name} after", y + 14))
+            short = "schedule" if lat.get("phases") else a["label"]  # the phases' own rows are in the table below
+            svg.append(f'<text x="4" y="{y + 23}">{name} {_e(short)}</text>' + _bar(va, scale, "#43a047", f"{name} after", y + 14))
     svg.append("</svg>")
     sp = lat.get("speedup")
     head = (f"<h2>Latency</h2><p>{_e(lat['engine'])} on {_e(lat['device'])}"
@@ -245,7 +247,7 @@ def _latency(lat: dict | None) -> str:
                if lat["engine"] == "onnxruntime" else "")
             + f"; {lat['runs']} interleaved samples of {lat.get('inner', 1)} call(s) each, after {lat.get('warmup', 0)} warm-up calls"
             + (f'; <b>speedup {sp:.3f}×</b>' if sp else "") + "</p>")
-    out = [head, "".join(svg)]
+    out = [head, "".join(svg), _phases(lat)]
     ops = lat.get("op_types") or []
     if ops:
         top = ops[:25]
@@ -257,13 +259,14 @@ def _latency(lat: dict | None) -> str:
         for i, (r, sh) in enumerate(zip(top, shares)):
             y = 6 + i * 30
             svg.append(f'<text x="4" y="{y + 15}">{_e(r["op"][:20])}</text>' + "".join(
-                _bar(v, scale, color, f"{r['op']} {lat[s]['label']}: {100 * v:.1f}% ({r[s + '_ms']:.4g} ms profiled)",
+                _bar(v, scale, color, f"{r['op']} {profiled_side(lat, s)['label']}: {100 * v:.1f}% "
+                     f"({r[s + '_ms']:.4g} ms profiled)",
                      y + 12 * k, text=f"{100 * v:.1f}%")
                 for k, ((s, color), v) in enumerate(zip(sides, sh))))
         svg.append("</svg>")
         out.append("".join(svg))
         out.append('<p class="legend">' + "".join(
-            f'<span style="background:{color};border-color:{color};color:#fff">{_e(lat[s]["label"])}</span>'
+            f'<span style="background:{color};border-color:{color};color:#fff">{_e(profiled_side(lat, s)["label"])}</span>'
             for s, color in sides) + "</p>")
         out.append(f'<p class="note" id="profile-note">{_e(profile_note(lat))}</p>')
     if lat.get("per_pass"):
@@ -273,6 +276,94 @@ def _latency(lat: dict | None) -> str:
                        f"<td class=\"n\">{_fmt(r['speedup'])}</td><td class=\"n\">{_fmt(r['cumulative_speedup'])}</td></tr>"
                        for r in lat["per_pass"]) + "</table>")
     return "".join(out)
+
+
+def _phases(lat: dict) -> str:
+    """A stateful model's phases and schedule (``latency.phases`` / ``latency.schedule``)."""
+    rows = lat.get("phases")
+    if not rows:
+        return ""
+    sch = lat["schedule"]
+    c = sch["counts"]
+    words = f"{sch['steps']} steps: " + ", ".join(f"{c[p]} {p}" for p in ("dense", "refresh", "sparse") if c.get(p))
+    body = "".join(f"<tr><td>{_e(r['phase'])} step</td><td class=\"n\">{r['step']}</td><td class=\"n\">{r['count']}</td>"
+                   f"<td>{_e(r.get('state_from', ''))}</td><td class=\"n\">{r['p50_ms']:.4g}</td>"
+                   f"<td class=\"n\">{_fmt(r['speedup'])}×</td></tr>" for r in rows)
+    body += (f"<tr><td><b>schedule</b> ({_e(words)}; mean step)</td><td class=\"n\">0-{sch['steps'] - 1}</td>"
+             f"<td class=\"n\">{sch['steps']}</td><td></td><td class=\"n\">{lat['after']['p50_ms']:.4g}</td>"
+             f"<td class=\"n\"><b>{_fmt(lat.get('speedup'))}×</b></td></tr>")
+    return ("<h3>Per phase of the sampling schedule</h3><p class=\"note\">Each phase timed on the states the steps "
+            "before it produced; the schedule's speedup weighs the phases' paired speedups by their counts "
+            f"(original: {lat['before']['p50_ms']:.4g} ms per step). The per-op profile below is of a "
+            f"{_e(lat.get('profiled_phase', 'sparse'))} step.</p><table id=\"latency-phases\"><tr><th>phase</th>"
+            "<th class=\"n\">step</th><th class=\"n\">steps of schedule</th><th>state from</th>"
+            "<th class=\"n\">p50 ms</th><th class=\"n\">speedup</th></tr>" + body + "</table>")
+
+
+def _scaling(sc: dict | None) -> str:
+    """Latency against tokens (``report["scaling"]``): ms per step of the original, the
+    rewritten model's schedule (mean step) and its sparse step, log-log, one point per
+    token count, with each size's schedule speedup; then the sentence on where it pays."""
+    if not sc or not sc.get("rows"):
+        return ""
+    rows = sc["rows"]
+    series = [("original", "before_ms", "#78909c", ""), ("rewritten, schedule mean step", "schedule_ms", "#43a047", ""),
+              ("rewritten, sparse step", "sparse_ms", "#1e88e5", "4 3")]
+    xs = [math.log2(r["tokens"]) for r in rows]
+    ys = [math.log10(r[k]) for r in rows for _, k, _, _ in series if r.get(k, 0) > 0]
+    x0, x1 = min(xs) - 0.5, max(xs) + 0.5
+    y0, y1 = math.floor(min(ys) * 2) / 2, math.ceil(max(ys) * 2) / 2 + 1e-9
+    w, h, left, top, bottom = 620, 300, 70, 20, 40
+
+    def px(x):
+        return left + (x - x0) / (x1 - x0) * (w - left - 20)
+
+    def py(y):
+        return top + (y1 - y) / (y1 - y0) * (h - top - bottom)
+
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h + 60}" id="latency-tokens" role="img" '
+           'aria-label="latency against tokens">',
+           f'<rect x="{left}" y="{top}" width="{w - left - 20}" height="{h - top - bottom}" fill="none" stroke="#ccc"/>']
+    e = math.floor(y0)
+    while e <= y1:
+        for m in (1, 2, 5):
+            y = e + math.log10(m)
+            if y0 <= y <= y1:
+                svg.append(f'<line x1="{left}" x2="{w - 20}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="#eee"/>'
+                           f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{m * 10 ** e:g}</text>')
+        e += 1
+    for r, x in zip(rows, xs):
+        sp = r.get("schedule_speedup")
+        svg.append(f'<text x="{px(x):.1f}" y="{h - bottom + 16}" text-anchor="middle">{r["tokens"]}</text>'
+                   f'<text x="{px(x):.1f}" y="{h - bottom + 32}" text-anchor="middle" '
+                   f'fill="{"#2e7d32" if sp and sp > 1 else "#c62828"}">{_fmt(sp, ".2f")}×</text>')
+    svg.append(f'<text x="{left - 60}" y="{top - 6}">ms per step</text>'
+               f'<text x="{left - 6}" y="{h - bottom + 16}" text-anchor="end">tokens</text>'
+               f'<text x="{left - 6}" y="{h - bottom + 32}" text-anchor="end">schedule</text>')
+    for i, (label, key, color, dash) in enumerate(series):
+        pts = [(px(x), py(math.log10(r[key]))) for r, x in zip(rows, xs) if r.get(key, 0) > 0]
+        path = " ".join(f"{a:.1f},{b:.1f}" for a, b in pts)
+        svg.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"'
+                   + (f' stroke-dasharray="{dash}"' if dash else "") + "/>")
+        svg += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3.5" fill="{color}"><title>{_e(label)}: '
+                f'{r[key]:.3g} ms at {r["tokens"]} tokens</title></circle>' for (a, b), r in zip(pts, rows)]
+        ly = h + 8 + 16 * i
+        svg.append(f'<line x1="{left}" x2="{left + 24}" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="2"'
+                   + (f' stroke-dasharray="{dash}"' if dash else "") + f'/><text x="{left + 30}" y="{ly + 4}">'
+                   f'{_e(label)}</text>')
+    svg.append("</svg>")
+    table = ("<table id=\"latency-tokens-table\"><tr><th class=\"n\">tokens</th><th class=\"n\">original ms</th>"
+             "<th class=\"n\">schedule ms</th><th class=\"n\">sparse ms</th><th class=\"n\">sparse</th>"
+             "<th class=\"n\">refresh</th><th class=\"n\">dense</th><th class=\"n\">schedule</th></tr>" + "".join(
+                 f"<tr><td class=\"n\">{r['tokens']}</td><td class=\"n\">{r['before_ms']:.4g}</td>"
+                 f"<td class=\"n\">{r['schedule_ms']:.4g}</td><td class=\"n\">{r['sparse_ms']:.4g}</td>"
+                 + "".join(f"<td class=\"n\">{_fmt(r.get(k), '.2f')}×</td>"
+                           for k in ("sparse_speedup", "refresh_speedup", "dense_speedup", "schedule_speedup"))
+                 + "</tr>" for r in rows) + "</table>")
+    return (f"<h2>Where the rewrite pays</h2><p>Latency against tokens: {_e(sc.get('description', ''))}; each size "
+            "timed like the latency section (the original interleaved with each phase; speedups are paired medians, "
+            "the schedule's below each size).</p>" + "".join(svg) + table
+            + f'<p id="pays-from"><b>{_e(sc["pays_from"])}</b></p>')
 
 
 def _fmt(x: Any, spec: str = ".3f") -> str:
@@ -375,7 +466,7 @@ def render_html(report: Mapping[str, Any], before: Snapshot | None = None, after
     body.append(_samples(report.get("samples"), images))
     if before is not None and after is not None:
         body.append(_graphs(diff, before, after))
-    body += [_latency(report.get("latency")), _op_table(diff), _numerics(report.get("verification")),
+    body += [_latency(report.get("latency")), _scaling(report.get("scaling")), _op_table(diff), _numerics(report.get("verification")),
              _sites(passes), _node_tables(diff)]
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
             f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>")

@@ -119,11 +119,20 @@ def _share(row: dict[str, Any], side: str, rows: list[dict[str, Any]]) -> float 
     return row[f"{side}_ms"] / total if total > 0 else None
 
 
+def profiled_side(lat: dict[str, Any], side: str) -> dict[str, Any] | None:
+    """The timing record the op-type profile's ``side`` column belongs to: for a stateful
+    model the ``after`` column is the profiled phase's row (a sparse step), not the
+    schedule's mean step."""
+    if side == "after" and lat.get("profiled_phase") and lat.get("phases"):
+        return next((r for r in lat["phases"] if r["phase"] == lat["profiled_phase"]), lat.get(side))
+    return lat.get(side)
+
+
 def profile_note(lat: dict[str, Any]) -> str:
     """One line: the profiled totals next to the wall-clock p50, and why they differ."""
     parts = []
     for side in ("before", "after"):
-        s = lat.get(side)
+        s = profiled_side(lat, side)
         if s and s.get("profiled_ms") is not None:
             parts.append(f"{_short(s['label'])}: {s['profiled_ms']:.4f} ms profiled vs {s['p50_ms']:.4f} ms p50")
     totals = ("; ".join(parts) + ". ") if parts else ""
@@ -139,6 +148,8 @@ def latency_tables(lat: dict[str, Any]) -> list[Table]:
               title_justify="left")
     for col in ("model", "p50 ms", "p90 ms", "min ms"):
         t.add_column(col, justify="left" if col == "model" else "right")
+    if lat.get("phases"):
+        return [phase_table(lat)] + _detail_tables(lat)
     for side in ("before", "after"):
         s = lat.get(side)
         if s:
@@ -147,15 +158,67 @@ def latency_tables(lat: dict[str, Any]) -> list[Table]:
         sp = lat["speedup"]
         style = "green" if sp >= 1 else "red"
         t.add_row("[b]speedup[/] (paired median)", f"[{style}]{sp:.3f}x[/]", "", "")
-    tables = [t]
+    return [t] + _detail_tables(lat)
+
+
+def _x(sp: Any) -> str:
+    if sp is None:
+        return "-"
+    return f"[{'green' if sp >= 1 else 'red'}]{sp:.3f}x[/]"
+
+
+def phase_table(lat: dict[str, Any]) -> Table:
+    """A stateful model's latency: the original, each phase (its step, how many of the
+    schedule's steps it runs, where its state came from) and the schedule, each row named."""
+    eng = lat["engine"] + (f" {','.join(lat.get('providers') or [])}" if lat.get("providers") else "")
+    sch = lat["schedule"]
+    t = Table(title=f"latency per phase ({eng}, {lat['runs']} interleaved samples x {lat.get('inner', 1)} calls, "
+                    f"ms/call)", title_justify="left")
+    for col in ("phase", "step", "steps of schedule", "p50 ms", "p90 ms", "speedup"):
+        t.add_column(col, justify="left" if col == "phase" else "right")
+    b = lat["before"]
+    t.add_row("original" if b["label"] == "original" else f"original ({escape(b['label'])})", "any", str(sch["steps"]), _ms(b["p50_ms"]), _ms(b["p90_ms"]), "")
+    for r in lat["phases"]:
+        t.add_row(f"{r['phase']} step (state from {r.get('state_from', '-')})", str(r["step"]), str(r["count"]),
+                  _ms(r["p50_ms"]), _ms(r["p90_ms"]), _x(r["speedup"]))
+    a = lat["after"]
+    t.add_row(f"[b]schedule[/] ({schedule_words(sch)}; mean step)", f"0-{sch['steps'] - 1}", str(sch["steps"]),
+              _ms(a["p50_ms"]), _ms(a["p90_ms"]), _x(lat.get("speedup")))
+    return t
+
+
+def schedule_words(sch: dict[str, Any]) -> str:
+    """``20 steps: 5 dense, 3 refresh, 12 sparse``."""
+    c = sch["counts"]
+    return f"{sch['steps']} steps: " + ", ".join(f"{c[p]} {p}" for p in ("dense", "refresh", "sparse") if c.get(p))
+
+
+def latency_line(lat: dict[str, Any]) -> str:
+    """One line of the latency section for the summary."""
+    eng = lat.get("backend") or lat["engine"]
+    if lat.get("phases"):
+        sp = {r["phase"]: r["speedup"] for r in lat["phases"]}
+        parts = ", ".join(f"{p} {sp[p]:.2f}x" for p in ("sparse", "refresh", "dense") if p in sp)
+        return (f"latency ({eng}): {schedule_words(lat['schedule'])} -> {lat['speedup']:.3f}x "
+                f"(per step: {parts}); paired medians of {lat['runs']} interleaved samples")
+    a, b = lat.get("after"), lat["before"]
+    if not a or lat.get("speedup") is None:
+        return f"latency ({eng}): {b['p50_ms']:.3f} ms p50"
+    return (f"latency ({eng}): {b['p50_ms']:.3f} -> {a['p50_ms']:.3f} ms p50, {lat['speedup']:.3f}x "
+            f"(paired median of {lat['runs']} interleaved samples)")
+
+
+def _detail_tables(lat: dict[str, Any]) -> list[Table]:
+    tables = []
     ops = lat.get("op_types") or []
     if ops:
         sides = [s for s in ("before", "after") if lat.get(s)]
-        ot = Table(title="time per op type: share of the profiled total (ORT profiling)", title_justify="left",
+        what = f" ({lat['profiled_phase']} step)" if lat.get("profiled_phase") else ""
+        ot = Table(title=f"time per op type{what}: share of the profiled total", title_justify="left",
                    caption=escape(profile_note(lat)), caption_justify="left")
         ot.add_column("op")
         for s in sides:
-            ot.add_column(escape(_short(lat[s]["label"])) + " %", justify="right")
+            ot.add_column(escape(_short(profiled_side(lat, s)["label"])) + " %", justify="right")
         for r in ops[:20]:
             ot.add_row(r["op"], *(_pct(_share(r, s, ops)) for s in sides))
         tables.append(ot)
@@ -251,3 +314,53 @@ def render_extras(report: dict[str, Any], console: Console | None = None) -> Non
     if report.get("latency"):
         for t in latency_tables(report["latency"]):
             console.print(t)
+
+
+def _op_changes(ops: dict[str, Any], limit: int = 6) -> str:
+    """``BatchNormalization 1 -> 0, Add 3 -> 2``: the op types whose count changed, the
+    largest changes first."""
+    before, after = ops.get("before") or {}, ops.get("after") or {}
+    changed = [(o, before.get(o, 0), after.get(o, 0)) for o in set(before) | set(after)
+               if before.get(o, 0) != after.get(o, 0)]
+    changed.sort(key=lambda r: (-abs(r[2] - r[1]), r[0]))
+    text = ", ".join(f"{o} {b} -> {a}" for o, b, a in changed[:limit])
+    if len(changed) > limit:
+        text += f", {len(changed) - limit} more"
+    return text or "no op type changed in count"
+
+
+def render_summary(report: dict[str, Any], console: Console | None = None) -> None:
+    """The default terminal report: one line per pass (applied / declined sites, its error,
+    verified), the op types that changed, the numerics verdict with the verification's notes
+    (shadow, assumed shapes, defaulted dims) and the latency line. The
+    full tables are ``render`` + ``render_extras`` (``-v``), the JSON and the HTML."""
+    console = console or Console()
+    for p in report["passes"]:
+        v = p.get("verification") or {}
+        verdict = "" if not v else ("; [green]verified[/]" if v.get("passed") else "; [red]verification FAILED[/]")
+        err = f"; max rel err {_fmt_err(v.get('max_rel_error'))}" if v.get("max_rel_error") is not None else ""
+        metric = [o for o in (v.get("outputs") or []) if "budget" in o]
+        if metric:
+            worst = max(metric, key=lambda o: o.get("rel_fro_error") or 0.0)
+            err += f"; rel Frobenius err {_fmt_err(worst.get('rel_fro_error'))} (budget {worst['budget']})"
+        declined = p.get("declined") or []
+        why = f" (e.g. {escape(declined[0]['reason'][:90])})" if declined and not p["applied"] else ""
+        console.print(f"pass [b]{escape(p['name'])}[/] ({p['kind']}): {p['applied']} site(s) applied, "
+                      f"{len(declined)} declined{why}{err}{verdict}", soft_wrap=True)
+    diff = report.get("diff") or {}
+    if diff.get("op_counts"):
+        console.print(f"ops: {escape(_op_changes(diff['op_counts']))}", soft_wrap=True)
+    v = report["verification"]
+    if not v.get("performed", True):
+        console.print("[yellow]verification skipped (--no-verify)[/]")
+    else:
+        outs = [o for o in v.get("outputs", []) if "error" not in o]
+        tol = max((o["tolerance"] for o in outs), default=None)
+        ok = "[green]passed[/]" if v.get("passed") else "[red]FAILED[/]"
+        console.print(f"numerics (original vs rewritten, {len(v.get('outputs', []))} output(s)): {ok}, "
+                      f"max rel err {_fmt_err(v.get('max_rel_error'))}"
+                      + (f" (tolerance {_fmt_err(tol)})" if tol is not None else ""), soft_wrap=True)
+        for note in v.get("notes", []):
+            console.print(f"[dim]note: {escape(note)}[/]", soft_wrap=True)
+    if report.get("latency"):
+        console.print(latency_line(report["latency"]), soft_wrap=True, markup=False)

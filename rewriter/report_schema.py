@@ -3,8 +3,8 @@
 - ``REPORT_SCHEMA``: ``rewrite MODEL --passes ... --json F`` and ``rewrite check --json F``
   (``"schema": "rewriter.report/1"``), and ``Result.report`` of the Python API.
   ``latency`` is present with ``--bench`` / ``Result.bench()`` (and in ``check`` with
-  ``--min-speedup``); ``goals`` only in ``check``; ``samples`` only where a caller adds it
-  (``make demo``: ``models_zoo.demo``).
+  ``--min-speedup``); ``goals`` only in ``check``; ``samples`` and ``scaling`` only where a
+  caller adds them (``make demo``: ``models_zoo.demo``).
 - ``DIFF_SCHEMA``: ``rewrite diff A B --json F`` (``"schema": "rewriter.diff/1"``).
 - ``BENCH_SCHEMA``: ``rewrite bench MODEL --json F`` (``"schema": "rewriter.bench/1"``).
 
@@ -14,6 +14,9 @@ renaming, removing or changing the meaning of a key bumps the ``/N``.
 Keys CI usually reads: ``verification.passed``, ``verification.max_rel_error``,
 ``latency.before.p50_ms``, ``latency.after.p50_ms``, ``latency.speedup``,
 ``diff.params.{before,after}``, ``diff.bytes.{before,after}``, ``goals[].passed``.
+For a stateful (Re-ttention) model ``latency.speedup`` is the sampling schedule's
+(``latency.schedule``: the phases weighed by their counts over ``steps``) and
+``latency.after`` its mean step; each phase's own figures are in ``latency.phases``.
 """
 
 from __future__ import annotations
@@ -153,10 +156,39 @@ LATENCY_SECTION: dict[str, Any] = {
             "properties": {"op": _STR, "before_ms": _NUM, "after_ms": _NUM,
                            # fraction of that model's profiled total (null: not profiled)
                            "before_share": _NUM_OR_NULL, "after_share": _NUM_OR_NULL}}},
+        # stateful models (Re-ttention): each phase timed on the real states of the steps before
+        # it, and the schedule they make up; ``speedup``/``after`` are then the schedule's
+        "phases": {"type": "array", "items": {
+            "type": "object", "required": ["phase", "step", "count", "p50_ms", "speedup"],
+            "properties": {"phase": {"enum": ["dense", "refresh", "sparse"]}, "step": _INT, "label": _STR,
+                           "state_from": _STR, "count": _INT, "p50_ms": _NUM, "p90_ms": _NUM, "min_ms": _NUM,
+                           "samples": _INT, "speedup": _NUM, "p50_ratio": _NUM_OR_NULL}}},
+        "schedule": {"type": "object", "required": ["steps", "counts", "speedup"],
+                     "properties": {"steps": _INT, "warmup": _INT, "period": _INT,
+                                    "counts": {"type": "object", "properties": {
+                                        "dense": _INT, "refresh": _INT, "sparse": _INT}},
+                                    "before_ms": _NUM, "after_ms": _NUM, "speedup": _NUM_OR_NULL,
+                                    "p50_ratio": _NUM_OR_NULL}},
+        "profiled_phase": _STR,
         "per_pass": {"type": "array", "items": {
             "type": "object", "required": ["pass", "p50_ms", "speedup", "cumulative_speedup"],
             "properties": {"pass": _STR, "p50_ms": _NUM, "p90_ms": _NUM, "speedup": _NUM_OR_NULL,
                            "cumulative_speedup": _NUM_OR_NULL}}},
+    },
+}
+
+#: The ``scaling`` section (optional; ``make demo``): the same architecture timed per phase at
+#: several token counts, ms per step of the original, the sparse step and the schedule's mean
+#: step, and one sentence on where the rewrite starts to pay.
+SCALING_SECTION: dict[str, Any] = {
+    "type": "object", "required": ["rows", "pays_from"],
+    "properties": {
+        "description": _STR, "steps": _INT, "pays_from": _STR,
+        "rows": {"type": "array", "items": {
+            "type": "object", "required": ["tokens", "before_ms", "sparse_ms", "schedule_ms", "schedule_speedup"],
+            "properties": {"tokens": _INT, "before_ms": _NUM, "sparse_ms": _NUM, "schedule_ms": _NUM,
+                           "sparse_speedup": _NUM, "refresh_speedup": _NUM, "dense_speedup": _NUM,
+                           "schedule_speedup": _NUM_OR_NULL}}},
     },
 }
 
@@ -206,6 +238,7 @@ REPORT_SCHEMA: dict[str, Any] = {
                                    "reasons": {"type": "array", "items": _STR}}},
         "goals": {"type": "array", "items": _GOAL},
         "samples": SAMPLES_SECTION,
+        "scaling": SCALING_SECTION,
         "passed": {"type": "boolean"},  # check: every goal met
         "warnings": {"type": "array", "items": _STR},  # e.g. a pass that applied nowhere (--allow-unapplied)
         "output": {"type": ["string", "null"]},

@@ -105,3 +105,36 @@ def rms_norm_rel_bound(h, *, compressed: bool, u: float = U32) -> float:
         ss = ss + s1 * s1
         d_ss = d_ss + 2 * np.abs(s1) * n * u * a1 + 2 * u * s1 * s1
     return float((0.5 * d_ss / ss).max() + 6 * u)
+
+
+def window_refresh_bounds(q, k, v, scale: float, mask: np.ndarray) -> dict[str, np.ndarray]:
+    """Absolute error bounds of the refresh computed from the full pass and one pass over the
+    window scores (``backends.triton.rettention.window_refresh``, the ORT ``_window_refresh``)::
+
+        rho = sum_M p_j,   R = O_full - sum_M p_j v_j,   p_j = exp(s_j - lse)  (torch), or
+        rho = p_j* sum_M exp(s_j - s_j*),  R = O_full - p_j* sum_M exp(s_j - s_j*) v_j   (ORT)
+
+    Each in-mask probability carries, relative: the score errors (``e_s`` for ``s_j`` and
+    for the shift ``lse`` or ``s_j*``, plus ``p_j*``'s own: 3 ``e_s`` in all), the full
+    LSE's ``e_lse``, the exps' arguments' rounding (``(|s - lse| + |s - s_j*| + 4) u``) and
+    the products (``2 u``); the sums add ``n_M u``. ``R``: ``O_full``'s bound, the window
+    product's ``(n_M u + e_p) sum_M p |v|`` and the subtraction's ``u |R| + u |O_full|``.
+    Returns ``rho, r`` (float64 references) and ``d_rho, d_r``."""
+    b = attention_bounds(q, k, v, scale, mask)
+    q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+    d = q.shape[-1]
+    u = U32
+    s = scale * np.einsum("bhnd,bhmd->bhnm", q, k)
+    mag = scale * np.einsum("bhnd,bhmd->bhnm", np.abs(q), np.abs(k))
+    e_s = (d + 1) * u * mag.max(-1)
+    nm = mask.sum(-1)
+    sm = np.where(mask, s, -np.inf)
+    smax = sm.max(-1, keepdims=True)
+    spread = np.where(mask, np.abs(s - b["lse_full"][..., None]) + np.abs(s - smax), 0.0).max(-1)
+    e_p = 3 * e_s + b["e_lse_full"] + (spread + 6) * u
+    rho = b["rho"]
+    r = b["o_full"] - rho[..., None] * b["o_m"]
+    d_rho = (e_p + nm * u) * rho
+    d_r = b["d_full"] + ((nm * u + e_p) * rho)[..., None] * b["pav_m"] + u * (np.abs(r) + np.abs(b["o_full"]))
+    return {"rho": rho, "r": r, "d_rho": d_rho, "d_r": d_r, "o_full": b["o_full"], "d_full": b["d_full"],
+            "o_m": b["o_m"]}

@@ -161,3 +161,21 @@ def test_console_script_bad_input(tmp_path):
     (tmp_path / "junk.onnx").write_bytes(os.urandom(64))
     p = subprocess.run([exe, "junk.onnx", "--passes", "foldnorm"], cwd=tmp_path, capture_output=True, text=True)
     assert_one_line_error(p.returncode, p.stderr, 2, "not a valid ONNX model")
+
+
+def test_default_report_is_a_summary_and_v_prints_the_tables(model_file, tmp_path):
+    """Without -v the run prints a summary (pass with applied/declined counts, the changed ops,
+    the numerics verdict, the output path, how to see more), none of the tables; -v prints
+    the op-count, sites and numerics tables."""
+    rc, out, err = cli(model_file, "--passes", "foldnorm", "-o", "a.onnx", cwd=tmp_path)
+    assert rc == 0, err
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    assert len(lines) <= 8, out
+    assert "pass foldnorm (exact): 1 site(s) applied, 0 declined" in out and "verified" in out
+    assert "BatchNormalization 1 -> 0" in out and "numerics" in out and "passed" in out
+    assert "wrote" in out and "a.onnx" in out and lines[-1].startswith("more: -v")
+    assert "op counts" not in out and "┃" not in out
+    rc, out, err = cli(model_file, "--passes", "foldnorm", "-o", "b.onnx", "-v", cwd=tmp_path)
+    assert rc == 0, err
+    assert "op counts" in out and "sites" in out and "numerics (original vs rewritten)" in out
+    assert "more: -v" not in out

@@ -62,14 +62,15 @@ def test_html_bars_are_shares_with_the_note():
 
 
 def test_cli_bench_report_labels_and_shares(tmp_path):
-    """`rewrite --bench`: JSON rows labelled original/rewritten, shares sum to 1 per model,
-    profiled totals beside the p50, the document validates; the terminal never says "before: before"."""
+    """`rewrite --bench -v`: JSON rows labelled original/rewritten, shares sum to 1 per model,
+    profiled totals beside the p50, the document validates; the terminal's full tables never say
+    "before: before"."""
     rng = np.random.default_rng(0)
     m = make_model([helper.make_node("Gemm", ["x", "W"], ["h"], transB=1, name="g"), bn_node("bn", "h", "y")],
                    [("x", [2, 4])], [("y", [2, 3])], [init("W", rng.standard_normal((3, 4)))] + bn_inits("bn", 3, rng))
     onnx.save(m, tmp_path / "m.onnx")
     p = subprocess.run([sys.executable, "-m", "rewriter.cli", "m.onnx", "--passes", "foldnorm", "--bench", "--runs", "5",
-                        "--warmup", "1", "--json", "r.json", "--html", "r.html"], cwd=tmp_path, capture_output=True,
+                        "--warmup", "1", "--json", "r.json", "--html", "r.html", "-v"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=600, env={**__import__("os").environ, "COLUMNS": "120"})
     assert p.returncode == 0, p.stderr
     doc = json.loads((tmp_path / "r.json").read_text())

@@ -9,8 +9,13 @@ the configuration is written in its doc string. The body branches on the schedul
 ``If`` (``backends/rettention_spec.py``):
 
 * dense (``step < warmup``): ``softmax(scale Q K^T) V``; ``rho``, ``residual`` passed through;
-* refresh: the dense output, ``rho = exp(LSE_M - LSE)`` and ``R = O - rho * O_M``, both
-  LSEs in fp32 from ``max + log(sum exp(S - max))``;
+* refresh: the dense branch's own ops (scores, ``Softmax``, ``P V``), so the full scores
+  are read once, plus one pass over each query block's window scores: ``rho = Z_M / Z =
+  P[i, j*] * sum_W exp(S_W - S_ij*)`` (``j*`` the in-mask key of the largest score) and
+  ``R = O - rho * O_M = O - P[i, j*] * exp(S_W - S_ij*) V_W`` (``_window_refresh``). An
+  earlier body formed both LSEs from ``max + log(sum exp(S - max))`` over the full scores:
+  four more passes over ``N x N`` than ``Softmax`` makes, 10 % slower than the dense step on
+  PixArt at N = 4096;
 * sparse: ``(rho + lam * k) * O_M + residual`` where ``O_M`` is computed block-sparse:
   ``K`` and ``V`` are cut into blocks of ``Bq`` tokens and ``Gather`` picks the ``2c + 1``
   blocks of each query block's window, so the MatMuls are
@@ -197,6 +202,53 @@ def _dense_prefix(bd: _Builder, q, k, v, cfg: FunctionConfig, *, with_lse: bool,
     return bd.add("Div", [bd.add("MatMul", [e, v]), z]), bd.add("Add", [mx, bd.add("Log", [z])])
 
 
+def _window_refresh(bd: _Builder, q, k, v, p, o_full, cfg: FunctionConfig, idx, bias, opset: int):
+    """``(rho [B,H,N], R [B,H,N,D])`` of the refresh from the dense step's probabilities
+    ``p = softmax(S)`` and one pass over each query block's window scores ``S_W``.
+
+    With ``j*`` the in-mask key of the largest score (``ArgMax`` of ``S_W``) and
+    ``E_W = exp(S_W - S_ij*)`` (every in-mask term <= 1, masked ones 0)::
+
+        rho = Z_M / Z = P[i, j*] * sum_W E_W          (P[i, j*] >= rho / |M_i|: no underflow
+        R   = O - rho O_M = O - P[i, j*] * (E_W V_W)   while rho is representable)
+
+    so neither ``LSE`` is formed and the full scores are read once, by the ``Softmax`` the
+    dense step runs too; ``P[i, j*]`` is one ``GatherElements`` of ``N`` values."""
+    lay, d = cfg.layout, cfg.head_dim
+    n, npad, nb, bq, w = lay.spec.n, lay.padded, lay.nb, lay.block, lay.width
+    if npad != n:
+        pads = bd.ints([0, 0, 0, 0, 0, 0, npad - n, 0])
+        q, k, v = (bd.add("Pad", [t, pads]) for t in (q, k, v))
+    qb = bd.add("Mul", [bd.add("Reshape", [q, bd.ints([0, 0, nb, bq, d])]),
+                        bd.const(np.asarray(cfg.scale, dtype=np.float32))])
+    blocks, window = bd.ints([0, 0, nb, bq, d]), bd.ints([0, 0, nb, w, d])
+    kw = bd.add("Reshape", [bd.add("Gather", [bd.add("Reshape", [k, blocks]), idx], [ir.AttrInt64("axis", 2)]), window])
+    vw = bd.add("Reshape", [bd.add("Gather", [bd.add("Reshape", [v, blocks]), idx], [ir.AttrInt64("axis", 2)]), window])
+    kt = bd.add("Transpose", [kw], [ir.AttrInt64s("perm", [0, 1, 2, 4, 3])])
+    sw = bd.add("Add", [bd.add("MatMul", [qb, kt]), bias])  # [B, H, nb, Bq, W]
+    col = bd.add("ArgMax", [sw], [ir.AttrInt64("axis", -1), ir.AttrInt64("keepdims", 1)])
+    mx = bd.add("GatherElements", [sw, col], [ir.AttrInt64("axis", -1)])
+    e = bd.add("Exp", [bd.add("Sub", [sw, mx])])
+    zw = bd.add("ReduceSum", [e, bd.ints([-1])], [ir.AttrInt64("keepdims", 1)])
+    ev = bd.add("MatMul", [e, vw])  # [B, H, nb, Bq, D]
+    # the global key of window column col of query block b: key_of[b * W + col]
+    key_of = (lay.block_index()[:, :, None] * bq + np.arange(bq)[None, None, :]).reshape(-1).astype(np.int64)
+    base = (np.arange(nb, dtype=np.int64) * w).reshape(nb, 1, 1)
+    key = bd.add("Gather", [bd.const(key_of, "key_of"), bd.add("Add", [col, bd.const(base, "window_base")])],
+                 [ir.AttrInt64("axis", 0)])  # [B, H, nb, Bq, 1]
+    key = bd.add("Reshape", [key, bd.ints([0, 0, npad, 1])])
+    ev = bd.add("Reshape", [ev, bd.ints([0, 0, npad, d])])
+    zw = bd.add("Reshape", [zw, bd.ints([0, 0, npad, 1])])
+    if npad != n:
+        start, end, ax = bd.ints([0]), bd.ints([n]), bd.ints([2])
+        key, ev, zw = (bd.add("Slice", [t, start, end, ax]) for t in (key, ev, zw))
+    # P[i, key_i]: GatherElements on p itself (a reshaped p would be copied: MatMul reads it too)
+    pj = bd.add("GatherElements", [p, key], [ir.AttrInt64("axis", 3)])  # [B, H, N, 1]
+    rho = bd.add("Squeeze", [bd.add("Mul", [pj, zw]), bd.ints([-1])])
+    r_new = bd.add("Sub", [o_full, bd.add("Mul", [pj, ev])])
+    return rho, r_new
+
+
 def _scaled_scores(bd: _Builder, q, k, cfg: FunctionConfig):
     qs = bd.add("Mul", [q, bd.const(np.asarray(cfg.scale, dtype=np.float32))])
     kt = bd.add("Transpose", [k], [ir.AttrInt64s("perm", [0, 1, 3, 2])])
@@ -233,20 +285,28 @@ def rettention_function(cfg: FunctionConfig, name: str, opset: int) -> ir.Functi
     o = bd.add("MatMul", [bd.add("Softmax", [_scaled_scores(bd, q, k, cfg)], [ir.AttrInt64("axis", -1)]), v])
     dense = _branch("dense", bd, [o, bd.add("Identity", [rho]), bd.add("Identity", [res])], opset)
 
-    # refresh: dense output + rho = exp(LSE_M - LSE), R = O - rho O_M
+    # refresh: the dense step's own ops (scores, Softmax, P V) plus one pass over the window
+    # scores (module doc): rho = P[i, j*] * sum_W exp(S_W - S_ij*), R = O - P[i, j*] * E_W V_W
     bd = _Builder("refresh_")
-    s = _scaled_scores(bd, q, k, cfg)
-    axes = bd.ints([-1])
-    mx = _reduce_max(bd, s, axes, opset)
-    e = bd.add("Exp", [bd.add("Sub", [s, mx])])
-    z = bd.add("ReduceSum", [e, axes], [ir.AttrInt64("keepdims", 1)])
-    o_full = bd.add("Div", [bd.add("MatMul", [e, v]), z])
-    lse = bd.add("Add", [mx, bd.add("Log", [z])])
-    o_m, lse_m = _blocked_masked(bd, q, k, v, cfg, idx, bias, with_lse=True, opset=opset)
-    rho4 = bd.add("Exp", [bd.add("Sub", [lse_m, lse])])
-    r_new = bd.add("Sub", [o_full, bd.add("Mul", [rho4, o_m])])
-    refresh = _branch("refresh", bd, [bd.add("Identity", [o_full]), bd.add("Squeeze", [rho4, bd.ints([-1])]), r_new],
-                      opset)
+    if getattr(cfg.layout, "prefix", 0):
+        # a layout with dense prefix rows (rows that no window covers): both LSEs, the in-mask
+        # one from _blocked_masked, which computes those rows apart
+        s = _scaled_scores(bd, q, k, cfg)
+        axes = bd.ints([-1])
+        mx = _reduce_max(bd, s, axes, opset)
+        e = bd.add("Exp", [bd.add("Sub", [s, mx])])
+        z = bd.add("ReduceSum", [e, axes], [ir.AttrInt64("keepdims", 1)])
+        o_full = bd.add("Div", [bd.add("MatMul", [e, v]), z])
+        lse = bd.add("Add", [mx, bd.add("Log", [z])])
+        o_m, lse_m = _blocked_masked(bd, q, k, v, cfg, idx, bias, with_lse=True, opset=opset)
+        rho4 = bd.add("Exp", [bd.add("Sub", [lse_m, lse])])
+        r_new = bd.add("Sub", [o_full, bd.add("Mul", [rho4, o_m])])
+        rho_new = bd.add("Squeeze", [rho4, bd.ints([-1])])
+    else:
+        p = bd.add("Softmax", [_scaled_scores(bd, q, k, cfg)], [ir.AttrInt64("axis", -1)])
+        o_full = bd.add("MatMul", [p, v])
+        rho_new, r_new = _window_refresh(bd, q, k, v, p, o_full, cfg, idx, bias, opset)
+    refresh = _branch("refresh", bd, [bd.add("Identity", [o_full]), rho_new, r_new], opset)
 
     # sparse: (rho + lam k) O_M + R
     bd = _Builder("sparse_")

@@ -7,6 +7,8 @@ static mask ``M`` (``backends/rettention_spec.py``)::
     refresh:  O_full = softmax(S) V,   O_M = softmax_M(S) V
               rho    = exp(LSE_M(S) - LSE(S))         (= Z_M / Z_full, fp32, never from N x N)
               R      = O_full - rho * O_M             (the out-of-mask part, before to_out)
+              CPU: (O_full, LSE) from one pass over the full scores, then rho = sum_W P_W and
+              R = O_full - P_W V_W from one pass over the window scores (``window_refresh``)
               returns (O_full, rho, R)
     sparse:   O = (rho + lam * k) * softmax_M(S) V + R   (``coef = lam * k`` is a scalar)
 
@@ -37,7 +39,7 @@ import torch
 from torch.library import custom_op, register_fake
 
 from backends import flex_rettention as flex
-from backends.rettention_blocks import masked_blocks
+from backends.rettention_blocks import masked_blocks, window_refresh
 from backends.rettention_spec import KINDS, BlockLayout, MaskSpec
 
 log = logging.getLogger(__name__)
@@ -84,15 +86,18 @@ def reference_sparse(q, k, v, rho, res, coef: float, scale: float, spec: MaskSpe
 
 # -- CPU kernels (block-sparse, plain torch) -------------------------------------------------
 def cpu_refresh(q, k, v, scale: float, layout: BlockLayout):
-    """``(O_full, rho, R)``; ``O_full`` in q's dtype, ``rho`` and ``R`` in fp32."""
+    """``(O_full, rho, R)``; ``O_full`` in q's dtype, ``rho`` and ``R`` in fp32. The full
+    scores are read once (``LSE``, then ``O_full``); the mask part is ``window_refresh``."""
     qf, kf, vf = q.float(), k.float(), v.float()
     s = torch.matmul(qf, kf.transpose(-1, -2)).mul_(scale)
     lse = torch.logsumexp(s, -1)
-    o_full = torch.matmul(torch.exp(s - lse[..., None]), vf)
+    o_full = torch.matmul(s.sub_(lse[..., None]).exp_(), vf)
     del s
-    o_m, lse_m = masked_blocks(q, k, v, scale, layout, with_lse=True)
-    rho = torch.exp(lse_m - lse)
-    res = o_full - rho[..., None] * o_m
+    if getattr(layout, "prefix", 0):  # dense prefix rows, computed apart by masked_blocks
+        o_m, lse_m = masked_blocks(q, k, v, scale, layout, with_lse=True)
+        rho = torch.exp(lse_m - lse)
+        return o_full.to(q.dtype), rho, o_full - rho[..., None] * o_m
+    rho, res = window_refresh(q, k, v, scale, layout, o_full, lse)
     return o_full.to(q.dtype), rho, res
 
 

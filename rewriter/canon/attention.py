@@ -256,6 +256,7 @@ _PER_TOKEN = frozenset({
     "identity", "cast", "reshape", "flatten", "squeeze", "unsqueeze", "expand", "split", "neg", "gather", "slice",
     "getitem", "view", "_unsafe_view", "clone", "contiguous", "alias", "detach", "_to_copy", "to", "unbind",
     "chunk", "select", "permute", "unflatten", "split_with_sizes", "transpose", "t", "narrow",
+    "splittosequence", "sequenceat",  # the dynamo exporter's torch.split / chunk of a fused QKV
 })
 _QK_NORMS = ("layer_norm", "rms_norm")
 

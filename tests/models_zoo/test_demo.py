@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from models_zoo.demo import BATCH, EXACT_TOL, run_demo
+from models_zoo.demo import BATCH, EXACT_TOL, pays_from, print_report, run_demo
 from rewriter.report_schema import validate
 from tests.test_html import _browser, _png_pixels
 
@@ -19,7 +19,9 @@ SEEDS, STEPS = [0], 20  # default schedule: steps 0-4 dense, refresh at 5, 10, 1
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    run = run_demo(out, seeds=SEEDS, steps=STEPS, runs=3, check_steps_n=7, html=out / "demo-report.html")
+    # the latency-against-tokens figure at two small sizes (make demo: 256, 1024, 4096)
+    run = run_demo(out, seeds=SEEDS, steps=STEPS, runs=3, check_steps_n=7, html=out / "demo-report.html",
+                   scaling_runs=2, scaling_tokens=(64, 256))
     run["out"] = out
     return run
 
@@ -37,6 +39,10 @@ def test_headline_job_applies_and_verifies(demo):
     ops = res.report["diff"]["op_counts"]["after"]
     assert ops.get("LayerNormalization", 0) == 0 and ops.get("Softmax", 0) == 0
     assert res.report["diff"]["nodes"]["added"] and "speedup" in res.report["latency"]
+    lat = res.report["latency"]  # timed per phase, the speedup the 20-step schedule's
+    assert [r["phase"] for r in lat["phases"]] == ["dense", "refresh", "sparse"]
+    assert lat["schedule"]["counts"] == {"dense": 5, "refresh": 3, "sparse": 12} and lat["speedup"] == lat["schedule"]["speedup"]
+    assert [r["tokens"] for r in res.report["scaling"]["rows"]] == [64, 256]
     validate(res.report)
     assert (demo["out"] / "dit-additive.crms+rettention.onnx").is_file()
 
@@ -63,11 +69,13 @@ def test_samples_dense_reference_and_the_correction_matters(demo):
 
 def test_page_holds_grids_graphs_and_latency(demo):
     """The page is self-contained: three PNG data URIs with PSNR/SSIM captions, the two
-    graphs, the latency chart and the per-step check."""
+    graphs, the latency chart with its phases, the latency-against-tokens figure with the
+    sentence on where the rewrite pays, and the per-step check."""
     text = (demo["out"] / "demo-report.html").read_text()
     assert len(re.findall(r'<img src="data:image/png;base64,', text)) == 3
     for ident in ('id="samples-dense"', 'id="samples-rettention"', 'id="samples-naive"', 'id="graph-before"',
-                  'id="graph-after"', 'id="latency-summary"', 'id="step-check"'):
+                  'id="graph-after"', 'id="latency-summary"', 'id="step-check"', 'id="latency-phases"',
+                  'id="latency-tokens"', 'id="pays-from"'):
         assert ident in text
     assert text.count("PSNR ") >= 2 and "SSIM " in text
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text)
@@ -102,3 +110,35 @@ def test_png_grid_round_trips():
     assert (w, h, ch) == (4, 4, 3)
     assert [tuple(rows[1][3:6]), tuple(rows[1][6:9]), tuple(rows[2][3:6])] == [(0, 0, 0), (255, 255, 255),
                                                                                 (128, 128, 128)]
+
+
+def test_terminal_report_is_short_and_ends_with_where_it_pays(demo):
+    """The demo's terminal report is a summary under 60 lines: the passes with applied and
+    declined counts, the numerics, the latency line with the phases, the paths, where the
+    full tables are, and last the one sentence on where the rewrite pays."""
+    from rich.console import Console
+
+    con = Console(width=120, record=True)
+    print_report(demo, demo["out"], demo["out"] / "demo-report.html", con)
+    lines = [ln for ln in con.export_text().splitlines() if ln.strip()]
+    assert len(lines) < 60, len(lines)
+    text = "\n".join(lines)
+    for needle in ("pass crms", "pass rettention", "site(s) applied", "declined", "numerics", "latency (",
+                   "sparse", "refresh", "wrote", "report", "more:", "latency against tokens"):
+        assert needle in text, needle
+    assert lines[-1] == demo["result"].report["scaling"]["pays_from"]
+    assert "┃" not in text  # no full table
+
+
+@pytest.mark.parametrize("speedups,needle", [((0.9, 1.2, 1.5), "starts to pay at about"),
+                                            ((1.1, 1.2, 1.5), "pays at every size"),
+                                            ((0.8, 0.9, 0.95), "does not pay up to 4096")])
+def test_pays_from_sentence(speedups, needle):
+    """The sentence names the crossing of speedup 1 (between the sizes around it), or says
+    that the rewrite pays everywhere or nowhere measured."""
+    rows = [{"tokens": n, "schedule_speedup": s, "sparse_speedup": s + 0.1} for n, s in zip((256, 1024, 4096), speedups)]
+    text = pays_from(rows, 20)
+    assert needle in text and text.count("x at ") == 3
+    if "about" in text:
+        cross = int(text.split("about ")[1].split(" ")[0].replace(",", ""))
+        assert 256 < cross < 1024
