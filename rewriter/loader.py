@@ -265,7 +265,7 @@ def to_view(source: Source, ir_kind: str, *, opset: int = 18, workdir: str | Non
         gm = capture(source.module, source.example_inputs)
     except Exception as err:  # noqa: BLE001
         raise BadInput(f"{source.name}: cannot capture the module ({type(err).__name__}: {err})") from None
-    return FxView(gm, source.example_inputs)
+    return FxView(gm, source.example_inputs, source.module)
 
 
 def _atomic_dir(target: Path) -> Path:
@@ -422,7 +422,7 @@ def as_view(model: Any, *, example_inputs: Sequence[Any] | None = None, ir_kind:
             return to_view(src, "onnx")
         if isinstance(model, torch.fx.GraphModule):
             return FxView(model, tuple(example_inputs)).copy()  # the caller's module stays as it was
-        return FxView(capture(model.eval(), tuple(example_inputs)), tuple(example_inputs))
+        return FxView(capture(model.eval(), tuple(example_inputs)), tuple(example_inputs), model)
     if isinstance(model, (str, os.PathLike)):
         src = resolve(str(model))
         if src.kind == "onnx":

@@ -76,10 +76,11 @@ class FxView(GraphView):
 
     ir = "torch"
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any] = ()):
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any] = (), source: torch.nn.Module | None = None):
         super().__init__()
         self.gm = gm
         self.example_inputs = tuple(example_inputs)
+        self.source = source  # the user's module ``gm`` was captured from: verification's reference
         self.consts = FxConsts(gm)
         self._names = itertools.count()
 
@@ -276,7 +277,7 @@ class FxView(GraphView):
 
     # -- whole model -------------------------------------------------------------------
     def copy(self) -> FxView:
-        return FxView(copy.deepcopy(self.gm), self.example_inputs)
+        return FxView(copy.deepcopy(self.gm), self.example_inputs, self.source)
 
     def raw_op_types(self) -> list[str]:
         return [_target_name(n) for n in self.graph.nodes

@@ -35,6 +35,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
+import torch.fx as fx
 import torch
 
 from backends.ort import run_onnx
@@ -435,7 +436,10 @@ def reference_outputs(view: GraphView, feeds: Mapping[str, np.ndarray]) -> dict[
     """The original model's outputs, the reference of verification: for a model read from an
     ONNX file, ONNX Runtime's run of that file as given (``original_session``); a bfloat16
     model, once ORT has loaded the file (a missing bfloat16 kernel is the only error
-    accepted), through the float32 shadow of the parse; otherwise ``Runner(view)``."""
+    accepted), through the float32 shadow of the parse; for a module captured by this tool,
+    the module's own forward (``module_reference``); otherwise ``Runner(view)``."""
+    if isinstance(view, FxView) and view.source is not None:
+        return module_reference(view, feeds)
     path = getattr(view, "path", None)
     if not (isinstance(view, OnnxView) and path is not None and os.path.isfile(path)):
         return Runner(view)(feeds)
@@ -447,6 +451,27 @@ def reference_outputs(view: GraphView, feeds: Mapping[str, np.ndarray]) -> dict[
                 raise
         return Runner(view)._run_shadow(feeds)
     return run_onnx(original_session(path), feeds)
+
+
+def module_reference(view: FxView, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The outputs of the user's module itself (not of the graph captured from it), named as
+    ``Runner`` names the captured graph's outputs: a capture that misread the module sits on
+    one side of the comparison only. The feeds go to the module positionally, in the order
+    of the captured graph's inputs; a module whose flattened inputs or outputs do not line
+    up with the graph's is BadInput (one line)."""
+    names = [n.name for n in view.graph.nodes if n.op == "placeholder"]
+    if len(names) != len(view.example_inputs):
+        raise BadInput(f"the captured graph takes {len(names)} inputs where the module takes "
+                       f"{len(view.example_inputs)}: pass tensors as positional example inputs")
+    args = [to_torch(feeds[n]) for n in names]
+    with torch.no_grad():
+        out = view.source(*args)
+    flat = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    captured = [n for n in view.graph.nodes if n.op == "output"][0].args[0]
+    n_out = len([a for a in torch.utils._pytree.tree_leaves(captured) if isinstance(a, fx.Node)])
+    if len(flat) != n_out:
+        raise BadInput(f"the module returns {len(flat)} tensors where its captured graph returns {n_out}")
+    return {f"output_{i}": to_numpy(t) for i, t in enumerate(flat)}
 
 
 class Runner:
