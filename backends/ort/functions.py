@@ -34,6 +34,27 @@ CRMS_NAME = "CRMSNormalization"
 FUNCTION_OPSET = 1
 
 
+class FunctionBody:
+    """A small builder of a function body: ``f(op, inputs, attrs)`` appends a node and returns
+    its output (or outputs), ``f.const`` / ``f.i64`` append Constant nodes."""
+
+    def __init__(self) -> None:
+        self.nodes: list[ir.Node] = []
+
+    def const(self, name: str, array: np.ndarray) -> ir.Value:
+        n = ir.Node("", "Constant", [], [ir.AttrTensor("value", ir.tensor(array, name=name))], name=name)
+        self.nodes.append(n)
+        return n.outputs[0]
+
+    def __call__(self, op: str, inputs, attrs=(), name: str | None = None, outputs: int = 1):
+        n = ir.Node("", op, list(inputs), list(attrs), name=name or f"{op}_{len(self.nodes)}", num_outputs=outputs)
+        self.nodes.append(n)
+        return n.outputs[0] if outputs == 1 else n.outputs
+
+    def i64(self, name: str, values) -> ir.Value:
+        return self.const(name, np.asarray(values, dtype=np.int64))
+
+
 def _const(name: str, array: np.ndarray) -> ir.Node:
     return ir.Node("", "Constant", [], [ir.AttrTensor("value", ir.tensor(array, name=name))], name=name)
 

@@ -32,6 +32,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from backends.ort.functions import FunctionBody
+
 DOMAIN = "rewriter"
 SHIFTADD_NAME = "ShiftAddMatMul"
 DENSESHIFT_NAME = "DenseShiftMatMul"
@@ -39,27 +41,7 @@ MIN_OPSET = 15
 _POW2_LO = -126  # table index 0 holds 2^-126
 
 
-class _Body:
-    """A small builder of a function body."""
-
-    def __init__(self) -> None:
-        self.nodes: list[ir.Node] = []
-
-    def const(self, name: str, array: np.ndarray) -> ir.Value:
-        n = ir.Node("", "Constant", [], [ir.AttrTensor("value", ir.tensor(array, name=name))], name=name)
-        self.nodes.append(n)
-        return n.outputs[0]
-
-    def __call__(self, op: str, inputs, attrs=(), name: str | None = None) -> ir.Value:
-        n = ir.Node("", op, list(inputs), list(attrs), name=name or f"{op}_{len(self.nodes)}")
-        self.nodes.append(n)
-        return n.outputs[0]
-
-    def i64(self, name: str, values) -> ir.Value:
-        return self.const(name, np.asarray(values, dtype=np.int64))
-
-
-def _bits(f: _Body, planes: ir.Value, k: ir.Value) -> ir.Value:
+def _bits(f: FunctionBody, planes: ir.Value, k: ir.Value) -> ir.Value:
     """0/1 float32 ``[q, K, N]`` of the uint32 planes ``[q, Kw, N]``."""
     shifts = f.const("shifts", np.arange(32, dtype=np.uint32).reshape(1, 1, 32, 1))
     two = f.const("two_u32", np.array([2], dtype=np.uint32))
@@ -73,7 +55,7 @@ def _bits(f: _Body, planes: ir.Value, k: ir.Value) -> ir.Value:
     return f("Cast", [cut], [ir.AttrInt64("to", ir.DataType.FLOAT)])
 
 
-def _alpha(f: _Body, exps: ir.Value, signs: ir.Value) -> ir.Value:
+def _alpha(f: FunctionBody, exps: ir.Value, signs: ir.Value) -> ir.Value:
     """``sum_t signs_t 2^exps_t`` (float32 ``[qa, Kb, Ng]``), powers of two by table lookup."""
     table = f.const("pow2_table", np.ldexp(np.float32(1.0), np.arange(_POW2_LO, 128)).astype(np.float32))
     idx = f("Add", [f("Cast", [exps], [ir.AttrInt64("to", ir.DataType.INT32)]),
@@ -83,12 +65,12 @@ def _alpha(f: _Body, exps: ir.Value, signs: ir.Value) -> ir.Value:
     return f("ReduceSum", [terms, f.i64("axis0", [0])], [ir.AttrInt64("keepdims", 0)])
 
 
-def _pm1(f: _Body, bits: ir.Value) -> ir.Value:
+def _pm1(f: FunctionBody, bits: ir.Value) -> ir.Value:
     two, one = f.const("two_f", np.array([2.0], dtype=np.float32)), f.const("one_f", np.array([1.0], dtype=np.float32))
     return f("Sub", [f("Mul", [bits, two]), one])
 
 
-def _attr_vector(f: _Body, attr: str) -> ir.Value:
+def _attr_vector(f: FunctionBody, attr: str) -> ir.Value:
     """The int attribute ``attr`` of the call as a 1-element int64 tensor (a constant)."""
     c = ir.Node("", "Constant", [], [ir.RefAttr("value_int", attr, ir.AttributeType.INT)], name=f"attr_{attr}")
     f.nodes.append(c)
@@ -98,7 +80,7 @@ def _attr_vector(f: _Body, attr: str) -> ir.Value:
 def shiftadd_function(opset: int = MIN_OPSET) -> ir.Function:
     """``rewriter::ShiftAddMatMul`` (BCQ, 8-column x ``group_rows`` blocks)."""
     x, planes, exps, signs = (ir.Value(name=n) for n in ("X", "Planes", "Exps", "Signs"))
-    f = _Body()
+    f = FunctionBody()
     k = _attr_vector(f, "n_in")  # a constant (not Shape(X)), so ORT can fold the decode
     n = f("Shape", [planes], [ir.AttrInt64("start", -1)])
     b = _pm1(f, _bits(f, planes, k))  # [q, K, N] in {-1, +1}
@@ -126,7 +108,7 @@ def shiftadd_function(opset: int = MIN_OPSET) -> ir.Function:
 def denseshift_function(opset: int = MIN_OPSET) -> ir.Function:
     """``rewriter::DenseShiftMatMul`` (sign plane + exponent planes, per-row scale)."""
     x, planes, exps, signs = (ir.Value(name=n) for n in ("X", "Planes", "Exps", "Signs"))
-    f = _Body()
+    f = FunctionBody()
     k = _attr_vector(f, "n_in")
     bits = _bits(f, planes, k)  # [b, K, N]
     sign = _pm1(f, f("Gather", [bits, f.i64("zero_s", 0)], [ir.AttrInt64("axis", 0)]))  # [K, N]
@@ -172,7 +154,7 @@ def nbits_function(opset: int = MIN_OPSET) -> ir.Function:
     planes. The weights stay packed in the session: ORT's kernels read them, nothing is
     folded back to dense."""
     x, b, s = ir.Value(name="X"), ir.Value(name="B"), ir.Value(name="S")
-    f = _Body()
+    f = FunctionBody()
     attrs = [ir.RefAttr("K", "K", ir.AttributeType.INT), ir.RefAttr("N", "NQ", ir.AttributeType.INT),
              ir.RefAttr("block_size", "block_size", ir.AttributeType.INT),
              ir.RefAttr("accuracy_level", "accuracy_level", ir.AttributeType.INT)]

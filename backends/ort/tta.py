@@ -34,6 +34,8 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
+from backends.ort.functions import FunctionBody
+
 DOMAIN = "rewriter"
 ALPHA_NAME = "AlphaBatchNormalization"
 UNMIX_NAME = "UnMixTNS"
@@ -42,29 +44,11 @@ STATE_PREFIX = "unmixtns_"
 _STATE_RE = re.compile(r"^unmixtns_(\d+)_(mean|var)$")
 
 
-class _Body:
-    def __init__(self) -> None:
-        self.nodes: list[ir.Node] = []
-
-    def const(self, name: str, array: np.ndarray) -> ir.Value:
-        n = ir.Node("", "Constant", [], [ir.AttrTensor("value", ir.tensor(array, name=name))], name=name)
-        self.nodes.append(n)
-        return n.outputs[0]
-
-    def __call__(self, op: str, inputs, attrs=(), name: str | None = None, outputs: int = 1):
-        n = ir.Node("", op, list(inputs), list(attrs), name=name or f"{op}_{len(self.nodes)}", num_outputs=outputs)
-        self.nodes.append(n)
-        return n.outputs[0] if outputs == 1 else n.outputs
-
-    def i64(self, name: str, values) -> ir.Value:
-        return self.const(name, np.asarray(values, dtype=np.int64))
-
-
 def alpha_function(opset: int = MIN_OPSET) -> ir.Function:
     """``rewriter::AlphaBatchNormalization`` (float32 bodies; the pass declines other dtypes)."""
     names = ("X", "Scale", "B", "Mean", "Var", "Alpha", "Epsilon")
     x, scale, b, mean, var, alpha, eps = (ir.Value(name=n) for n in names)
-    f = _Body()
+    f = FunctionBody()
     shape = f("Shape", [x])
     rank = f("Size", [shape])
     rest = f("Range", [f.i64("two", 2), rank, f.i64("one", 1)])
@@ -105,7 +89,7 @@ def unmix_function(opset: int = MIN_OPSET) -> ir.Function:
     """``rewriter::UnMixTNS`` (float32)."""
     names = ("X", "Scale", "B", "SrcVar", "CompMean", "CompVar", "Params")
     x, scale, b, src_var, cm, cv, params = (ir.Value(name=n) for n in names)
-    f = _Body()
+    f = FunctionBody()
     shape = f("Shape", [x])
     rank = f("Size", [shape])
     sp_axes = f("Range", [f.i64("two", 2), rank, f.i64("one", 1)])

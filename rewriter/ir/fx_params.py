@@ -11,7 +11,7 @@ import numpy as np
 import torch.fx as fx
 
 from rewriter.ir.fx_ops import _target_name, aten
-from rewriter.ir.view import Affine, ConvParams, Declined, LinearParams, Node, NormParams, broadcast_axis
+from rewriter.ir.view import Affine, ConvParams, Declined, LinearParams, Node, NormParams, binary_affine
 
 
 def linear(view, node: Node, *, dtype: Any = np.float64) -> LinearParams:
@@ -117,22 +117,7 @@ def affine(view, node: Node) -> Affine | None:
     if (ca is None) == (cb is None):
         return None
     data, const, const_first = (b, ca, True) if ca is not None else (a, cb, False)
-    rank = view.rank(data)
-    if rank is None or const.ndim > rank or not np.issubdtype(const.dtype, np.floating):
-        return None
-    axis = broadcast_axis(const.shape, rank)
-    if axis == "bad":
-        return None
-    c = const.astype(np.float64).reshape(-1)
-    if node.op == "mul":
-        return Affine(axis, c, np.zeros_like(c))
-    if node.op == "add":
-        return Affine(axis, np.ones_like(c), c)
-    if node.op == "sub":
-        return Affine(axis, -np.ones_like(c), c) if const_first else Affine(axis, np.ones_like(c), -c)
-    if const_first:
-        return None
-    return Affine(axis, 1.0 / c, np.zeros_like(c))
+    return binary_affine(node.op, const, const_first, view.rank(data))
 
 
 def _operand(view, a: Any) -> np.ndarray | None:

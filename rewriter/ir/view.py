@@ -529,3 +529,24 @@ def broadcast_axis(const_shape: Sequence[int], data_rank: int) -> int | None | s
     if len(axes) > 1:
         return "bad"
     return axes[0]
+
+
+def binary_affine(op: str, const: np.ndarray, const_first: bool, data_rank: int | None) -> Affine | None:
+    """``x op c`` (``c op x`` when ``const_first``) as a per-channel affine map of ``x``, for
+    ``op`` in mul / add / sub / div and a floating constant that varies along one axis at
+    most; None otherwise (``c / x`` is not affine)."""
+    if data_rank is None or const.ndim > data_rank or not np.issubdtype(const.dtype, np.floating):
+        return None
+    axis = broadcast_axis(const.shape, data_rank)
+    if axis == "bad":
+        return None
+    c = const.astype(np.float64).reshape(-1)
+    if op == "mul":
+        return Affine(axis, c, np.zeros_like(c))
+    if op == "add":
+        return Affine(axis, np.ones_like(c), c)
+    if op == "sub":
+        return Affine(axis, -np.ones_like(c), c) if const_first else Affine(axis, np.ones_like(c), -c)
+    if const_first:
+        return None
+    return Affine(axis, 1.0 / c, np.zeros_like(c))
