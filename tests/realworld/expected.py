@@ -63,8 +63,9 @@ def expected(arch: str, exporter: str, pass_name: str) -> str:
         return "applied" if exporter == "fx" else "none"
     if arch == "pixart" and exporter == "dynamo18":
         # the dynamo exporter writes a Squeeze of a 16-wide axis that ONNX Runtime rejects:
-        # the tool must refuse the file in one line (nothing can be verified)
-        return "error:does not run"
+        # the tool must refuse the file in one line (nothing can be verified); the loader
+        # asks ONNX Runtime to load the file as given first, and quotes its refusal
+        return "error:ONNX Runtime cannot load the file"
     if arch in DIFFUSION:
         # adaLN-Zero / adaLN-single: branch outputs gated channel-wise by the timestep
         # embedding, norm outputs modulated by it (not read by linears only)
