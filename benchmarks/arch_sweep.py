@@ -346,7 +346,9 @@ class _Positional:
                 out = out[0] if isinstance(out, (tuple, list)) else out
                 return out.sample if hasattr(out, "sample") else out
 
-        return Wrap()
+        # eval: a fresh module starts in training mode, and the dynamo exporter keeps that
+        # (training-mode Dropout nodes: a random model that no rewrite can match)
+        return Wrap().eval()
 
 
 def build_hf(family: str):
