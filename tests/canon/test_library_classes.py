@@ -127,6 +127,16 @@ def test_sana_linear_attention_reason(files, exporter):
     assert not any("must be static" in r or "shape inference" in r for r in reasons), reasons
 
 
+def test_unknown_rank_names_where_inference_stopped(files):
+    """SanaTransformer2DModel (TorchScript 17): a norm whose input rank shape inference lost is declined by osplus / lns with the op where inference stopped, not as the user's input."""
+    path, _ = files("sana", "ts17")
+    for p in ("osplus", "lns"):
+        res, rep = _rewrite(path, p)
+        lost = [r for r in _reasons(rep) if "the rank of its input is unknown" in r]
+        assert lost, _reasons(rep)
+        assert all("shape inference stopped at Reshape " in r for r in lost), lost[:1]
+
+
 def test_unknown_shapes_name_where_inference_stopped(files):
     """CogVideoX with dynamic axes, no --shape: the self-attention decline says shape inference stopped (naming the op) and which input sizes would fix it; with them, applied."""
     path, built = files("cogvideox", "ts17")
