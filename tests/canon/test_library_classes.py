@@ -151,6 +151,16 @@ def test_unknown_shapes_name_where_inference_stopped(files):
     assert rep["applied"] == 2 and res.passed
 
 
+def test_clip_hidden_state_output_declines_for_the_model(files):
+    """CLIPVisionModel returning last_hidden_state (TorchScript 17): rms / crms decline because the model returns the raw stream, and say so."""
+    path, _ = files("clip_vision_hidden", "ts17")
+    for p in ("rms", "crms"):
+        res, rep = _rewrite(path, p)
+        assert rep["applied"] == 0
+        assert any("whose output is a graph output (the model returns the unnormalized stream)" in r
+                   for r in _reasons(rep)), _reasons(rep)[:2]
+
+
 # -- 4. BatchNorm1d through a Flatten after a bias-free linear ------------------------------
 @pytest.mark.parametrize("exporter", ["ts17", "dynamo18"])
 def test_levit_batchnorms_fold_through_flatten(files, exporter):
