@@ -161,6 +161,16 @@ def test_clip_hidden_state_output_declines_for_the_model(files):
                    for r in _reasons(rep)), _reasons(rep)[:2]
 
 
+@pytest.mark.parametrize("exporter", ["ts17", "dynamo18"])
+def test_hunyuan_first_pre_norm_is_not_an_embedding_norm(files, exporter):
+    """HunyuanDiT2DModel: block 0's norm1 reads the patch embedding that the residual add also reads, so it is a stream norm, not a stream start: rms applies, exactly."""
+    path, built = files("hunyuan_dit", exporter)
+    res, rep = _rewrite(path, "rms")
+    assert rep["applied"] > 0 and res.passed, _reasons(rep)[:1]
+    assert not any("norm1" in s.reason and "explicit centering op" in s.reason for s in res.records[0].applied)
+    assert _exact(path, res, built) <= FP32
+
+
 # -- 4. BatchNorm1d through a Flatten after a bias-free linear ------------------------------
 @pytest.mark.parametrize("exporter", ["ts17", "dynamo18"])
 def test_levit_batchnorms_fold_through_flatten(files, exporter):
