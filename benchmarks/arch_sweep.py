@@ -346,7 +346,9 @@ class _Positional:
                 out = out[0] if isinstance(out, (tuple, list)) else out
                 return out.sample if hasattr(out, "sample") else out
 
-        return Wrap()
+        # eval: a fresh module starts in training mode, and the dynamo exporter keeps that
+        # (training-mode Dropout nodes: a random model that no rewrite can match)
+        return Wrap().eval()
 
 
 def build_hf(family: str):
@@ -870,6 +872,7 @@ REASON_KINDS: tuple[tuple[str, str, str], ...] = (
     (r"its producer \S+ is other:Flatten\b|its producer \S+ is other:(Reshape|Transpose)\b(?!.*not into the readers)",
      "tool", "linear seen through a view"),
     (r"not into the producer.*not into the readers", "model", "no linear or conv beside it"),
+    (r"graph output", "model", "the model returns the raw stream"),
     (r"migration needs linear readers|is read by|read by other|stream norms only", "model",
      "norm output not read by linears only"),
     (r"shape inference|must be static|unknown (shape|width|rank)|could not (infer|trace)|cannot decide|stopped at",

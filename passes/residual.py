@@ -530,6 +530,10 @@ def analyze(view: GraphView) -> ResidualStream:
                     continue  # e.g. the exporter's ones(d) scale of an affine-free norm
                 shape_reads.append(f"{u.name} reads the shape of the stream {view.value_name(val)}")
                 continue
+            if u.op == "add" and u.output is not None and view.is_graph_output(u.output):
+                problems.append(f"the raw residual stream {view.value_name(val)} is read by add ({u.name}), "
+                                "whose output is a graph output (the model returns the unnormalized stream)")
+                continue
             problems.append(f"the raw residual stream {view.value_name(val)} is read by {u.op} ({u.name})")
     for sn in stream_norms:
         _norm_readers(a, sn)

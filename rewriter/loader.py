@@ -212,13 +212,40 @@ def _cycle(graph: ir.Graph) -> str:
 
 
 def check_runnable(view: OnnxView, where: str) -> None:
-    """Verification runs the model in ONNX Runtime: refuse unknown operator domains early."""
+    """Verification runs the model in ONNX Runtime: refuse unknown operator domains and random
+    ops (a model whose outputs are random cannot be compared) early."""
     local = {(f.domain, f.name) for f in view.model.functions.values()}
     for node in view.graph.all_nodes():
         if node.domain not in KNOWN_DOMAINS and (node.domain, node.op_type) not in local:
             raise BadInput(f"{where}: unknown operator domain {node.domain!r} (node {node.name!r}, op "
                            f"{node.op_type}): ONNX Runtime cannot run it to verify the rewrite "
                            "(--no-verify rewrites without verification)")
+        why = _random(view, node) if node.domain in ("", "ai.onnx") else ""
+        if why:
+            raise BadInput(f"{where}: node {node.name!r} ({node.op_type}) {why}: the model's outputs are random, "
+                           "so no rewrite can be verified against it (export the model in eval mode, or "
+                           "--no-verify)")
+
+
+_RANDOM_OPS = ("RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Multinomial", "Bernoulli")
+
+
+def _random(view: OnnxView, node: ir.Node) -> str:
+    """Why ``node`` draws random numbers at run time, or ''. A ``Dropout`` is random only in
+    training mode (its third input true) with a ratio that is not 0; the dynamo exporter
+    writes training-mode Dropout (or ``RandomUniformLike`` masks) for a module left in
+    training mode."""
+    if node.op_type in _RANDOM_OPS:
+        return "draws random numbers"
+    if node.op_type != "Dropout" or len(node.inputs) < 3 or node.inputs[2] is None:
+        return ""
+    mode = view.const_value(node.inputs[2])
+    ratio = view.const_value(node.inputs[1]) if node.inputs[1] is not None else None
+    if mode is not None and not bool(mode.reshape(-1)[0]):
+        return ""
+    if ratio is not None and float(ratio.reshape(-1)[0]) == 0.0:
+        return ""
+    return "is a Dropout in training mode" if mode is not None else "is a Dropout whose training mode is a run-time input"
 
 
 def infer_shapes(view: OnnxView) -> None:

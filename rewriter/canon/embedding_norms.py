@@ -5,7 +5,8 @@ reads only the embeddings: a patch embedding, a class token, positions, token / 
 concatenated) whose output is written into a residual add (through copies / eval dropout).
 Examples: CLIP's ``pre_layrnorm`` before a pre-LN stack, BERT's ``embeddings.LayerNorm``,
 Swin's ``embeddings.norm``. The sums before it are not the residual stream: nothing
-re-reads them after the norm. So it is not a post-LN norm: for the stream passes it is a
+re-reads them after the norm (``read_once``: a block's first pre-norm, whose input the
+residual add reads too, is not one). So it is not a post-LN norm: for the stream passes it is a
 writer (its output enters the stream), re-centred by one explicit centring op.
 
 Gloss: with ``e`` the embedding sum, the stream is ``h_0 = LN(e)``, ``h_{l+1} = h_l + f_l(...)``;
@@ -66,9 +67,25 @@ def norm_upstream(view: GraphView, value, norm_ops: Iterable[str], limit: int = 
     return False
 
 
+def read_once(view: GraphView, node: Node, depth: int = 4) -> bool:
+    """The tensor ``node`` reads (back through identity ops: casts, copies) has no other
+    data reader: nothing re-reads the embeddings after the norm. A block's first pre-norm
+    reads them too, but so does the residual add that the block writes into (HunyuanDiT's
+    ``norm1``, whose output enters the add of adaLN's shift)."""
+    value, reader = node.inputs[0], node
+    for _ in range(depth):
+        if view.is_graph_output(value) or any(u is not reader for u in view.data_users(value)):
+            return False
+        p = view.producer(value)
+        if p is None or not p.inputs or not _passes_through(view, p):
+            return True
+        value, reader = p.inputs[0], p
+    return True
+
+
 def embedding_norm(view: GraphView, node: Node, norm_ops: Iterable[str]) -> bool:
     """``node`` (a norm) starts the stream: nothing normalized or attended upstream of it,
-    and its output written into a residual add."""
-    if not node.inputs or not writes_into_add(view, node):
+    the embeddings it reads read by it alone, and its output written into a residual add."""
+    if not node.inputs or not writes_into_add(view, node) or not read_once(view, node):
         return False
     return norm_upstream(view, node.inputs[0], norm_ops) is False

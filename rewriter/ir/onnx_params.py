@@ -134,7 +134,7 @@ def affine(view, node: Node) -> Affine | None:
         if any(p is None for p in params):
             raise Declined(f"{node.name} has non-constant statistics")
         if rank is None:
-            raise Declined(f"{node.name}: the rank of its input is unknown")
+            raise Declined(f"{node.name}: the rank of its input is unknown{rank_lost_note(view, node.inputs[0])}")
         gamma, beta, mean, var = (p.astype(np.float64) for p in params)
         eps = raw.attributes.get_float("epsilon", 1e-5)
         k = gamma / np.sqrt(var + eps)
@@ -161,6 +161,23 @@ def perm(view, node: Node) -> list[int]:
     return list(p)
 
 
+def rank_lost_note(view, value: ir.Value, depth: int = 64) -> str:
+    """Where shape inference lost the rank on the way to ``value``: the first op back from it
+    whose run-time inputs all have a known rank and whose output has none (the tool's limit,
+    not the model's), as a clause to append to a reason; '' when the walk reaches an input."""
+    for _ in range(depth):
+        node = value.producer()
+        if node is None:
+            return ""
+        unknown = next((x for x in node.inputs if x is not None and view.const_value(x) is None
+                        and view.rank(x) is None), None)
+        if unknown is None:
+            return (f" (shape inference stopped at {node.op_type} {node.name or '?'}: its output's rank is not "
+                    "derived from its inputs' known shapes)")
+        value = unknown
+    return ""
+
+
 def norm(view, node: Node) -> NormParams:
     m = node.attrs.get("canon")
     if m is not None:
@@ -172,7 +189,7 @@ def norm(view, node: Node) -> NormParams:
     rank = view.rank(x)
     axis = raw.attributes.get_int("axis", -1)
     if rank is None:
-        raise Declined(f"{node.name}: the rank of its input is unknown")
+        raise Declined(f"{node.name}: the rank of its input is unknown{rank_lost_note(view, x)}")
     if axis % rank != rank - 1:
         raise Declined(f"{node.name} normalizes over axes {axis}.. (not only the last axis)")
     if any(o.uses() or o.is_graph_output() for o in raw.outputs[1:]):

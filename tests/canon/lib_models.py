@@ -80,6 +80,13 @@ def clip_vision() -> Built:
     return Built(_Call(m, ["pixel_values"], out=1), (_randn(2, 3, 16, 16),), ["pixels"], {"pixels": {0: "batch"}})
 
 
+def clip_vision_hidden() -> Built:
+    """The same model returning ``last_hidden_state`` (the raw residual stream, no final norm)."""
+    b = clip_vision()
+    b.module.out = 0
+    return b
+
+
 def levit() -> Built:
     import transformers as T
 

@@ -127,6 +127,16 @@ def test_sana_linear_attention_reason(files, exporter):
     assert not any("must be static" in r or "shape inference" in r for r in reasons), reasons
 
 
+def test_unknown_rank_names_where_inference_stopped(files):
+    """SanaTransformer2DModel (TorchScript 17): a norm whose input rank shape inference lost is declined by osplus / lns with the op where inference stopped, not as the user's input."""
+    path, _ = files("sana", "ts17")
+    for p in ("osplus", "lns"):
+        res, rep = _rewrite(path, p)
+        lost = [r for r in _reasons(rep) if "the rank of its input is unknown" in r]
+        assert lost, _reasons(rep)
+        assert all("shape inference stopped at Reshape " in r for r in lost), lost[:1]
+
+
 def test_unknown_shapes_name_where_inference_stopped(files):
     """CogVideoX with dynamic axes, no --shape: the self-attention decline says shape inference stopped (naming the op) and which input sizes would fix it; with them, applied."""
     path, built = files("cogvideox", "ts17")
@@ -139,6 +149,26 @@ def test_unknown_shapes_name_where_inference_stopped(files):
     shapes = {n: list(a.shape) for n, a in zip(built.names, built.args)}
     res, rep = _rewrite(path, "rettention", shapes=shapes)
     assert rep["applied"] == 2 and res.passed
+
+
+def test_clip_hidden_state_output_declines_for_the_model(files):
+    """CLIPVisionModel returning last_hidden_state (TorchScript 17): rms / crms decline because the model returns the raw stream, and say so."""
+    path, _ = files("clip_vision_hidden", "ts17")
+    for p in ("rms", "crms"):
+        res, rep = _rewrite(path, p)
+        assert rep["applied"] == 0
+        assert any("whose output is a graph output (the model returns the unnormalized stream)" in r
+                   for r in _reasons(rep)), _reasons(rep)[:2]
+
+
+@pytest.mark.parametrize("exporter", ["ts17", "dynamo18"])
+def test_hunyuan_first_pre_norm_is_not_an_embedding_norm(files, exporter):
+    """HunyuanDiT2DModel: block 0's norm1 reads the patch embedding that the residual add also reads, so it is a stream norm, not a stream start: rms applies, exactly."""
+    path, built = files("hunyuan_dit", exporter)
+    res, rep = _rewrite(path, "rms")
+    assert rep["applied"] > 0 and res.passed, _reasons(rep)[:1]
+    assert not any("norm1" in s.reason and "explicit centering op" in s.reason for s in res.records[0].applied)
+    assert _exact(path, res, built) <= FP32
 
 
 # -- 4. BatchNorm1d through a Flatten after a bias-free linear ------------------------------

@@ -90,3 +90,9 @@ def test_verdicts_can_fail():
     assert sweep.reason_kind("n1: post-LN norm on the stream")[0] == "model"
     assert sweep.reason_kind("s: heads, tokens and head width must be static")[0] == "tool"
     assert sweep.reason_kind("something new")[0] == "tool?"
+
+
+def test_built_modules_are_in_eval_mode():
+    """The sweep's wrapper module is in eval mode all through (the dynamo exporter keeps training-mode Dropout)."""
+    built = sweep.build("gpt2")
+    assert not any(m.training for m in built.module.modules())
