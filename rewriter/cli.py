@@ -16,6 +16,7 @@ met; 2 bad input or usage (one line on stderr); 3 a requested pass applied to no
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -663,8 +664,14 @@ def _quiet_onnxruntime() -> None:
 
 
 def _finish(code: int, argv: list[str] | None) -> int:
+    """Exit, or return ``code`` to an in-process caller. A model's IR is cyclic (nodes and
+    values point at each other), so reference counting never frees it and the cyclic
+    collector runs only when its allocation counters say so: a caller that runs the CLI
+    several times would hold two or three models at once. ``main(argv)`` therefore
+    collects once its run is over; a process that exits frees everything anyway."""
     if argv is None:
         sys.exit(code)
+    gc.collect()
     return code
 
 

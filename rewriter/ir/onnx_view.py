@@ -156,29 +156,50 @@ class OnnxView(GraphView):
     def _const_ancestors_first(self, value: ir.Value) -> None:
         """Evaluate (and cache) the node outputs ``_eval_const`` would recurse into, ancestors
         first, with an explicit stack: its recursion is then one level deep whatever the
-        length of the chain (a 10,000-long Identity chain)."""
-        order: list[ir.Value] = []
-        seen = {value}
-        stack = [(value, False)]
+        length of the chain (a 10,000-long Identity chain). The walk visits inputs in the
+        order ``_eval_const`` reads them and stops at the first one that is not a constant,
+        as ``_eval_const`` does: a walk of the whole ancestor cone would fold every constant
+        subgraph upstream of an activation (on GPT-2: 1,390 evaluations instead of 298, the
+        ``rms`` match 20% slower)."""
+        stack = [value]
+        on_stack = {value}
         while stack:
-            v, done = stack.pop()
-            if done:
-                order.append(v)
+            v = stack[-1]
+            pending = self._next_const_input(v)
+            if pending is not None and pending not in on_stack:
+                stack.append(pending)
+                on_stack.add(pending)
                 continue
-            stack.append((v, True))
-            node = v.producer()
-            if (v.const_value is not None or node is None or node.domain not in ("", "ai.onnx")
-                    or node.op_type in ("Constant", *self._NONDETERMINISTIC)
-                    or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())):
-                continue
-            for i in node.inputs:
-                if i is not None and i not in seen and i not in self._const_cache and i.const_value is None:
-                    seen.add(i)
-                    stack.append((i, False))
-        for v in order[:-1]:
-            if v not in self._const_cache:
+            stack.pop()
+            if v is not value and v not in self._const_cache:
                 self._const_cache[v] = None
                 self._const_cache[v] = self._eval_const(v)
+
+    def _next_const_input(self, v: ir.Value) -> ir.Value | None:
+        """The first input of ``v``'s producer that ``_eval_const`` would evaluate and that is
+        not cached yet; None when there is none or when an earlier one is not a constant."""
+        node = v.producer()
+        if (v.const_value is not None or node is None or node.domain not in ("", "ai.onnx")
+                or node.op_type in ("Constant", *self._NONDETERMINISTIC)
+                or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())):
+            return None
+        for i in node.inputs:
+            if i is None:
+                continue
+            if node.op_type in ("Shape", "Size") and i is node.inputs[0] and i.shape is not None and i.shape.is_static():
+                continue  # only the static shape is read
+            if node.op_type == "CastLike" and i is node.inputs[1] and i.dtype is not None:
+                continue  # only the dtype is read
+            if i.const_value is not None:
+                if i.is_graph_input():
+                    return None  # not a constant: the evaluation stops here
+                continue
+            if i not in self._const_cache:
+                return i
+            c = self._const_cache[i]
+            if c is None or c.size > onnx_consts._MAX_CONST_ELEMS:
+                return None  # not a constant (or too large): the evaluation stops here
+        return None
 
     def _eval_const(self, value: ir.Value) -> np.ndarray | None:
         return onnx_consts._eval_const(self, value)
