@@ -19,6 +19,7 @@ from rewriter.cli import main
 from rewriter.pass_api import make_options
 from rewriter.report import latency_line, latency_tables
 from rewriter.report_schema import validate
+from rewriter.torch_export import export_to_onnx
 from tests.passes.test_rettention import OPTS, SCHEDULE, N, D, TinyAttention, rewrite_onnx
 
 PHASE_NAMES = ["dense", "refresh", "sparse"]
@@ -140,3 +141,29 @@ def test_cli_bench_steps(tmp_path):
     validate(doc)
     sch = doc["latency"]["schedule"]
     assert sch["steps"] == 10 and sch["counts"] == {"dense": 3, "refresh": 2, "sparse": 5}
+
+
+class _WideAttention(torch.nn.Module):
+    """TinyAttention between two linears whose weights (> 64 KiB) the loader maps from the file."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre, self.attn, self.post = torch.nn.Linear(D, 1100), TinyAttention(), torch.nn.Linear(1100, D)
+        self.down = torch.nn.Linear(1100, D)
+
+    def forward(self, x):
+        return self.post(torch.relu(self.pre(self.attn(x)))) + self.down(self.pre(x))
+
+
+def test_onnx_phases_of_a_file_with_mapped_weights(tmp_path, monkeypatch):
+    """A Re-ttention model rewritten from a file whose large weights the loader maps (references
+    into the file) is timed per phase from any working directory: the phase session gets the
+    weights inline, not as external data ORT cannot resolve."""
+    path = export_to_onnx(_WideAttention().eval(), (torch.randn(2, N, D),), tmp_path / "wide.onnx", opset=18)
+    res = rewriter.rewrite(str(path), ["rettention"], options={"rettention": OPTS})
+    assert res.passed and res.records[0].applied
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    sec = res.bench(runs=1, warmup=0, profile=False)
+    assert [r["phase"] for r in sec["phases"]] == PHASE_NAMES

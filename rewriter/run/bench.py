@@ -55,7 +55,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -64,6 +63,7 @@ from backends.ort.rettention import STEP_INPUT, protocol_sites, site_configs, st
 from backends.rettention_spec import DENSE, PHASES, REFRESH, SPARSE, Schedule
 from rewriter.compile import compile_module
 from rewriter.errors import BadInput
+from rewriter.ir.onnx_reader import inline_proto
 from rewriter.ir.onnx_view import OnnxView
 
 log = logging.getLogger(__name__)
@@ -425,7 +425,9 @@ def _onnx_phase_targets(label: str, model: Any, feeds: Mapping[str, np.ndarray],
     if not configs:
         return None
     schedule = configs[0].schedule
-    proto = ir.to_proto(model)
+    # weights the loader mapped from the user's file go inline (as OnnxView.to_proto does):
+    # ORT refuses a model from bytes whose tensors point at a file
+    proto = inline_proto(model)
     sess = _session(proto, threads)
     args = list(sess.get_inputs()) + list(sess.get_overridable_initializers())
     names = [a.name for a in args]
