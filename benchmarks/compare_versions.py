@@ -12,6 +12,8 @@ checkout. Wall time is measured around the child; peak RSS is the child's own
 * ``speed``: ``benchmarks/rewrite_speed.py --rounds 1`` of that checkout (``crms`` and
   ``rms`` in memory and through the CLI in one process; its peak RSS is the figure
   issue 20 names);
+* ``speed-same``: this checkout's ``rewrite_speed.py --rounds 1 --code CHECKOUT``: one
+  method (a ``gc.collect()`` before each phase) timing either checkout's code;
 * ``cli``: ``python -m rewriter.cli MODEL --passes rms --no-verify -q -o OUT``;
 * ``cli-verify``: the same with verification (the default);
 * ``large`` / ``large-verify``: ``cli`` / ``cli-verify`` on ``--large``
@@ -74,6 +76,9 @@ def commands(variant: str, checkout: Path, args, out: Path) -> list[str]:
     if variant == "speed":
         return [py, str(checkout / "benchmarks" / "rewrite_speed.py"), "--rounds", "1",
                 "--dir", str(Path(args.model).parent)]
+    if variant == "speed-same":  # this checkout's script (gc between phases) timing each checkout's code
+        return [py, str(ROOT / "benchmarks" / "rewrite_speed.py"), "--rounds", "1",
+                "--dir", str(Path(args.model).parent), "--code", str(checkout)]
     if variant == "cli":
         return cli + [args.model, "--passes", args.passes, "--no-verify", "-q", "-o", str(out)]
     if variant == "cli-verify":
@@ -118,7 +123,7 @@ def main(argv=None) -> int:
                     return 1
                 res[v][k]["wall"].append(wall)
                 res[v][k]["rss"].append(rss)
-                if v == "speed":
+                if v in ("speed", "speed-same"):
                     for ph, sec in speed_phases(text).items():
                         phase_times.setdefault(ph, {q: [] for q in versions})[k].append(sec)
                 for f in work.glob(f"{k}-{v}.onnx*"):

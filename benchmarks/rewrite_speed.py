@@ -13,6 +13,10 @@ dynamo exporter at opset 18 into ``--dir`` (kept for later runs). Each round, in
   ``rewriter.cli.main`` in this process: load, checks, shape inference, rewrite, graph
   diff, atomic save.
 
+Each phase starts after a ``gc.collect()``: the IR's objects form reference cycles, and
+garbage left by one phase would otherwise be paid for by the next. ``--code DIR`` times the
+code of another checkout with this script (``benchmarks/compare_versions.py``).
+
 Medians over the rounds are printed with the ratio CLI / baseline (goal <= 2) and the
 pass time (goal <= 1.4 s). ``--verify`` also times verification alone, once.
 
@@ -25,13 +29,16 @@ figures without it, ``--pretouch-gb N`` touches N GB once before measuring.
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# --code DIR: time another checkout's code with this script's method (benchmarks/compare_versions.py)
+_CODE = sys.argv[sys.argv.index("--code") + 1] if "--code" in sys.argv[:-1] else str(ROOT)
+sys.path.insert(0, _CODE)
 
 
 def export_gpt2(path: Path) -> Path:
@@ -78,6 +85,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--verify", action="store_true")
     ap.add_argument("--pretouch-gb", type=float, default=0)
+    ap.add_argument("--code", default=str(ROOT), help="the checkout whose code is timed (default: this one)")
     args = ap.parse_args(argv)
 
     import onnx
@@ -108,6 +116,7 @@ def main(argv=None) -> None:
         times["onnx load+save"].append(time.perf_counter() - t0)
         del m
         for p in names:
+            gc.collect()  # each phase starts without the previous phases' cyclic garbage
             model = ir.load(src)
             view = OnnxView(model)
             pas = get_pass(p)()
@@ -117,6 +126,7 @@ def main(argv=None) -> None:
             view.finalize()
             times[f"{p} in memory"].append(time.perf_counter() - t0)
             del model, view
+            gc.collect()
             t0 = time.perf_counter()
             rc = cli([str(src), "--passes", p, "--no-verify", "-q", "-o", str(out)])
             times[f"{p} rewrite (CLI)"].append(time.perf_counter() - t0)
