@@ -13,6 +13,7 @@ or a plugin that imports ``passes.foldnorm`` first would meet a half-initialised
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from rewriter.errors import BadInput, NothingApplied, RewriterError, VerificationFailed
 
@@ -30,8 +31,11 @@ __all__ = [
 
 def __getattr__(name: str):
     module = _LAZY.get(name)
-    if module is None:
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+    elif importlib.util.find_spec(f"rewriter.{name}") is not None:
+        value = importlib.import_module(f"rewriter.{name}")  # ``rewriter.api`` after ``import rewriter``
+    else:
         raise AttributeError(f"module 'rewriter' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value

@@ -9,6 +9,9 @@ connected component of more than one module (networkx)."""
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import networkx as nx
@@ -183,3 +186,16 @@ def test_checker_sees_a_cycle_and_a_function_import(tmp_path):
     assert cycles(g) == [["rewriter.api", "rewriter.errors"]]
     assert in_function == [("rewriter.api", 4, "passes")]
     assert any("rewriter.errors:1 (layer 0) imports rewriter.api" in e for e in upward(g))
+
+
+def test_optional_heavy_dependencies_load_on_first_use():
+    """Importing the CLI, every pass and the compile backend leaves triton (about 90 MB and a
+    few tenths of a second) and the Inductor unloaded: a CPU-only ``rewrite`` never pays for
+    them. Each Triton module defines its kernels in a cached factory (backends/triton)."""
+    code = ("import sys, rewriter.cli, rewriter.manager, rewriter.compile, passes\n"
+            "import backends.triton.crms_norm, backends.triton.rettention, backends.triton.shiftadd\n"
+            "print(sorted(m for m in ('triton', 'torch._inductor') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

@@ -22,17 +22,14 @@ never reaches Triton ("0 active drivers"). ``triton_*`` launch the kernel direct
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 
-log = logging.getLogger(__name__)
+from backends.triton import load, next_power_of_2
 
-try:  # triton is optional at import time (the CPU kernels do not need it)
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the platform
-    triton = None
+log = logging.getLogger(__name__)
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, compressed: bool,
@@ -51,10 +48,16 @@ def reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, compr
     return y.to(x.dtype), (None if residual is None else h)
 
 
-if triton is not None:
+@functools.cache
+def _kernel():
+    """The Triton kernel, defined on first use (None without triton)."""
+    triton = load()
+    if triton is None:
+        return None
+    tl = triton.language
 
     @triton.jit
-    def _norm_fwd(X, R, W, Y, H, stride_x, stride_r, stride_y, stride_h, n_cols, eps,
+    def norm_fwd(X, R, W, Y, H, stride_x, stride_r, stride_y, stride_h, n_cols, eps,
                   COMPRESSED: tl.constexpr, HAS_W: tl.constexpr, HAS_R: tl.constexpr,
                   BLOCK: tl.constexpr):
         row = tl.program_id(0)
@@ -77,17 +80,20 @@ if triton is not None:
             y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
+    return norm_fwd
+
 
 def _launch(x: torch.Tensor, weight, eps: float, compressed: bool, residual=None, wrap=lambda k: k):
-    if triton is None:
+    kernel = _kernel()
+    if kernel is None:
         raise RuntimeError("triton is not installed")
     n = x.shape[-1]
     x2 = x.reshape(-1, n).contiguous()
     y = torch.empty_like(x2)
     r2 = residual.reshape(-1, n).contiguous() if residual is not None else x2
     h = torch.empty_like(x2) if residual is not None else y
-    block = triton.next_power_of_2(n)
-    wrap(_norm_fwd)[(x2.shape[0],)](
+    block = next_power_of_2(n)
+    wrap(kernel)[(x2.shape[0],)](
         x2, r2, weight if weight is not None else x2, y, h,
         x2.stride(0), r2.stride(0), y.stride(0), h.stride(0), n, float(eps),
         COMPRESSED=compressed, HAS_W=weight is not None, HAS_R=residual is not None, BLOCK=block)
@@ -119,7 +125,7 @@ def _define() -> None:
         def op(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
             # Also what torch.compile traces (triton_op decomposes into its body): off CUDA
             # the plain-torch kernel, which Inductor fuses into one kernel.
-            if x.device.type != "cuda" or triton is None:
+            if x.device.type != "cuda" or load() is None:
                 return reference(x, weight, eps, compressed=compressed)[0]
             return _launch(x, weight, eps, compressed, wrap=wrap_triton)[0]
 
@@ -130,7 +136,7 @@ def _define() -> None:
         @triton_op(f"rewriter::{name}_add", mutates_args=())
         def op_add(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-            if x.device.type != "cuda" or triton is None:
+            if x.device.type != "cuda" or load() is None:
                 y, h = reference(x, weight, eps, compressed=compressed, residual=residual)
                 return y, h
             y, h = _launch(x, weight, eps, compressed, residual, wrap=wrap_triton)

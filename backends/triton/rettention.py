@@ -32,6 +32,7 @@ Triton kernels or the CPU block kernels, chosen by ``kernel_for`` (see there). `
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -41,14 +42,10 @@ from torch.library import custom_op, register_fake
 from backends import flex_rettention as flex
 from backends.rettention_blocks import masked_blocks, window_refresh
 from backends.rettention_spec import KINDS, BlockLayout, MaskSpec
+from backends.triton import cdiv, load, next_power_of_2
 
 log = logging.getLogger(__name__)
 
-try:  # triton is optional at import time (the CPU kernels do not need it)
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the platform
-    triton = None
 
 def spec_of(*args: int) -> MaskSpec:
     """The mask from its op arguments (``MaskSpec.from_args``)."""
@@ -108,10 +105,16 @@ def cpu_sparse(q, k, v, rho, res, coef: float, scale: float, layout: BlockLayout
 
 
 # -- Triton kernels ----------------------------------------------------------------------------
-if triton is not None:
+@functools.cache
+def _kernel():
+    """The Triton kernel, defined on first use (None without triton)."""
+    triton = load()
+    if triton is None:
+        return None
+    tl = triton.language
 
     @triton.jit
-    def _attn_fwd(Q, K, V, O, LSE, RHO, RES, OFULL, LSEFULL,
+    def attn_fwd(Q, K, V, O, LSE, RHO, RES, OFULL, LSEFULL,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                   H, N, D, scale, coef, half, grid_w, radius, c_blocks,
                   text, hw, tradius, KV_NUM, KV_IDX, nbk,
@@ -209,16 +212,19 @@ if triton is not None:
             tl.store(RHO + row, rho, mask=m_ok)
             tl.store(RES + rd, o_full - rho[:, None] * o, mask=omask)
 
+    return attn_fwd
+
 
 def _grid_and_block(q, layout: BlockLayout):
     b_, h_, n, d = q.shape
     block = max(16, layout.block)
-    return (triton.cdiv(n, block), b_ * h_), block, max(16, triton.next_power_of_2(d))
+    return (cdiv(n, block), b_ * h_), block, max(16, next_power_of_2(d))
 
 
 def _launch(q, k, v, scale, layout: BlockLayout, *, masked: bool, epilogue: int, rho=None, res=None,
             o_full=None, lse_full=None, coef: float = 0.0, o=None, wrap=lambda f: f):
-    if triton is None:
+    kernel = _kernel()
+    if kernel is None:
         raise RuntimeError("triton is not installed")
     b_, h_, n, d = q.shape
     grid, block, block_d = _grid_and_block(q, layout)
@@ -233,7 +239,7 @@ def _launch(q, k, v, scale, layout: BlockLayout, *, masked: bool, epilogue: int,
         kv_num = kv_idx = torch.zeros(1, dtype=torch.int32, device=q.device)
     else:
         kv_num, kv_idx = (torch.as_tensor(a, device=q.device) for a in layout.block_lists())
-    wrap(_attn_fwd)[grid](
+    wrap(kernel)[grid](
         q, k, v, o, lse,
         rho if rho is not None else dummy, res if res is not None else dummy,
         o_full if o_full is not None else dummy, lse_full if lse_full is not None else dummy,
@@ -281,7 +287,7 @@ def kernel_for(q: torch.Tensor, n: int) -> str:
     """``"flex"``, ``"triton"`` or ``"blocks"`` (the CPU block kernel) for a call on ``q``."""
     forced = os.environ.get(KERNEL_ENV, "")
     cuda = q.device.type == "cuda"
-    if forced == "triton" and cuda and triton is not None:
+    if forced == "triton" and cuda and load() is not None:
         return "triton"
     if forced == "blocks" and not cuda:
         return "blocks"

@@ -30,18 +30,16 @@ kernel and on CUDA the Triton one).
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
 import torch
 
+from backends.triton import cdiv, load, next_power_of_2
+
 log = logging.getLogger(__name__)
 
-try:  # triton is optional at import time (the CPU kernel does not need it)
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the platform
-    triton = None
 
 BLOCK_COLS = 8
 WORD = 32
@@ -115,10 +113,16 @@ def reference(x: torch.Tensor, planes: torch.Tensor, exps: torch.Tensor, signs: 
     return y.to(x.dtype)
 
 
-if triton is not None:
+@functools.cache
+def _kernel():
+    """The Triton kernel, defined on first use (None without triton)."""
+    triton = load()
+    if triton is None:
+        return None
+    tl = triton.language
 
     @triton.jit
-    def _shiftadd_kernel(X, P, E, S, B, Y, M, N, K, KW, KB, NG, G, stride_xm, stride_ym,
+    def shiftadd_kernel(X, P, E, S, B, Y, M, N, K, KW, KB, NG, G, stride_xm, stride_ym,
                          Q: tl.constexpr, T: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                          USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_m = tl.program_id(0)
@@ -175,10 +179,13 @@ if triton is not None:
         tl.store(Y + rm[:, None] * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])
 
+    return shiftadd_kernel
+
 
 def _launch(x: torch.Tensor, planes: torch.Tensor, exps: torch.Tensor, signs: torch.Tensor,
             bias: torch.Tensor | None, group_rows: int, mode: int, wrap=lambda k: k) -> torch.Tensor:
-    if triton is None:
+    kernel = _kernel()
+    if kernel is None:
         raise RuntimeError("triton is not installed")
     k = x.shape[-1]
     q, kw, n = planes.shape
@@ -187,10 +194,10 @@ def _launch(x: torch.Tensor, planes: torch.Tensor, exps: torch.Tensor, signs: to
     m = x2.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     use_dot = m > 8
-    block_m = 32 if use_dot else max(1, triton.next_power_of_2(m))
+    block_m = 32 if use_dot else max(1, next_power_of_2(m))
     block_n = 64
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    wrap(_shiftadd_kernel)[grid](
+    grid = (cdiv(m, block_m), cdiv(n, block_n))
+    wrap(kernel)[grid](
         x2, planes.contiguous(), exps.contiguous(), signs.contiguous(),
         bias if bias is not None else x2, y, m, n, k, kw, kb, ng, max(int(group_rows), 1),
         x2.stride(0), y.stride(0), Q=q, T=t, MODE=mode, HAS_BIAS=bias is not None, USE_DOT=use_dot,
@@ -218,7 +225,7 @@ def _define() -> None:
            bias: torch.Tensor | None, group_rows: int, mode: int) -> torch.Tensor:
         # The body is also what torch.compile traces (triton_op decomposes into it): off
         # CUDA it is the plain-torch kernel, so compiling on CPU never reaches Triton.
-        if x.device.type != "cuda" or triton is None:
+        if x.device.type != "cuda" or load() is None:
             return reference(x, planes, exps, signs, bias, group_rows, mode)
         return _launch(x, planes, exps, signs, bias, group_rows, mode, wrap=wrap_triton)
 
