@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from backends.ort import session as ort_session
 from rewriter import api, loader
 from rewriter.api import _instantiate, _specialise
 from rewriter.diff import diff_models
@@ -616,7 +617,8 @@ def main(argv: list[str] | None = None) -> int:
     if not debug:
         for noisy in ("torch", "onnxscript", "onnx_ir"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
-        _quiet_onnxruntime()
+        # ORT logs its own errors on stderr before raising them; the one line quotes them
+        ort_session.quiet_logging()
     if not args:
         args = ["--help"]
     if args and args[0] not in SUBCOMMANDS and args[0] not in ("--help", "-h"):
@@ -651,16 +653,6 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         code = 4
     return _finish(code, argv)
-
-
-def _quiet_onnxruntime() -> None:
-    """ONNX Runtime logs its own errors on stderr before raising them; the CLI quotes them in
-    its one line instead (``rewriter.run.verify.original_session``)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:  # optional: the cpu / gpu extra
-        return
-    ort.set_default_logger_severity(4)
 
 
 def _finish(code: int, argv: list[str] | None) -> int:

@@ -7,6 +7,7 @@ cannot hide (or cause) a difference between the original and the rewritten model
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Mapping
 
@@ -18,6 +19,19 @@ from rewriter.errors import BadInput
 _TWO_GB = 2**31 - 1024
 
 
+_quiet = False
+
+
+def quiet_logging() -> None:
+    """Silence ORT's default logger (its errors included) for every session made from now
+    on: the CLI quotes ORT's message in its own one line instead. onnxruntime itself is
+    imported by the first session (about 20 MB), so a run that makes none never loads it."""
+    global _quiet
+    _quiet = True
+    if "onnxruntime" in sys.modules:
+        sys.modules["onnxruntime"].set_default_logger_severity(4)
+
+
 def _ort():
     try:
         import onnxruntime as ort
@@ -25,6 +39,8 @@ def _ort():
         raise BadInput(
             "onnxruntime is not installed: install the project with the `cpu` or `gpu` extra"
         ) from err
+    if _quiet:
+        ort.set_default_logger_severity(4)
     return ort
 
 

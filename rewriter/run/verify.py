@@ -406,10 +406,7 @@ def original_session(path: str | os.PathLike):
     path and its side files itself, so the reference is the runtime's own reading, never this
     tool's parse. ORT's own logging is silenced; a file it cannot load is BadInput, one line
     quoting its message."""
-    try:
-        import onnxruntime as ort
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise BadInput("onnxruntime is not installed: install the project with the `cpu` or `gpu` extra") from None
+    ort = ort_session._ort()
     ort.set_default_logger_severity(4)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
