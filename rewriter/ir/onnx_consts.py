@@ -29,29 +29,54 @@ def _read_tensor(t: ir.TensorProtocol) -> np.ndarray:
     return map_array(t) if isinstance(t, ir.ExternalTensor) else t.numpy()
 
 
+NONDETERMINISTIC = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                    "Bernoulli")
+
+
+def foldable(node: ir.Node | None) -> bool:
+    """Whether constant folding may evaluate ``node``: a standard-domain op, no subgraph
+    attribute, not a random op."""
+    return (node is not None and node.domain in ("", "ai.onnx") and node.op_type not in NONDETERMINISTIC
+            and not any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()))
+
+
+def read_inputs(node: ir.Node):
+    """``(input, how)`` for each input of ``node`` in the order folding reads them: ``how`` is
+    ``"shape"`` (only the static shape is read: ``Shape`` / ``Size``), ``"dtype"`` (only the
+    dtype: ``CastLike``'s second input), ``"value"`` (the constant itself) or None (absent).
+    ``_eval_const`` and ``OnnxView``'s ancestors-first walk both follow it."""
+    for v in node.inputs:
+        if v is None:
+            yield v, None
+        elif node.op_type in ("Shape", "Size") and v is node.inputs[0] and v.shape is not None and v.shape.is_static():
+            yield v, "shape"
+        elif node.op_type == "CastLike" and v is node.inputs[1] and v.dtype is not None:
+            yield v, "dtype"
+        else:
+            yield v, "value"
+
+
 def _eval_const(view, value: ir.Value) -> np.ndarray | None:
     if value.const_value is not None:
         if value.is_graph_input():
             return None  # an initializer overridable by a graph input
         return value.const_value.numpy()
     node = value.producer()
-    if node is None or node.domain not in ("", "ai.onnx") or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
+    if not foldable(node):
         return None
     if node.op_type == "Constant" and "value" in node.attributes:
         return node.attributes["value"].as_tensor().numpy()
-    if node.op_type in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"):
-        return None
     args = []
-    for v in node.inputs:
-        if v is None:
+    for v, how in read_inputs(node):
+        if how is None:
             args.append(None)
             continue
-        if node.op_type in ("Shape", "Size") and v is node.inputs[0] and v.shape is not None and v.shape.is_static():
+        if how == "shape":
             args.append(np.zeros([int(d) for d in v.shape], dtype=_np_dtype(v.dtype)))
-            continue  # only the (static) shape is read
-        if node.op_type == "CastLike" and v is node.inputs[1] and v.dtype is not None:
+            continue
+        if how == "dtype":
             args.append(np.zeros((), dtype=_np_dtype(v.dtype)))
-            continue  # only the dtype is read
+            continue
         c = view.const_value(v)
         if c is None or c.size > _MAX_CONST_ELEMS:
             return None

@@ -150,15 +150,12 @@ class OnnxView(GraphView):
             self._const_cache[key] = self._eval_const(value)
         return self._const_cache[key]
 
-    _NONDETERMINISTIC = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-                         "Bernoulli")
-
     def _const_ancestors_first(self, value: ir.Value) -> None:
         """Evaluate (and cache) the node outputs ``_eval_const`` would recurse into, ancestors
         first, with an explicit stack: its recursion is then one level deep whatever the
         length of the chain (a 10,000-long Identity chain). The walk visits inputs in the
-        order ``_eval_const`` reads them and stops at the first one that is not a constant,
-        as ``_eval_const`` does: a walk of the whole ancestor cone would fold every constant
+        order ``_eval_const`` reads them (both follow ``onnx_consts.read_inputs``) and stops
+        at the first one that is not a constant, as ``_eval_const`` does: a walk of the whole ancestor cone would fold every constant
         subgraph upstream of an activation (on GPT-2: 1,390 evaluations instead of 298, the
         ``rms`` match 20% slower)."""
         stack = [value]
@@ -179,17 +176,11 @@ class OnnxView(GraphView):
         """The first input of ``v``'s producer that ``_eval_const`` would evaluate and that is
         not cached yet; None when there is none or when an earlier one is not a constant."""
         node = v.producer()
-        if (v.const_value is not None or node is None or node.domain not in ("", "ai.onnx")
-                or node.op_type in ("Constant", *self._NONDETERMINISTIC)
-                or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())):
+        if v.const_value is not None or not onnx_consts.foldable(node) or node.op_type == "Constant":
             return None
-        for i in node.inputs:
-            if i is None:
-                continue
-            if node.op_type in ("Shape", "Size") and i is node.inputs[0] and i.shape is not None and i.shape.is_static():
-                continue  # only the static shape is read
-            if node.op_type == "CastLike" and i is node.inputs[1] and i.dtype is not None:
-                continue  # only the dtype is read
+        for i, how in onnx_consts.read_inputs(node):
+            if how != "value":
+                continue  # absent, or only its static shape / dtype is read
             if i.const_value is not None:
                 if i.is_graph_input():
                     return None  # not a constant: the evaluation stops here
