@@ -178,27 +178,3 @@ def state_module(gm: nn.Module) -> UnmixTnsState:
     if not isinstance(st, UnmixTnsState):
         raise KeyError("the module has no UnMix-TNS state (not rewritten by unmixtns)")
     return st
-
-
-def emit_unmix_fx(gm, bn, name: str, weight, bias, mean, var, eps: float, k: int, spread: float, tau: float,
-                  rho: float):
-    """Replace the ``aten.batch_norm`` node ``bn`` of the GraphModule ``gm`` by a call of the
-    ``unmixtns`` state module (added on first use); returns the new node."""
-    st = getattr(gm, MODULE_NAME, None)
-    if not isinstance(st, UnmixTnsState):
-        st = UnmixTnsState()
-        gm.add_module(MODULE_NAME, st)
-    val = bn.meta.get("val")
-    dtype = val.dtype if val is not None and hasattr(val, "dtype") else torch.float32
-    site = st.add_site(name, weight, bias, mean, var, eps, k, spread, tau, rho, dtype=dtype)
-    g = gm.graph
-    with g.inserting_before(bn):
-        call = g.call_module(MODULE_NAME, (bn.args[0],), {"site": site})
-    call.meta.update({k_: v for k_, v in bn.meta.items() if k_ == "val"})
-    bn.replace_all_uses_with(call)
-    old = [a for a in bn.all_input_nodes if a.op == "get_attr"]
-    g.erase_node(bn)
-    for a in old:
-        if not a.users:
-            g.erase_node(a)
-    return call

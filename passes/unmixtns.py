@@ -56,10 +56,11 @@ import logging
 import numpy as np
 import torch
 
-from backends.ort.tta import MIN_OPSET, emit_unmix, state_names, state_sites
-from backends.tta import emit_unmix_fx, init_components, state_module, unmix_step
+from backends.ort.tta import MIN_OPSET, state_names
+from backends.tta import init_components, state_module, unmix_step
 from passes.alphabn import EXACT_TOL, BnParams, bn_params, folded_sites
 from rewriter.ir.view import Declined, GraphView
+from rewriter.lower import tta as lower_tta
 from rewriter.pass_api import Kind, Pass, Site, register
 from rewriter.run.capture import capture
 
@@ -117,19 +118,9 @@ class UnmixTns(Pass):
             p: BnParams = site.plan
             node = next(n for n in view.nodes() if n.name == site.site and n.op == "batch_norm")
             x = node.inputs[0]
-            if view.ir == "onnx":
-                m0, v0 = init_components(p.mean, p.var, o.k, o.spread)
-                index = state_sites([v.name for v in view.graph.inputs])
-                consts = {"scale": p.gamma, "bias": p.beta, "src_var": p.var,
-                          "params": np.array([p.eps, o.tau, o.rho])}
-                call = emit_unmix(view.model, node.raw[0], consts, m0, v0, index)
-                out, state = call.outputs[0], (call.outputs[1].name, call.outputs[2].name)
-            else:
-                call = emit_unmix_fx(view.gm, node.raw[0], site.site, p.gamma, p.beta, p.mean, p.var, p.eps,
-                                     o.k, o.spread, o.tau, o.rho)
-                out, index, state = call, call.kwargs["site"], None
-            view.invalidate()
-            new = view.node_of(call)
+            new, out, index, state = lower_tta.replace_unmix(
+                view, node, site.site, gamma=p.gamma, beta=p.beta, mean=p.mean, var=p.var, eps=p.eps,
+                k=o.k, spread=o.spread, tau=o.tau, rho=o.rho)
             if new is not None:
                 view.tag(new, self.name, [site.site])
             self.applied.append({"site": site.site, "index": index, "input": x, "output": out, "params": p,

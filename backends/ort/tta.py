@@ -147,48 +147,6 @@ def state_sites(input_names) -> int:
     return max(found) + 1 if found else 0
 
 
-def emit_unmix(model: ir.Model, bn: ir.Node, consts: Mapping[str, np.ndarray], comp_mean: np.ndarray,
-               comp_var: np.ndarray, site: int) -> ir.Node:
-    """Replace the BatchNormalization node ``bn`` of ``model`` by a ``rewriter::UnMixTNS`` call
-    reading the state inputs of ``site`` and writing its state outputs; returns the call.
-    ``consts``: ``Scale``, ``B``, ``SrcVar`` ``[C]`` and ``Params`` ``[3]`` (float32)."""
-    g = model.graph
-    opset = model.opset_imports.get("", 1)
-    key = (DOMAIN, UNMIX_NAME, "")
-    if key not in model.functions:
-        model.functions[key] = unmix_function(opset)
-    model.opset_imports.setdefault(DOMAIN, 1)
-    base = bn.name or bn.outputs[0].name or f"bn{site}"
-    inits = []
-    for k, arr in consts.items():
-        v = ir.Value(name=f"{base}.unmix_{k}", const_value=ir.tensor(np.ascontiguousarray(arr, np.float32),
-                                                                     name=f"{base}.unmix_{k}"))
-        v.shape, v.dtype = ir.Shape(arr.shape), ir.DataType.FLOAT
-        g.register_initializer(v)
-        inits.append(v)
-    m_in, v_in, m_out, v_out = state_names(site)
-    kc = list(comp_mean.shape)
-    state_in = []
-    for name, arr in ((m_in, comp_mean), (v_in, comp_var)):
-        v = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(kc))
-        v.const_value = ir.tensor(np.ascontiguousarray(arr, np.float32), name=name)
-        g.inputs.append(v)
-        g.register_initializer(v)
-        state_in.append(v)
-    x, out = bn.inputs[0], bn.outputs[0]
-    call = ir.Node(DOMAIN, UNMIX_NAME, [x, *inits[:3], *state_in, inits[3]], num_outputs=3,
-                   name=f"{base}_unmixtns")
-    y, mo, vo = call.outputs
-    y.name, y.type, y.shape = f"{base}_unmixtns_out", out.type, out.shape
-    for v, name in ((mo, m_out), (vo, v_out)):
-        v.name, v.type, v.shape = name, ir.TensorType(ir.DataType.FLOAT), ir.Shape(kc)
-    g.insert_before(bn, [call])
-    ir.convenience.replace_all_uses_with(out, y)
-    g.remove(bn, safe=True)
-    g.outputs.extend([mo, vo])
-    return call
-
-
 class UnmixRunner:
     """Run an UnMix-TNS-rewritten ONNX model over a stream, carrying the components from
     each call's outputs to the next call's inputs."""
