@@ -27,6 +27,8 @@ import functools
 
 import torch
 
+from backends import shiftadd_lut
+
 WORD = 32
 MAX_TOKENS = 1  # larger batches: dequantize in chunks + matmul (compiled at 8 tokens: 20x slower)
 
@@ -99,8 +101,12 @@ def _compiled_chunked():
 
 def packed_linear(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, block_cols: int,
                   group_rows: int) -> torch.Tensor:
-    """The compiled kernel (one compilation per shape and block layout) for ``M <=
-    MAX_TOKENS``, ``chunked_linear`` (compiled: each chunk's decode one fused loop) above it."""
+    """The lookup-table kernel (``backends/shiftadd_lut.py``) where the CPU has it and the
+    batch is at most its ``MAX_TOKENS``; else the compiled kernel (one compilation per shape
+    and block layout) for ``M <= MAX_TOKENS``, ``chunked_linear`` (compiled: each chunk's
+    decode one fused loop) above it."""
+    if shiftadd_lut.supports(x, planes, alpha, block_cols, group_rows):
+        return shiftadd_lut.lut_linear(x, planes, alpha, block_cols, group_rows)
     if x.shape[0] > MAX_TOKENS:
         return _compiled_chunked()(x, planes, alpha, block_cols, group_rows)
     return _compiled()(x, planes, alpha, block_cols, group_rows)
