@@ -99,14 +99,20 @@ def _compiled_chunked():
     return torch.compile(chunked_linear, dynamic=False)
 
 
-def packed_linear(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, block_cols: int,
-                  group_rows: int) -> torch.Tensor:
-    """The lookup-table kernel (``backends/shiftadd_lut.py``) where the CPU has it and the
-    batch is at most its ``MAX_TOKENS``; else the compiled kernel (one compilation per shape
-    and block layout) for ``M <= MAX_TOKENS``, ``chunked_linear`` (compiled: each chunk's
-    decode one fused loop) above it."""
-    if shiftadd_lut.supports(x, planes, alpha, block_cols, group_rows):
-        return shiftadd_lut.lut_linear(x, planes, alpha, block_cols, group_rows)
+def compiled_linear(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, block_cols: int,
+                    group_rows: int) -> torch.Tensor:
+    """The torch-ops kernels: compiled (one compilation per shape and block layout) for ``M
+    <= MAX_TOKENS``, ``chunked_linear`` (compiled: each chunk's decode one fused loop) above
+    it."""
     if x.shape[0] > MAX_TOKENS:
         return _compiled_chunked()(x, planes, alpha, block_cols, group_rows)
     return _compiled()(x, planes, alpha, block_cols, group_rows)
+
+
+def packed_linear(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, block_cols: int,
+                  group_rows: int) -> torch.Tensor:
+    """The lookup-table kernel (``backends/shiftadd_lut.py``) where the CPU has it and the
+    batch is at most its ``MAX_TOKENS``; else ``compiled_linear``."""
+    if shiftadd_lut.supports(x, planes, alpha, block_cols, group_rows):
+        return shiftadd_lut.lut_linear(x, planes, alpha, block_cols, group_rows)
+    return compiled_linear(x, planes, alpha, block_cols, group_rows)
