@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "shiftadd_lut.c"
 COMPILER = shutil.which("gcc") or "/usr/bin/gcc"
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-pthread", "-shared", "-fPIC")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 MAX_TOKENS = 8  # crossover against F.linear: 16-24 tokens at 1 thread on the loaded machine, ~10 quiet
 

@@ -15,11 +15,11 @@
  * (16 rows per instruction); the scale is one fma per block.
  *
  * Columns at or beyond K read x = 0 (tables padded), so the planes' padding bits add 0.
- * Threads: OpenMP over contiguous ranges of row blocks (RV * 16 rows).  Loaded after torch,
- * the library binds to the libgomp torch already holds (same soname), so the kernel runs on
- * torch's own thread pool: no second runtime spinning beside it, no thread start per call.
+ * Threads: a small pool of its own (below) over chunks of RV * 16 rows.
  */
 #include <immintrin.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -156,6 +156,87 @@ static void run_job(const job_t *j) {
     }
 }
 
+/* The thread pool.  A call publishes its job under a new generation; the caller and up to
+ * nthreads - 1 workers claim chunks of row blocks with a compare-and-swap on (generation,
+ * next chunk), and the caller waits only for the chunks some worker has claimed.  A worker
+ * that is not scheduled in time (a busy core) claims nothing and the caller does its share:
+ * correctness never depends on the workers (nor does it after a fork, which has none). */
+#define MAX_WORKERS 15
+
+static pthread_mutex_t call_mu = PTHREAD_MUTEX_INITIALIZER; /* one pooled call at a time */
+static pthread_mutex_t wake_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake_cv = PTHREAD_COND_INITIALIZER;
+static int n_workers = 0;
+static job_t pool_job;
+static int pool_chunks, pool_nrb, pool_threads;
+static _Atomic uint32_t pool_gen = 0;
+static _Atomic uint64_t pool_next = 0; /* generation << 32 | next chunk */
+static _Atomic int pool_done = 0;
+
+static void claim_chunks(uint32_t gen, const job_t *tmpl, int nchunks, int nrb) {
+    for (;;) {
+        uint64_t s = atomic_load(&pool_next);
+        if ((uint32_t)(s >> 32) != gen || (int)(uint32_t)s >= nchunks) return;
+        if (!atomic_compare_exchange_weak(&pool_next, &s, s + 1)) continue;
+        const int c = (int)(uint32_t)s;
+        job_t j = *tmpl;
+        j.rb0 = (int)((long)nrb * c / nchunks);
+        j.rb1 = (int)((long)nrb * (c + 1) / nchunks);
+        run_job(&j);
+        atomic_fetch_add(&pool_done, 1);
+    }
+}
+
+static void *worker_main(void *arg) {
+    const int index = (int)(intptr_t)arg;
+    uint32_t seen = atomic_load(&pool_gen);
+    for (;;) {
+        uint32_t gen = atomic_load(&pool_gen);
+        for (int spin = 0; gen == seen && spin < 20000; spin++) { /* tens of microseconds */
+            _mm_pause();
+            gen = atomic_load(&pool_gen);
+        }
+        if (gen == seen) {
+            pthread_mutex_lock(&wake_mu);
+            while ((gen = atomic_load(&pool_gen)) == seen) pthread_cond_wait(&wake_cv, &wake_mu);
+            pthread_mutex_unlock(&wake_mu);
+        }
+        seen = gen;
+        /* the job of generation gen: valid if a claim under gen succeeds (the caller does
+         * not rewrite it before every chunk of gen is done) */
+        const job_t tmpl = pool_job;
+        const int nchunks = pool_chunks, nrb = pool_nrb, threads = pool_threads;
+        if (index < threads - 1) claim_chunks(gen, &tmpl, nchunks, nrb);
+    }
+    return NULL;
+}
+
+static void run_pooled(const job_t *j, int nthreads, int nchunks) {
+    while (n_workers < nthreads - 1) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int ok = pthread_create(&t, &attr, worker_main, (void *)(intptr_t)n_workers) == 0;
+        pthread_attr_destroy(&attr);
+        if (!ok) break;
+        n_workers++;
+    }
+    const uint32_t gen = atomic_load(&pool_gen) + 1;
+    pool_job = *j;
+    pool_chunks = nchunks;
+    pool_nrb = j->rb1;
+    pool_threads = nthreads;
+    atomic_store(&pool_done, 0);
+    atomic_store(&pool_next, (uint64_t)gen << 32);
+    pthread_mutex_lock(&wake_mu);
+    atomic_store(&pool_gen, gen);
+    pthread_cond_broadcast(&wake_cv);
+    pthread_mutex_unlock(&wake_mu);
+    claim_chunks(gen, j, nchunks, j->rb1);
+    while (atomic_load(&pool_done) < nchunks) _mm_pause();
+}
+
 /* Tables of signed sums for each token and nibble: tables[m, g, j]. */
 static void build_tables(const float *x, int m, int k, int ng4, float *tables) {
     /* lane j of sgn_i: +1 if bit i of j is set, else -1 */
@@ -192,12 +273,13 @@ int shiftadd_lut_linear(const float *x, int m, int k, const int32_t *planes, int
     build_tables(x, m, k, ng4, tables);
     const int nrb = (n + ROWS - 1) / ROWS;
     if (nthreads < 1) nthreads = 1;
-    if (nthreads > nrb) nthreads = nrb;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int t = 0; t < nthreads; t++) {
-        job_t j = {tables, m, ng4, planes, q, kw, n, alpha, kb, ngr, block_cols / 4, group_rows, y,
-                   (int)((long)nrb * t / nthreads), (int)((long)nrb * (t + 1) / nthreads)};
-        run_job(&j);
+    if (nthreads > MAX_WORKERS + 1) nthreads = MAX_WORKERS + 1;
+    job_t j = {tables, m, ng4, planes, q, kw, n, alpha, kb, ngr, block_cols / 4, group_rows, y, 0, nrb};
+    if (nthreads == 1 || nrb == 1 || pthread_mutex_trylock(&call_mu) != 0) {
+        run_job(&j); /* one thread, or another call holds the pool: run here */
+    } else {
+        run_pooled(&j, nthreads, nrb < 8 * nthreads ? nrb : 8 * nthreads);
+        pthread_mutex_unlock(&call_mu);
     }
     free(tables);
     return 0;

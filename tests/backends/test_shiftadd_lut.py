@@ -10,6 +10,7 @@ sum_k sum_c |alpha_k[c, n]| |x_c|``."""
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -182,3 +183,13 @@ def test_broken_compiler_falls_back(fresh_cache, monkeypatch):
     x, planes, exps, signs, bias = _op_case(1)
     assert torch.equal(shiftadd_linear(x, planes, exps, signs, bias, 128, 0),
                        reference(x, planes, exps, signs, bias, 128, 0))
+
+
+@needs_kernel
+def test_concurrent_calls_agree():
+    """Calls from several Python threads at once (ctypes releases the GIL) give the single-thread result."""
+    x, planes, alpha = _case(1, 1000, 512, 3, 64, 1, seed=5)
+    want = shiftadd_lut.lut_linear(x, planes, alpha, 64, 1, threads=1)
+    with ThreadPoolExecutor(4) as ex:
+        outs = list(ex.map(lambda _: shiftadd_lut.lut_linear(x, planes, alpha, 64, 1, threads=2), range(16)))
+    assert all(torch.equal(o, want) for o in outs)
