@@ -1,5 +1,5 @@
-"""A CPU kernel for the packed shift-add linear that reads the bit planes in the reduction
-(no dense copy of the weight), written in torch ops and compiled by Inductor (C++).
+"""CPU kernels for the packed shift-add linear that read the bit planes in the reduction
+(no dense copy of the weight).
 
 Format: the torch op's (``backends/triton/shiftadd.py``): planes int32 ``[q, ceil(K/32), N]``
 (bit ``t`` of word ``w`` is column ``32 w + t``; 1 means ``+1``), ``alpha`` float32
@@ -9,16 +9,22 @@ With ``P[m, k, b, n] = sum_{c in block b} x[m, c] bit_k[c, n]`` and
 
     y[m, n] = sum_k sum_b alpha[k, b, n // G] (2 P[m, k, b, n] - S[m, b])
 
-so the weight is touched as bits (``q / 8`` bytes per weight) and the only float work per
-weight and plane is one masked add; the scales come in once per block. ``packed_linear``
-compiles that (``torch.compile``, static shapes) for single-token calls (``M <=
-MAX_TOKENS``); larger batches are compute-bound and run the chunked dequantize + matmul
-of the reference. ``packed_linear_eager`` is the same arithmetic without compilation (tests).
+so the weight is touched as bits (``q / 8`` bytes per weight); the scales come in once per
+block. ``packed_linear`` runs, in this order of preference:
 
-Measured (``benchmarks/shiftadd_layer_bench.py``, README "Memory at run time"): the
-masked-add formulation is the one Inductor vectorizes; a lookup-table formulation (T-MAC:
-tables of the 16 signed sums of each 4 activations, indexed by 4 packed bits) compiles to
-scalar indirect loads and runs about 8x slower than ``F.linear``.
+* the lookup-table kernel of ``backends/shiftadd_lut.py`` (C with AVX-512, compiled on
+  first use) for ``M <= shiftadd_lut.MAX_TOKENS`` where the CPU and a compiler allow it:
+  per token and 4 input columns a table of the 16 signed sums ``2 P - S``, indexed by 4
+  bits of a plane, 16 output rows per ``vpermps``;
+* ``compiled_linear``: the same arithmetic written in torch ops (``packed_linear_eager``,
+  one masked add per weight and plane) compiled by Inductor for single tokens
+  (``MAX_TOKENS``), the chunked dequantize + matmul above.
+
+Measured (``benchmarks/shiftadd_layer_bench.py``, README "Memory at run time"), 4096 x
+4096 at batch 1: the lookup-table kernel 2.5-5x faster than ``F.linear`` with no dense
+weight (call peak RSS about 0); the Inductor masked sum about ``F.linear``'s time; the
+lookup-table formulation written in torch ops compiles to scalar indirect loads and runs
+about 8x slower than ``F.linear``.
 """
 
 from __future__ import annotations

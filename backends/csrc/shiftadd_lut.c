@@ -10,13 +10,18 @@
  * sums T[j] = sum_{i<4} (bit i of j ? +x : -x)[4 g + i], so the inner sum of a block is a
  * sum of table entries indexed by the weight's own bits.  With N last in the planes, one
  * 512-bit load brings the words of 16 consecutive output rows; vpermps (which reads only
- * the low 4 bits of each index lane) looks up 16 rows' entries at once, and a shift by 4
- * moves to the next nibble.  Per 4 weights of a plane: one lookup, one add and one shift
+ * the low 4 bits of each index lane) looks up 16 rows' entries at once, and shifts by 4 h
+ * give the other nibbles.  Per 4 weights of a plane: one lookup, one add and one shift
  * (16 rows per instruction); the scale is one fma per block.
  *
- * Columns at or beyond K read x = 0 (tables padded), so the planes' padding bits add 0.
- * Threads: a small pool of its own (below) over chunks of RV * 16 rows.
- */
+ * Order: plane, word, then the rows: the planes are read once, in their memory order
+ * (sequential streams the hardware prefetches; a row-block order that walks K for 64 rows
+ * at a time jumps N * 4 bytes every 256 bytes and ran 1.6-3x slower), the 8 tables of the
+ * current word stay in registers (one token) or L1, and a block's partial sum that spans
+ * words waits in a [M, N] buffer.  Columns at or past K read x = 0 (tables padded to whole
+ * words), so the planes' padding bits add 0.
+ *
+ * Threads: a small pool of its own (below) over chunks of 16-row vectors. */
 #include <immintrin.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -24,20 +29,16 @@
 #include <stdlib.h>
 #include <string.h>
 
-#ifndef RV
-#define RV 4 /* 16-row vectors per row block */
-#endif
-#define ROWS (RV * 16)
-
 typedef struct {
-    const float *tables;   /* [M, ng4, 16] */
-    int m, ng4;
+    const float *tables;   /* [M, 8 Kw, 16]: one table per nibble of every word (zero past K) */
+    int m;
     const int32_t *planes;
     int q, kw, n;
     const float *alpha;
     int kb, ngr, npb, group;
-    float *y;
-    int rb0, rb1; /* row blocks [rb0, rb1) */
+    float *acc;            /* [M, N]: a scale block's partial sum carried between words */
+    float *y;              /* [M, N], zeroed: the output, accumulated over blocks and planes */
+    int rb0, rb1;          /* 16-row vectors [rb0, rb1) */
 } job_t;
 
 static inline __attribute__((always_inline)) __m512 scale(const float *a, int n0, int group, int amode,
@@ -47,113 +48,83 @@ static inline __attribute__((always_inline)) __m512 scale(const float *a, int n0
     return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), msk, gidx, a, 4);
 }
 
-/* One row block of ROWS output rows starting at n0, all tokens. npb: nibbles per scale
- * block; amode 0: one scale per row, 1: one per 16 rows or more (group % 16 == 0),
- * 2: other group sizes (gather). Both constant after inlining. */
-static inline __attribute__((always_inline)) void row_block(const job_t *j, int n0, int npb, int amode) {
-    __mmask16 msk[RV];
-    __m512i gidx[RV];
-    for (int r = 0; r < RV; r++) {
-        int left = j->n - (n0 + 16 * r);
-        msk[r] = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+/* One word w of plane k for the rows of vectors [v0, v1), every token.  fm: bit h set where
+ * nibble h closes a scale block (then one fma into y); la: the word's first block began in
+ * an earlier word (its partial sum is read from acc); sa: the last block stays open (its
+ * partial sum is written to acc).  amode 0: a scale per row, 1: per 16 rows or more,
+ * 2: other groups (gathered).  All constant after inlining at the common call sites. */
+static inline __attribute__((always_inline)) void word_pass(const job_t *j, int k, int w, int v0, int v1,
+                                                            const int fm, const int la, const int sa,
+                                                            const int amode, const int npb, const int m1) {
+    const int n = j->n;
+    const int32_t *p = j->planes + ((size_t)k * j->kw + w) * n;
+    const float *ak = j->alpha + (size_t)k * j->kb * j->ngr;
+    const int g0 = 8 * w;
+    __m512 t1[8];
+    if (m1)
+        for (int h = 0; h < 8; h++) t1[h] = _mm512_loadu_ps(j->tables + (size_t)(g0 + h) * 16);
+    for (int v = v0; v < v1; v++) {
+        const int n0 = 16 * v;
+        const int left = n - n0;
+        const __mmask16 msk = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        __m512i idx[8];
+        idx[0] = _mm512_maskz_loadu_epi32(msk, p + n0);
+        for (int h = 1; h < 8; h++) idx[h] = _mm512_srli_epi32(idx[0], 4 * h);
+        __m512i gidx = _mm512_setzero_si512();
         if (amode == 2) {
-            __m512i lane = _mm512_add_epi32(_mm512_set1_epi32(n0 + 16 * r),
-                                            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
             int32_t tmp[16];
-            _mm512_storeu_si512(tmp, lane);
-            for (int i = 0; i < 16; i++) tmp[i] = tmp[i] < j->n ? tmp[i] / j->group : 0;
-            gidx[r] = _mm512_loadu_si512(tmp);
-        } else {
-            gidx[r] = _mm512_setzero_si512();
+            for (int i = 0; i < 16; i++) tmp[i] = n0 + i < n ? (n0 + i) / j->group : 0;
+            gidx = _mm512_loadu_si512(tmp);
         }
-    }
-    const int ng4 = j->ng4, n = j->n, kw = j->kw;
-    const int full = ng4 / 8; /* words whose 8 nibbles are all inside K */
-    for (int m = 0; m < j->m; m++) {
-        const float *tab = j->tables + (size_t)m * ng4 * 16;
-        __m512 out[RV];
-        for (int r = 0; r < RV; r++) out[r] = _mm512_setzero_ps();
-        for (int k = 0; k < j->q; k++) {
-            const int32_t *p = j->planes + (size_t)k * kw * n + n0;
-            const float *ak = j->alpha + (size_t)k * j->kb * j->ngr;
-            __m512 acc[RV];
-            for (int r = 0; r < RV; r++) acc[r] = _mm512_setzero_ps();
-            for (int w = 0; w < full; w++) {
-                __m512i wv[RV];
-                for (int r = 0; r < RV; r++) wv[r] = _mm512_maskz_loadu_epi32(msk[r], p + (size_t)w * n + 16 * r);
-#pragma GCC unroll 8
-                for (int h = 0; h < 8; h++) {
-                    const __m512 t = _mm512_loadu_ps(tab + (size_t)(8 * w + h) * 16);
-                    for (int r = 0; r < RV; r++) {
-                        acc[r] = _mm512_add_ps(acc[r], _mm512_permutexvar_ps(wv[r], t));
-                        wv[r] = _mm512_srli_epi32(wv[r], 4);
-                    }
-                    const int g = 8 * w + h;
-                    if ((g + 1) % npb == 0) {
-                        const float *a = ak + (size_t)(g / npb) * j->ngr;
-                        for (int r = 0; r < RV; r++) {
-                            out[r] = _mm512_fmadd_ps(scale(a, n0 + 16 * r, j->group, amode, msk[r], gidx[r]),
-                                                     acc[r], out[r]);
-                            acc[r] = _mm512_setzero_ps();
-                        }
-                    }
+        for (int m = 0; m < (m1 ? 1 : j->m); m++) {
+            const float *tab = j->tables + ((size_t)m * j->kw * 8 + g0) * 16;
+            float *accp = j->acc + (size_t)m * n + n0;
+            float *yp = j->y + (size_t)m * n + n0;
+            __m512 a = la ? _mm512_maskz_loadu_ps(msk, accp) : _mm512_setzero_ps();
+            __m512 o = fm ? _mm512_maskz_loadu_ps(msk, yp) : _mm512_setzero_ps();
+            for (int h = 0; h < 8; h++) {
+                const __m512 t = m1 ? t1[h] : _mm512_loadu_ps(tab + 16 * h);
+                a = _mm512_add_ps(a, _mm512_permutexvar_ps(idx[h], t));
+                if ((fm >> h) & 1) {
+                    o = _mm512_fmadd_ps(scale(ak + (size_t)((g0 + h) / npb) * j->ngr, n0, j->group, amode, msk, gidx),
+                                        a, o);
+                    a = _mm512_setzero_ps();
                 }
             }
-            /* the last, partial word (K not a multiple of 32) and a partial last block */
-            int pending = 0;
-            if (full < kw && 8 * full < ng4) {
-                __m512i wv[RV];
-                for (int r = 0; r < RV; r++) wv[r] = _mm512_maskz_loadu_epi32(msk[r], p + (size_t)full * n + 16 * r);
-                for (int g = 8 * full; g < ng4; g++) {
-                    const __m512 t = _mm512_loadu_ps(tab + (size_t)g * 16);
-                    for (int r = 0; r < RV; r++) {
-                        acc[r] = _mm512_add_ps(acc[r], _mm512_permutexvar_ps(wv[r], t));
-                        wv[r] = _mm512_srli_epi32(wv[r], 4);
-                    }
-                    pending = 1;
-                    if ((g + 1) % npb == 0 || g == ng4 - 1) {
-                        const float *a = ak + (size_t)(g / npb) * j->ngr;
-                        for (int r = 0; r < RV; r++) {
-                            out[r] = _mm512_fmadd_ps(scale(a, n0 + 16 * r, j->group, amode, msk[r], gidx[r]),
-                                                     acc[r], out[r]);
-                            acc[r] = _mm512_setzero_ps();
-                        }
-                        pending = 0;
-                    }
-                }
-            } else if (ng4 % npb != 0) {
-                pending = 1; /* K a multiple of 32 but not of block_cols: the last block is open */
-            }
-            if (pending) {
-                const float *a = ak + (size_t)((ng4 - 1) / npb) * j->ngr;
-                for (int r = 0; r < RV; r++)
-                    out[r] = _mm512_fmadd_ps(scale(a, n0 + 16 * r, j->group, amode, msk[r], gidx[r]), acc[r], out[r]);
-            }
+            if (fm) _mm512_mask_storeu_ps(yp, msk, o);
+            if (sa) _mm512_mask_storeu_ps(accp, msk, a);
         }
-        for (int r = 0; r < RV; r++) _mm512_mask_storeu_ps(j->y + (size_t)m * n + n0 + 16 * r, msk[r], out[r]);
     }
 }
 
-#define RUN(NPB, AM) for (int b = j->rb0; b < j->rb1; b++) row_block(j, b * ROWS, NPB, AM)
+#define PASS(FM, LA, SA, AM, NPB, M1) word_pass(j, k, w, j->rb0, j->rb1, FM, LA, SA, AM, NPB, M1)
+
+static inline __attribute__((always_inline)) void run_words(const job_t *j, const int amode, const int m1) {
+    const int npb = j->npb, last = 8 * j->kw - 1;
+    for (int k = 0; k < j->q; k++) {
+        for (int w = 0; w < j->kw; w++) {
+            int fm = 0;
+            for (int h = 0; h < 8; h++) {
+                const int g = 8 * w + h, b = g / npb;
+                if (b < j->kb && ((g + 1) % npb == 0 || g == last)) fm |= 1 << h;
+            }
+            const int la = (8 * w) % npb != 0;
+            const int sa = !((fm >> 7) & 1);
+            if (npb == 2 && fm == 0xAA && !la && !sa) PASS(0xAA, 0, 0, amode, 2, m1);
+            else if (npb == 16 && fm == 0x80 && la && !sa) PASS(0x80, 1, 0, amode, 16, m1);
+            else if (npb == 16 && fm == 0 && !la && sa) PASS(0, 0, 1, amode, 16, m1);
+            else if (npb == 8 && fm == 0x80 && !la && !sa) PASS(0x80, 0, 0, amode, 8, m1);
+            else PASS(fm, la, sa, amode, npb, m1);
+        }
+    }
+}
 
 static void run_job(const job_t *j) {
     const int am = j->group == 1 ? 0 : (j->group % 16 == 0 ? 1 : 2);
-    switch (j->npb * 3 + am) {
-    case 2 * 3 + 0: RUN(2, 0); break;
-    case 2 * 3 + 1: RUN(2, 1); break;
-    case 2 * 3 + 2: RUN(2, 2); break;
-    case 16 * 3 + 0: RUN(16, 0); break;
-    case 16 * 3 + 1: RUN(16, 1); break;
-    case 16 * 3 + 2: RUN(16, 2); break;
-    case 8 * 3 + 0: RUN(8, 0); break;
-    case 8 * 3 + 1: RUN(8, 1); break;
-    case 32 * 3 + 0: RUN(32, 0); break;
-    case 32 * 3 + 1: RUN(32, 1); break;
-    default: {
-        const int npb = j->npb;
-        if (am == 0) RUN(npb, 0); else if (am == 1) RUN(npb, 1); else RUN(npb, 2);
-    }
-    }
+    const int m1 = j->m == 1;
+    if (am == 0) { if (m1) run_words(j, 0, 1); else run_words(j, 0, 0); }
+    else if (am == 1) { if (m1) run_words(j, 1, 1); else run_words(j, 1, 0); }
+    else { if (m1) run_words(j, 2, 1); else run_words(j, 2, 0); }
 }
 
 /* The thread pool.  A call publishes its job under a new generation; the caller and up to
@@ -239,6 +210,7 @@ static void run_pooled(const job_t *j, int nthreads, int nchunks) {
 
 /* Tables of signed sums for each token and nibble: tables[m, g, j]. */
 static void build_tables(const float *x, int m, int k, int ng4, float *tables) {
+    /* ng4 here: 8 Kw, every nibble of every word (columns at or past K read 0) */
     /* lane j of sgn_i: +1 if bit i of j is set, else -1 */
     __m512 sgn[4];
     for (int i = 0; i < 4; i++) {
@@ -267,18 +239,22 @@ int shiftadd_lut_linear(const float *x, int m, int k, const int32_t *planes, int
                         int nthreads) {
     if (m < 1 || k < 1 || q < 1 || n < 1 || block_cols < 4 || block_cols % 4 || group_rows < 1) return -1;
     if (kw * 32 < k || (long)kb * block_cols < k || (long)ngr * group_rows < n) return -1;
-    const int ng4 = (k + 3) / 4;
-    float *tables = aligned_alloc(64, ((size_t)m * ng4 * 16 * sizeof(float) + 63) / 64 * 64);
+    const int ng4 = 8 * kw;
+    const size_t tbytes = ((size_t)m * ng4 * 16 * sizeof(float) + 63) / 64 * 64;
+    const size_t abytes = ((size_t)m * n * sizeof(float) + 63) / 64 * 64;
+    float *tables = aligned_alloc(64, tbytes + abytes);
     if (!tables) return -1;
+    float *acc = tables + tbytes / sizeof(float);
     build_tables(x, m, k, ng4, tables);
-    const int nrb = (n + ROWS - 1) / ROWS;
+    memset(y, 0, (size_t)m * n * sizeof(float));
+    const int nrb = (n + 15) / 16;
     if (nthreads < 1) nthreads = 1;
     if (nthreads > MAX_WORKERS + 1) nthreads = MAX_WORKERS + 1;
-    job_t j = {tables, m, ng4, planes, q, kw, n, alpha, kb, ngr, block_cols / 4, group_rows, y, 0, nrb};
+    job_t j = {tables, m, planes, q, kw, n, alpha, kb, ngr, block_cols / 4, group_rows, acc, y, 0, nrb};
     if (nthreads == 1 || nrb == 1 || pthread_mutex_trylock(&call_mu) != 0) {
         run_job(&j); /* one thread, or another call holds the pool: run here */
     } else {
-        run_pooled(&j, nthreads, nrb < 8 * nthreads ? nrb : 8 * nthreads);
+        run_pooled(&j, nthreads, nrb < 4 * nthreads ? nrb : 4 * nthreads);
         pthread_mutex_unlock(&call_mu);
     }
     free(tables);

@@ -68,6 +68,8 @@ def _bound(mag, k, q, block):
     (3, 64, 72, 4, 8, 16),  # 16-row groups
     (4, 50, 100, 3, 8, 3),  # groups neither 1 nor a multiple of 16 (gathered scales)
     (1, 33, 4, 2, 4, 1),  # a single nibble
+    (2, 40, 96, 2, 32, 1),  # one block per word
+    (1, 20, 50, 2, 12, 1),  # blocks that straddle words at varying nibbles
 ])
 def test_lut_equals_reference_decode(m, n, k, q, block, group, threads):
     """The LUT kernel equals x @ dequantize(W)^T within the float32 rounding of its sum chain."""
