@@ -133,6 +133,9 @@ static void run_job(const job_t *j) {
  * that is not scheduled in time (a busy core) claims nothing and the caller does its share:
  * correctness never depends on the workers (nor does it after a fork, which has none). */
 #define MAX_WORKERS 15
+#ifndef CHUNKS_PER_THREAD
+#define CHUNKS_PER_THREAD 4 /* row chunks per thread: balance against a late worker */
+#endif
 
 static pthread_mutex_t call_mu = PTHREAD_MUTEX_INITIALIZER; /* one pooled call at a time */
 static pthread_mutex_t wake_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -254,7 +257,7 @@ int shiftadd_lut_linear(const float *x, int m, int k, const int32_t *planes, int
     if (nthreads == 1 || nrb == 1 || pthread_mutex_trylock(&call_mu) != 0) {
         run_job(&j); /* one thread, or another call holds the pool: run here */
     } else {
-        run_pooled(&j, nthreads, nrb < 4 * nthreads ? nrb : 4 * nthreads);
+        run_pooled(&j, nthreads, nrb < CHUNKS_PER_THREAD * nthreads ? nrb : CHUNKS_PER_THREAD * nthreads);
         pthread_mutex_unlock(&call_mu);
     }
     free(tables);
