@@ -7,9 +7,9 @@ rows per instruction (``vpermps``); the weight is read as its bits and never dec
 float. The result equals ``x @ dequantize(W)^T`` to float32 rounding (tables of 4 terms,
 one sum per scale block, one ``fma`` per block and plane).
 
-Built with ``COMPILER`` (``gcc``) and ``FLAGS`` into ``cache_dir()`` (``$REWRITER_CACHE``
-or ``~/.cache/rewriter/kernels``) under a name keyed by the hash of the source, the flags
-and the compiler path, written to a temporary name and renamed, so concurrent processes
+Built with ``COMPILER`` (``gcc``) and ``FLAGS`` into ``cache_dir()`` (``$REWRITER_CACHE/kernels``,
+by default ``~/.cache/rewriter/kernels``) under a name keyed by the hash of the source, the
+flags and the compiler path, written to a temporary name and renamed, so concurrent processes
 never load a half-written library; a later process loads the cached file. Available only
 on x86 with AVX-512 (``avx512f``, ``avx512bw``, ``avx512vl`` in ``/proc/cpuinfo``) and a
 working compiler; otherwise ``library()`` is None (logged once at debug level) and the

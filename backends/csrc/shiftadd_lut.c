@@ -41,10 +41,10 @@ typedef struct {
     int rb0, rb1;          /* 16-row vectors [rb0, rb1) */
 } job_t;
 
-static inline __attribute__((always_inline)) __m512 scale(const float *a, int n0, int group, int amode,
+static inline __attribute__((always_inline)) __m512 scale(const float *a, int n0, int gi, int amode,
                                                           __mmask16 msk, __m512i gidx) {
     if (amode == 0) return _mm512_maskz_loadu_ps(msk, a + n0);
-    if (amode == 1) return _mm512_set1_ps(a[n0 / group]);
+    if (amode == 1) return _mm512_set1_ps(a[gi]); /* gi = n0 / group, kept by the caller */
     return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), msk, gidx, a, 4);
 }
 
@@ -63,9 +63,14 @@ static inline __attribute__((always_inline)) void word_pass(const job_t *j, int 
     __m512 t1[8];
     if (m1)
         for (int h = 0; h < 8; h++) t1[h] = _mm512_loadu_ps(j->tables + (size_t)(g0 + h) * 16);
-    for (int v = v0; v < v1; v++) {
+    int gi = amode == 1 ? 16 * v0 / j->group : 0, in_group = amode == 1 ? j->group - 16 * v0 % j->group : 0;
+    for (int v = v0; v < v1; v++, in_group -= 16) {
         const int n0 = 16 * v;
         const int left = n - n0;
+        if (amode == 1 && in_group == 0) {
+            gi++;
+            in_group = j->group;
+        }
         const __mmask16 msk = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
         __m512i idx[8];
         idx[0] = _mm512_maskz_loadu_epi32(msk, p + n0);
@@ -86,7 +91,7 @@ static inline __attribute__((always_inline)) void word_pass(const job_t *j, int 
                 const __m512 t = m1 ? t1[h] : _mm512_loadu_ps(tab + 16 * h);
                 a = _mm512_add_ps(a, _mm512_permutexvar_ps(idx[h], t));
                 if ((fm >> h) & 1) {
-                    o = _mm512_fmadd_ps(scale(ak + (size_t)((g0 + h) / npb) * j->ngr, n0, j->group, amode, msk, gidx),
+                    o = _mm512_fmadd_ps(scale(ak + (size_t)((g0 + h) / npb) * j->ngr, n0, gi, amode, msk, gidx),
                                         a, o);
                     a = _mm512_setzero_ps();
                 }
@@ -133,6 +138,9 @@ static void run_job(const job_t *j) {
  * that is not scheduled in time (a busy core) claims nothing and the caller does its share:
  * correctness never depends on the workers (nor does it after a fork, which has none). */
 #define MAX_WORKERS 15
+#ifndef SPIN
+#define SPIN 2000 /* pauses a worker polls for the next call before it sleeps */
+#endif
 #ifndef CHUNKS_PER_THREAD
 #define CHUNKS_PER_THREAD 4 /* row chunks per thread: balance against a late worker */
 #endif
@@ -166,7 +174,7 @@ static void *worker_main(void *arg) {
     uint32_t seen = atomic_load(&pool_gen);
     for (;;) {
         uint32_t gen = atomic_load(&pool_gen);
-        for (int spin = 0; gen == seen && spin < 20000; spin++) { /* tens of microseconds */
+        for (int spin = 0; gen == seen && spin < SPIN; spin++) {
             _mm_pause();
             gen = atomic_load(&pool_gen);
         }
