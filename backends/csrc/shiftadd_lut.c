@@ -193,7 +193,21 @@ static void *worker_main(void *arg) {
     return NULL;
 }
 
+/* A forked child has no workers and may have inherited a lock held by one: start afresh. */
+static void pool_after_fork_child(void) {
+    pthread_mutex_t fresh_mu = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t fresh_cv = PTHREAD_COND_INITIALIZER;
+    call_mu = fresh_mu;
+    wake_mu = fresh_mu;
+    wake_cv = fresh_cv;
+    n_workers = 0;
+}
+
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+static void register_atfork(void) { pthread_atfork(NULL, NULL, pool_after_fork_child); }
+
 static void run_pooled(const job_t *j, int nthreads, int nchunks) {
+    pthread_once(&atfork_once, register_atfork);
     while (n_workers < nthreads - 1) {
         pthread_t t;
         pthread_attr_t attr;

@@ -9,6 +9,7 @@ sum_k sum_c |alpha_k[c, n]| |x_c|``."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
@@ -195,3 +196,16 @@ def test_concurrent_calls_agree():
     with ThreadPoolExecutor(4) as ex:
         outs = list(ex.map(lambda _: shiftadd_lut.lut_linear(x, planes, alpha, 64, 1, threads=2), range(16)))
     assert all(torch.equal(o, want) for o in outs)
+
+
+@needs_kernel
+def test_forked_child_runs_pooled_calls():
+    """After a 2-thread call, a forked child (no pool workers) still runs 2-thread calls and gets the same result."""
+    x, planes, alpha = _case(1, 1000, 256, 3, 64, 1, seed=6)
+    want = shiftadd_lut.lut_linear(x, planes, alpha, 64, 1, threads=2)
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only if the results agree
+        ok = all(torch.equal(shiftadd_lut.lut_linear(x, planes, alpha, 64, 1, threads=2), want) for _ in range(3))
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
