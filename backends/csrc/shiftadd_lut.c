@@ -73,6 +73,11 @@ static inline __attribute__((always_inline)) void word_pass(const job_t *j, int 
         }
         const __mmask16 msk = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
         __m512i idx[8];
+        /* ask for the same rows one word on (this chunk's next piece of the planes) and the
+         * next block's scales: the hardware prefetcher stops at page ends and does not know
+         * the chunk's stride; into L2, the distance being a whole row of the chunk */
+        _mm_prefetch((const char *)(p + n + n0), _MM_HINT_T1);
+        if (fm && amode == 0) _mm_prefetch((const char *)(ak + (size_t)((g0 + 7) / npb + 1) * j->ngr + n0), _MM_HINT_T1);
         idx[0] = _mm512_maskz_loadu_epi32(msk, p + n0);
         for (int h = 1; h < 8; h++) idx[h] = _mm512_srli_epi32(idx[0], 4 * h);
         __m512i gidx = _mm512_setzero_si512();
