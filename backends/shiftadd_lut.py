@@ -102,6 +102,8 @@ def _load():
     fn.restype = ctypes.c_int
     i, p = ctypes.c_int, ctypes.c_void_p
     fn.argtypes = [p, i, i, p, i, i, i, p, i, i, i, i, p, i]
+    lib.shiftadd_alpha.restype = None
+    lib.shiftadd_alpha.argtypes = [p, p, i, ctypes.c_long, p]
     return lib
 
 
@@ -134,6 +136,21 @@ def supports(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, block_c
     return (block_cols >= 4 and block_cols % 4 == 0 and group_rows >= 1 and k >= 1 and kw * 32 >= k
             and alpha.shape[0] == q and alpha.shape[1] * block_cols >= k and alpha.shape[2] * group_rows >= n
             and max(x.numel(), planes.numel(), alpha.numel()) < 2**31 and available())
+
+
+def scales(exps: torch.Tensor, signs: torch.Tensor) -> torch.Tensor | None:
+    """``alpha = sum_t signs_t 2^exps_t`` (float32 ``[qa, Kb, Ng]``) from the op's int8 scale
+    terms ``[T, qa, Kb, Ng]``, in one single-threaded pass (the same bits as
+    ``backends.triton.shiftadd.alpha``, whose few small torch ops cost more than the kernel
+    on a busy machine at 2 threads); None where the library is unavailable."""
+    lib = library()
+    if lib is None or exps.device.type != "cpu" or exps.dim() != 4 or exps.shape != signs.shape:
+        return None
+    e = exps.to(torch.int8).contiguous()
+    s = signs.to(torch.int8).contiguous()
+    out = torch.empty(exps.shape[1:], dtype=torch.float32)
+    lib.shiftadd_alpha(e.data_ptr(), s.data_ptr(), int(exps.shape[0]), int(out.numel()), out.data_ptr())
+    return out
 
 
 def lut_linear(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, block_cols: int,

@@ -290,3 +290,20 @@ int shiftadd_lut_linear(const float *x, int m, int k, const int32_t *planes, int
     free(tables);
     return 0;
 }
+
+/* The scales alpha[i] = sum_t signs[t, i] 2^exps[t, i] (float32, summed in t order; the
+ * power of two built from its exponent bits, as backends/triton/shiftadd.py's _pow2), for
+ * the op's int8 scale terms [T, count]: one pass, no thread team. */
+void shiftadd_alpha(const int8_t *exps, const int8_t *signs, int t, long count, float *out) {
+    for (long i = 0; i < count; i++) {
+        float acc = 0.0f;
+        for (int u = 0; u < t; u++) {
+            const uint32_t bits = (uint32_t)((int32_t)exps[(long)u * count + i] + 127) << 23;
+            float p;
+            memcpy(&p, &bits, sizeof p);
+            const float term = (float)signs[(long)u * count + i] * p;
+            acc = u == 0 ? term : acc + term;
+        }
+        out[i] = acc;
+    }
+}

@@ -126,8 +126,8 @@ def cpu_linear(x: torch.Tensor, planes: torch.Tensor, exps: torch.Tensor, signs:
     if (mode == 0 and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and x.dim() >= 1
             and not torch.compiler.is_compiling()):
         x2 = x.reshape(-1, k)
-        a = alpha(exps, signs)
-        if shiftadd_lut.supports(x2, planes, a, BLOCK_COLS, group_rows):
+        a = shiftadd_lut.scales(exps, signs) if x2.shape[0] <= shiftadd_lut.MAX_TOKENS else None
+        if a is not None and shiftadd_lut.supports(x2, planes, a, BLOCK_COLS, group_rows):
             y = shiftadd_lut.lut_linear(x2, planes, a, BLOCK_COLS, group_rows)
             if bias is not None:
                 y = y + bias.to(torch.float32)

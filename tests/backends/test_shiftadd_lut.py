@@ -209,3 +209,14 @@ def test_forked_child_runs_pooled_calls():
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+@needs_kernel
+def test_scales_equal_alpha():
+    """The C scales equal backends.triton.shiftadd.alpha bit for bit (zero terms, the whole exponent range in use)."""
+    g = torch.Generator().manual_seed(7)
+    exps = torch.randint(-126, 128, (3, 2, 40, 5), dtype=torch.int8, generator=g)
+    signs = torch.randint(-1, 2, (3, 2, 40, 5), dtype=torch.int8, generator=g)
+    got = shiftadd_lut.scales(exps, signs)
+    want = alpha_of(exps, signs)
+    assert got.shape == want.shape and torch.equal(got.view(torch.int32), want.view(torch.int32))
