@@ -155,20 +155,25 @@ static pthread_mutex_t wake_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake_cv = PTHREAD_COND_INITIALIZER;
 static int n_workers = 0;
 static job_t pool_job;
-static int pool_chunks, pool_nrb, pool_threads;
+static int pool_threads;
 static _Atomic uint32_t pool_gen = 0;
-static _Atomic uint64_t pool_next = 0; /* generation << 32 | next chunk */
+static _Atomic uint64_t pool_next = 0; /* generation << 32 | chunks << 16 | next chunk */
 static _Atomic int pool_done = 0;
 
-static void claim_chunks(uint32_t gen, const job_t *tmpl, int nchunks, int nrb) {
+/* Claims chunks of generation gen until none is left.  The chunk count travels in the same
+ * atomic word as the generation and the next chunk, so a late worker can never pair one
+ * call's count with another's counter; the job it copied is the one of gen whenever a claim
+ * under gen succeeds. */
+static void claim_chunks(uint32_t gen, const job_t *tmpl) {
     for (;;) {
         uint64_t s = atomic_load(&pool_next);
-        if ((uint32_t)(s >> 32) != gen || (int)(uint32_t)s >= nchunks) return;
+        const int next = (int)(s & 0xFFFF), nchunks = (int)((s >> 16) & 0xFFFF);
+        if ((uint32_t)(s >> 32) != gen || next >= nchunks) return;
         if (!atomic_compare_exchange_weak(&pool_next, &s, s + 1)) continue;
-        const int c = (int)(uint32_t)s;
         job_t j = *tmpl;
-        j.rb0 = (int)((long)nrb * c / nchunks);
-        j.rb1 = (int)((long)nrb * (c + 1) / nchunks);
+        const int nrb = tmpl->rb1;
+        j.rb0 = (int)((long)nrb * next / nchunks);
+        j.rb1 = (int)((long)nrb * (next + 1) / nchunks);
         run_job(&j);
         atomic_fetch_add(&pool_done, 1);
     }
@@ -192,8 +197,8 @@ static void *worker_main(void *arg) {
         /* the job of generation gen: valid if a claim under gen succeeds (the caller does
          * not rewrite it before every chunk of gen is done) */
         const job_t tmpl = pool_job;
-        const int nchunks = pool_chunks, nrb = pool_nrb, threads = pool_threads;
-        if (index < threads - 1) claim_chunks(gen, &tmpl, nchunks, nrb);
+        const int threads = pool_threads;
+        if (index < threads - 1) claim_chunks(gen, &tmpl);
     }
     return NULL;
 }
@@ -225,16 +230,14 @@ static void run_pooled(const job_t *j, int nthreads, int nchunks) {
     }
     const uint32_t gen = atomic_load(&pool_gen) + 1;
     pool_job = *j;
-    pool_chunks = nchunks;
-    pool_nrb = j->rb1;
     pool_threads = nthreads;
     atomic_store(&pool_done, 0);
-    atomic_store(&pool_next, (uint64_t)gen << 32);
+    atomic_store(&pool_next, (uint64_t)gen << 32 | (uint64_t)nchunks << 16);
     pthread_mutex_lock(&wake_mu);
     atomic_store(&pool_gen, gen);
     pthread_cond_broadcast(&wake_cv);
     pthread_mutex_unlock(&wake_mu);
-    claim_chunks(gen, j, nchunks, j->rb1);
+    claim_chunks(gen, j);
     while (atomic_load(&pool_done) < nchunks) _mm_pause();
 }
 

@@ -220,3 +220,13 @@ def test_scales_equal_alpha():
     got = shiftadd_lut.scales(exps, signs)
     want = alpha_of(exps, signs)
     assert got.shape == want.shape and torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+@needs_kernel
+def test_pooled_calls_back_to_back():
+    """Back-to-back 2-thread calls of alternating shapes (different chunk counts) each give the 1-thread result."""
+    cases = [_case(1, n, 64, 2, 32, 1, seed=n) for n in (100, 1000, 16)]
+    wants = [shiftadd_lut.lut_linear(x, p, a, 32, 1, threads=1) for x, p, a in cases]
+    for i in range(300):
+        x, p, a = cases[i % 3]
+        assert torch.equal(shiftadd_lut.lut_linear(x, p, a, 32, 1, threads=2), wants[i % 3]), i
