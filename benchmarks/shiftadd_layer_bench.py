@@ -4,8 +4,10 @@ fp32 references.
 
 Configurations
     ``torch_fp32``: ``F.linear`` on the fp32 weight.
-    ``torch_packed``: ``backends/shiftadd_cpu.packed_linear`` (Inductor-compiled masked-sum
+    ``torch_packed``: ``backends/shiftadd_cpu.compiled_linear`` (Inductor-compiled masked-sum
     kernel at 1 token, chunked decode + matmul above).
+    ``torch_lut``: ``backends/shiftadd_lut.lut_linear``, the lookup-table kernel in C with
+    AVX-512, at every batch size (``packed_linear`` uses it up to ``MAX_TOKENS``).
     ``ort_fp32``: an ONNX Runtime session of one ``MatMul``.
     ``ort_nbits``: the ``shiftadd`` lowering ``lowering=nbits``: one 2-bit ``MatMulNBits``
     over the 3 stacked planes (block 64, ``accuracy_level`` 4), ``Reshape``, ``ReduceSum``.
@@ -21,6 +23,7 @@ and the peak growth of a later call (``call peak``; ``VmHWM`` reset by
 so library loading and the compiler's own memory are not counted.
 
     python benchmarks/shiftadd_layer_bench.py --threads 1,2
+    python benchmarks/shiftadd_layer_bench.py --configs torch_fp32,torch_packed,torch_lut
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import time
 import numpy as np
 import torch
 
-CONFIGS = ["torch_fp32", "torch_packed", "ort_fp32", "ort_nbits", "ort_nbits8", "ort_q4"]
+CONFIGS = ["torch_fp32", "torch_packed", "torch_lut", "ort_fp32", "ort_nbits", "ort_nbits8", "ort_q4"]
 BLOCK, Q = 64, 3
 
 
@@ -84,12 +87,14 @@ def build(which: str, m: int, n: int, k: int, threads: int):
     if which == "torch_fp32":
         w = torch.randn(n, k)
         return lambda: torch.nn.functional.linear(x, w)
-    if which == "torch_packed":
-        from backends.shiftadd_cpu import packed_linear
+    if which in ("torch_packed", "torch_lut"):
+        from backends.shiftadd_cpu import compiled_linear
+        from backends.shiftadd_lut import lut_linear
 
         planes = torch.from_numpy(rng.integers(0, 2**32, size=(Q, k // 32, n), dtype=np.uint32).view(np.int32))
         alpha = torch.rand(Q, k // BLOCK, n) * 0.01
-        return lambda: packed_linear(x, planes, alpha, BLOCK, 1)
+        fn = compiled_linear if which == "torch_packed" else lut_linear
+        return lambda: fn(x, planes, alpha, BLOCK, 1)
     if which == "ort_fp32":
         s = _ort_session([helper.make_node("MatMul", ["X", "W"], ["Y"])],
                          {"W": rng.standard_normal((k, n), dtype=np.float32)}, m, k, n, threads)
@@ -128,8 +133,8 @@ def child_memory(which: str, n: int, k: int, threads: int) -> dict:
             "call_peak_mib": call_peak}
 
 
-def time_shape(n: int, k: int, m: int, threads: int, runs: int) -> dict:
-    fns = {c: build(c, m, n, k, threads) for c in CONFIGS}
+def time_shape(n: int, k: int, m: int, threads: int, runs: int, configs=CONFIGS) -> dict:
+    fns = {c: build(c, m, n, k, threads) for c in configs}
     for f in fns.values():
         f()
         f()
@@ -148,6 +153,7 @@ def main() -> None:
     ap.add_argument("--tokens", default="1,8,128")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", nargs=4, default=None, help=argparse.SUPPRESS)
@@ -156,19 +162,23 @@ def main() -> None:
         which, n, k, th = args.child
         print(json.dumps(child_memory(which, int(n), int(k), int(th))))
         return
+    configs = args.configs.split(",")
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown:
+        ap.error(f"unknown configuration(s): {', '.join(unknown)}")
     out = {"time_ms": [], "memory": []}
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
         for th in (int(v) for v in args.threads.split(",")):
             for m in (int(v) for v in args.tokens.split(",")):
                 la = open("/proc/loadavg").read().split()[0]
-                r = time_shape(n, k, m, th, args.runs)
+                r = time_shape(n, k, m, th, args.runs, configs)
                 la2 = open("/proc/loadavg").read().split()[0]
                 row = {"shape": shape, "threads": th, "tokens": m, **r, "loadavg": f"{la}->{la2}"}
                 out["time_ms"].append(row)
                 print(json.dumps(row), flush=True)
         if not args.no_memory:
-            for c in CONFIGS:
+            for c in configs:
                 res = subprocess.run([sys.executable, __file__, "--child", c, str(n), str(k), "1"],
                                      capture_output=True, text=True, check=True)
                 row = {"shape": shape, **json.loads(res.stdout.strip().splitlines()[-1])}

@@ -22,9 +22,10 @@ batches (``M <= 8``, batch-1 generation) and ``tl.dot`` on the dequantized tile 
 batches (IEEE float32, no TF32).
 
 Op: ``torch.ops.rewriter.shiftadd_linear(x, planes, exps, signs, bias?, group_rows,
-mode)``; CUDA tensors launch the Triton kernel, CPU tensors run ``dequantize`` + matmul
-(the op's body branches on the device, so ``torch.compile`` on CPU traces the plain-torch
-kernel and on CUDA the Triton one).
+mode)``; CUDA tensors launch the Triton kernel, CPU tensors run ``cpu_linear``: the
+lookup-table kernel of ``backends/shiftadd_lut.py`` for BCQ at few tokens where the CPU has
+AVX-512, else ``dequantize`` + matmul (the op's body branches on the device, so
+``torch.compile`` on CPU traces the plain-torch kernel and on CUDA the Triton one).
 ``triton_shiftadd_linear`` launches the kernel directly (tests: ``TRITON_INTERPRET=1``).
 """
 
@@ -36,6 +37,7 @@ import logging
 import numpy as np
 import torch
 
+from backends import shiftadd_lut
 from backends.triton import cdiv, load, next_power_of_2
 
 log = logging.getLogger(__name__)
@@ -111,6 +113,26 @@ def reference(x: torch.Tensor, planes: torch.Tensor, exps: torch.Tensor, signs: 
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(x.dtype)
+
+
+def cpu_linear(x: torch.Tensor, planes: torch.Tensor, exps: torch.Tensor, signs: torch.Tensor,
+               bias: torch.Tensor | None, group_rows: int, mode: int) -> torch.Tensor:
+    """The op's CPU kernel: BCQ (``mode`` 0) with float32 / float16 / bfloat16 ``x`` of at
+    most ``shiftadd_lut.MAX_TOKENS`` tokens runs the lookup-table kernel of
+    ``backends/shiftadd_lut.py`` (float32 arithmetic, reads the packed bits, no dense
+    weight) where this machine has it; everything else, and tracing under
+    ``torch.compile``, runs ``reference``."""
+    k = x.shape[-1]
+    if (mode == 0 and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and x.dim() >= 1
+            and not torch.compiler.is_compiling()):
+        x2 = x.reshape(-1, k)
+        a = shiftadd_lut.scales(exps, signs) if x2.shape[0] <= shiftadd_lut.MAX_TOKENS else None
+        if a is not None and shiftadd_lut.supports(x2, planes, a, BLOCK_COLS, group_rows):
+            y = shiftadd_lut.lut_linear(x2, planes, a, BLOCK_COLS, group_rows)
+            if bias is not None:
+                y = y + bias.to(torch.float32)
+            return y.to(x.dtype).reshape(*x.shape[:-1], planes.shape[-1])
+    return reference(x, planes, exps, signs, bias, group_rows, mode)
 
 
 @functools.cache
@@ -226,12 +248,12 @@ def _define() -> None:
         # The body is also what torch.compile traces (triton_op decomposes into it): off
         # CUDA it is the plain-torch kernel, so compiling on CPU never reaches Triton.
         if x.device.type != "cuda" or load() is None:
-            return reference(x, planes, exps, signs, bias, group_rows, mode)
+            return cpu_linear(x, planes, exps, signs, bias, group_rows, mode)
         return _launch(x, planes, exps, signs, bias, group_rows, mode, wrap=wrap_triton)
 
     @op.register_kernel("cpu")
     def _cpu(x, planes, exps, signs, bias, group_rows, mode):
-        return reference(x, planes, exps, signs, bias, group_rows, mode)
+        return cpu_linear(x, planes, exps, signs, bias, group_rows, mode)
 
     _OPS["shiftadd_linear"] = op
 
