@@ -124,12 +124,13 @@ def available() -> bool:
 
 
 def supports(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, block_cols: int,
-             group_rows: int) -> bool:
+             group_rows: int, max_tokens: int = MAX_TOKENS) -> bool:
     """Whether ``lut_linear`` runs this call: CPU tensors, ``x`` 2-D with at most
-    ``MAX_TOKENS`` rows, scale blocks a multiple of 4 columns, shapes consistent."""
+    ``max_tokens`` rows (a caller whose other kernel is slower than ``F.linear`` passes a
+    larger cap), scale blocks a multiple of 4 columns, shapes consistent."""
     if x.device.type != "cpu" or planes.device.type != "cpu" or alpha.device.type != "cpu":
         return False
-    if x.dim() != 2 or planes.dim() != 3 or alpha.dim() != 3 or not 1 <= x.shape[0] <= MAX_TOKENS:
+    if x.dim() != 2 or planes.dim() != 3 or alpha.dim() != 3 or not 1 <= x.shape[0] <= max_tokens:
         return False
     q, kw, n = planes.shape
     k = x.shape[1]

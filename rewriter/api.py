@@ -37,7 +37,7 @@ from rewriter.manager import PassRecord, run_passes
 from rewriter.pass_api import Context, Kind, Pass, get_pass, make_options
 from rewriter.run import bench as B
 from rewriter.run.shapes import specialise
-from rewriter.run.verify import Budget, Runner, compare, input_specs, load_calib, load_inputs, make_inputs
+from rewriter.run.verify import Budget, Runner, check_calib, compare, input_specs, load_calib, load_inputs, make_inputs
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +352,7 @@ def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, A
         if isinstance(calib, (str, os.PathLike)):
             calib_data = load_calib(str(calib), input_specs(view))
         else:
-            calib_data = dict(calib)
+            calib_data = check_calib(dict(calib), input_specs(view))
     pass_objs = _instantiate(passes, options, Context(calib=calib_data))
     for p in pass_objs:
         if view.ir not in p.irs:

@@ -23,7 +23,7 @@ batches (IEEE float32, no TF32).
 
 Op: ``torch.ops.rewriter.shiftadd_linear(x, planes, exps, signs, bias?, group_rows,
 mode)``; CUDA tensors launch the Triton kernel, CPU tensors run ``cpu_linear``: the
-lookup-table kernel of ``backends/shiftadd_lut.py`` for BCQ at few tokens where the CPU has
+lookup-table kernel of ``backends/shiftadd_lut.py`` for BCQ up to ``OP_MAX_TOKENS`` tokens where the CPU has
 AVX-512, else ``dequantize`` + matmul (the op's body branches on the device, so
 ``torch.compile`` on CPU traces the plain-torch kernel and on CUDA the Triton one).
 ``triton_shiftadd_linear`` launches the kernel directly (tests: ``TRITON_INTERPRET=1``).
@@ -88,6 +88,11 @@ def dequantize(planes: torch.Tensor, exps: torch.Tensor, signs: torch.Tensor, n_
 
 
 CHUNK_WORDS = 8  # CPU kernel: input columns decoded per step = 32 * CHUNK_WORDS
+# The op's CPU kernel runs the LUT kernel up to this many tokens. Its alternative here is
+# ``reference``, whose decode costs the same at any batch, not ``F.linear``: the LUT kernel
+# stays faster up to 128-256 tokens (benchmarks/shiftadd_op_tokens.py: at 128 tokens 1.5-3.2x
+# on 384 x 384 to 4096 x 4096 layers, at 1 and 2 threads; at 512 slower everywhere).
+OP_MAX_TOKENS = 128
 
 
 def reference(x: torch.Tensor, planes: torch.Tensor, exps: torch.Tensor, signs: torch.Tensor,
@@ -118,7 +123,7 @@ def reference(x: torch.Tensor, planes: torch.Tensor, exps: torch.Tensor, signs: 
 def cpu_linear(x: torch.Tensor, planes: torch.Tensor, exps: torch.Tensor, signs: torch.Tensor,
                bias: torch.Tensor | None, group_rows: int, mode: int) -> torch.Tensor:
     """The op's CPU kernel: BCQ (``mode`` 0) with float32 / float16 / bfloat16 ``x`` of at
-    most ``shiftadd_lut.MAX_TOKENS`` tokens runs the lookup-table kernel of
+    most ``OP_MAX_TOKENS`` tokens runs the lookup-table kernel of
     ``backends/shiftadd_lut.py`` (float32 arithmetic, reads the packed bits, no dense
     weight) where this machine has it; everything else, and tracing under
     ``torch.compile``, runs ``reference``."""
@@ -126,8 +131,8 @@ def cpu_linear(x: torch.Tensor, planes: torch.Tensor, exps: torch.Tensor, signs:
     if (mode == 0 and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and x.dim() >= 1
             and not torch.compiler.is_compiling()):
         x2 = x.reshape(-1, k)
-        a = shiftadd_lut.scales(exps, signs) if x2.shape[0] <= shiftadd_lut.MAX_TOKENS else None
-        if a is not None and shiftadd_lut.supports(x2, planes, a, BLOCK_COLS, group_rows):
+        a = shiftadd_lut.scales(exps, signs) if x2.shape[0] <= OP_MAX_TOKENS else None
+        if a is not None and shiftadd_lut.supports(x2, planes, a, BLOCK_COLS, group_rows, OP_MAX_TOKENS):
             y = shiftadd_lut.lut_linear(x2, planes, a, BLOCK_COLS, group_rows)
             if bias is not None:
                 y = y + bias.to(torch.float32)

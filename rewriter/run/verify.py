@@ -379,26 +379,40 @@ def _bfloat16_feed(arr: np.ndarray, spec: InputSpec) -> np.ndarray | None:
 
 
 def load_calib(path: str, specs: list[InputSpec]) -> dict[str, np.ndarray]:
-    """Read ``--calib FILE.npz`` (no pickle): the model's input names and dtypes, samples
-    stacked on the first axis; with a static batch, a whole number of batches (at least one)."""
-    feeds = _read_npz(path, "calib")
+    """Read ``--calib FILE.npz`` (no pickle) and check it with ``check_calib``."""
+    return check_calib(_read_npz(path, "calib"), specs, f"--calib {path}", "calibration file")
+
+
+def check_calib(feeds: dict[str, Any], specs: list[InputSpec], where: str = "calib",
+                what: str = "calibration data") -> dict[str, np.ndarray]:
+    """Calibration arrays against the model's inputs: the same names and dtypes, samples
+    stacked on the first axis, every other axis the model's where it is static (a torch
+    module captured by ``torch.export`` is static in all of them); with a static batch, a
+    whole number of batches (at least one). Returns them as numpy arrays; BadInput names
+    the first mismatch."""
     by_name = {s.name: s for s in specs}
     if set(feeds) != set(by_name):
-        raise BadInput(f"--calib {path}: input names {sorted(feeds)} do not match the model's {sorted(by_name)}")
-    for name, arr in feeds.items():
+        raise BadInput(f"{where}: input names {sorted(feeds)} do not match the model's {sorted(by_name)}")
+    out = {}
+    for name, value in feeds.items():
+        try:
+            arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise BadInput(f"{where}: {name} cannot be read as an array ({err})") from None
         s = by_name[name]
         if arr.dtype != s.dtype:
-            raise BadInput(f"--calib {path}: {name} has dtype {arr.dtype}, the model expects {s.dtype}")
+            raise BadInput(f"{where}: {name} has dtype {arr.dtype}, the model expects {s.dtype}")
         if arr.ndim != len(s.shape) or any(isinstance(d, int) and d != g for d, g in zip(s.shape[1:], arr.shape[1:])):
-            raise BadInput(f"--calib {path}: {name} has shape {list(arr.shape)}, the model expects {s.shape} "
+            raise BadInput(f"{where}: {name} has shape {list(arr.shape)}, the model expects {s.shape} "
                            "(samples stacked on the first axis)")
         batch = s.shape[0] if s.shape else None
         if isinstance(batch, int) and (arr.shape[0] < batch or arr.shape[0] % batch):
-            raise BadInput(f"--calib {path}: calibration file too small or ragged: {name} holds "
+            raise BadInput(f"{where}: {what} too small or ragged: {name} holds "
                            f"{arr.shape[0]} sample(s), the model takes {batch} per run (need a multiple)")
         if arr.size == 0:
-            raise BadInput(f"--calib {path}: calibration file too small: {name} is empty")
-    return feeds
+            raise BadInput(f"{where}: {what} too small: {name} is empty")
+        out[name] = arr
+    return out
 
 
 def original_session(path: str | os.PathLike):

@@ -19,7 +19,8 @@ import torch
 
 from backends import shiftadd_lut
 from backends.shiftadd_cpu import packed_linear
-from backends.triton.shiftadd import BLOCK_COLS, alpha as alpha_of, dequantize, reference, shiftadd_linear
+from backends.triton.shiftadd import (BLOCK_COLS, OP_MAX_TOKENS, alpha as alpha_of, dequantize, reference,
+                                      shiftadd_linear)
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -125,9 +126,26 @@ def test_op_takes_lut_path_and_matches_reference(dtype):
 
 
 @needs_kernel
+def test_op_runs_lut_past_packed_linear_cap():
+    """The op's alternative is the reference decode, not F.linear, so its cap is OP_MAX_TOKENS,
+    above shiftadd_lut.MAX_TOKENS: a batch between the two runs the LUT kernel and matches."""
+    assert OP_MAX_TOKENS > shiftadd_lut.MAX_TOKENS
+    x, planes, exps, signs, bias = _op_case(OP_MAX_TOKENS)
+    before = shiftadd_lut.CALLS["lut"]
+    got = shiftadd_linear(x, planes, exps, signs, bias, 128, 0)
+    assert shiftadd_lut.CALLS["lut"] == before + 1
+    ref = reference(x, planes, exps, signs, bias, 128, 0)
+    a = alpha_of(exps, signs).double().abs().repeat_interleave(BLOCK_COLS, 1).repeat_interleave(128, 2)
+    k, n = x.shape[1], planes.shape[-1]
+    mag = x.double().abs() @ a.sum(0)[:k, :n]
+    tol = _bound(mag, k, 3, BLOCK_COLS) + 1.01 * (k + 3) * EPS32 * mag + EPS32 * ref.double().abs()
+    assert torch.all((got.double() - ref.double()).abs() <= tol)
+
+
+@needs_kernel
 def test_op_large_batch_and_denseshift_use_reference():
-    """Above MAX_TOKENS tokens, and for DenseShift (mode 1), the op does not call the LUT kernel."""
-    x, planes, exps, signs, bias = _op_case(shiftadd_lut.MAX_TOKENS + 1)
+    """Above OP_MAX_TOKENS tokens, and for DenseShift (mode 1), the op does not call the LUT kernel."""
+    x, planes, exps, signs, bias = _op_case(OP_MAX_TOKENS + 1)
     before = shiftadd_lut.CALLS["lut"]
     got = shiftadd_linear(x, planes, exps, signs, bias, 128, 0)
     assert torch.equal(got, reference(x, planes, exps, signs, bias, 128, 0))

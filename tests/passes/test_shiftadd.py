@@ -230,6 +230,21 @@ def test_fx_mixed_bits_dp_meets_budget():
     assert sum(w * n for w, n in zip(widths, sizes)) <= 2.5 * sum(sizes)
 
 
+def test_fx_calibration_of_another_length_is_bad_input():
+    """torch.export captures static shapes: calibration arrays whose token axis differs from
+    the example inputs' are refused up front, naming the input and both shapes (before,
+    the capture died inside the GraphModule's shape guard), as are wrong names and dtypes."""
+    module, inputs = tiny_gpt()
+    cases = [({"ids": np.zeros((4, 12), np.int64)}, r"calib: ids has shape \[4, 12\], the model expects \[2, 16\]"),
+             ({"tokens": np.zeros((4, 16), np.int64)}, r"calib: input names \['tokens'\] do not match the model's \['ids'\]"),
+             ({"ids": np.zeros((4, 16), np.int32)}, r"calib: ids has dtype int32, the model expects int64"),
+             ({"ids": np.zeros((3, 16), np.int64)}, r"calibration data too small or ragged: ids holds 3 sample")]
+    for calib, message in cases:
+        with pytest.raises(rewriter.BadInput, match=message):
+            rewriter.rewrite(module, ["shiftadd"], example_inputs=inputs, ir_kind="torch",
+                             options={"shiftadd": FAST}, calib=calib)
+
+
 # --------------------------------------------------------------------------- quantizer
 
 
