@@ -7,7 +7,10 @@ rows per instruction (``vpermps``); the weight is read as its bits and never dec
 float. The result equals ``x @ dequantize(W)^T`` to float32 rounding (tables of 4 terms,
 one sum per scale block, one ``fma`` per block and plane).
 
-Built with ``COMPILER`` (``gcc``) and ``FLAGS`` into ``cache_dir()`` (``$REWRITER_CACHE/kernels``,
+Built with ``COMPILER`` (``gcc``) and ``FLAGS`` (``-fopenmp``: more than one thread is an
+OpenMP team on the runtime torch has already loaded, so the kernel's threads are the ones
+torch's own ops just used; ``POOL_FLAGS`` without it, the kernel's own thread pool, where
+that build fails) into ``cache_dir()`` (``$REWRITER_CACHE/kernels``,
 by default ``~/.cache/rewriter/kernels``) under a name keyed by the hash of the source, the
 flags and the compiler path, written to a temporary name and renamed, so concurrent processes
 never load a half-written library; a later process loads the cached file. Available only
@@ -39,7 +42,9 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "shiftadd_lut.c"
 COMPILER = shutil.which("gcc") or "/usr/bin/gcc"
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-pthread", "-shared", "-fPIC")
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-pthread", "-shared", "-fPIC", "-fopenmp")
+# Without OpenMP (a compiler without libgomp): the kernel's own thread pool.
+POOL_FLAGS = tuple(f for f in FLAGS if f != "-fopenmp")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 MAX_TOKENS = 8  # crossover against F.linear: 16-24 tokens at 1 thread on the loaded machine, ~10 quiet
 
@@ -66,19 +71,20 @@ def cpu_supported() -> bool:
     return False
 
 
-def library_path() -> Path:
-    """Where the compiled library for this source, these flags and this compiler lives."""
+def library_path(flags: tuple[str, ...] | None = None) -> Path:
+    """Where the compiled library for this source, these flags (default ``FLAGS``) and this
+    compiler lives."""
     h = hashlib.sha256(SOURCE.read_bytes())
-    h.update(" ".join((COMPILER, *FLAGS)).encode())
+    h.update(" ".join((COMPILER, *(FLAGS if flags is None else flags))).encode())
     return cache_dir() / f"shiftadd_lut-{h.hexdigest()[:16]}.so"
 
 
-def _compile(target: Path) -> None:
+def _compile(target: Path, flags: tuple[str, ...]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([COMPILER, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120)
+        subprocess.run([COMPILER, *flags, str(SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120)
         CALLS["compiles"] += 1
         os.replace(tmp, target)
     finally:
@@ -90,13 +96,17 @@ def _load():
     if not cpu_supported():
         log.debug("shiftadd LUT kernel: this CPU lacks %s", "/".join(CPU_FLAGS))
         return None
-    try:
-        path = library_path()
-        if not path.exists():
-            _compile(path)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as e:
-        log.debug("shiftadd LUT kernel unavailable: %s", e)
+    lib = None
+    for flags in (FLAGS, POOL_FLAGS):  # OpenMP where the compiler has it, else the pool
+        try:
+            path = library_path(flags)
+            if not path.exists():
+                _compile(path, flags)
+            lib = ctypes.CDLL(str(path))
+            break
+        except (OSError, subprocess.SubprocessError) as e:
+            log.debug("shiftadd LUT kernel unavailable with %s: %s", " ".join(flags), e)
+    if lib is None:
         return None
     fn = lib.shiftadd_lut_linear
     fn.restype = ctypes.c_int
@@ -104,6 +114,8 @@ def _load():
     fn.argtypes = [p, i, i, p, i, i, i, p, i, i, i, i, p, i]
     lib.shiftadd_alpha.restype = None
     lib.shiftadd_alpha.argtypes = [p, p, i, ctypes.c_long, p]
+    lib.shiftadd_lut_threading.restype = ctypes.c_int
+    lib.shiftadd_lut_threading.argtypes = []
     return lib
 
 
@@ -121,6 +133,16 @@ def reset() -> None:
 
 def available() -> bool:
     return library() is not None
+
+
+def thread_mode() -> str | None:
+    """How the loaded kernel runs more than one thread: ``"openmp"`` (the team of the calling
+    thread, on the OpenMP runtime torch has loaded) or ``"pool"`` (its own workers); None
+    where the kernel is unavailable."""
+    lib = library()
+    if lib is None:
+        return None
+    return "openmp" if lib.shiftadd_lut_threading() else "pool"
 
 
 def supports(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, block_cols: int,

@@ -21,7 +21,10 @@
  * words waits in a [M, N] buffer.  Columns at or past K read x = 0 (tables padded to whole
  * words), so the planes' padding bits add 0.
  *
- * Threads: a small pool of its own (below) over chunks of 16-row vectors. */
+ * Threads: chunks of 16-row vectors, claimed by an atomic counter, run by an OpenMP team
+ * when built with -fopenmp (the process's runtime: torch's libgomp, already loaded, so the
+ * team is the one torch's own ops have just used and whose threads are still spinning on
+ * the other cores), else by a small pool of its own (below). */
 #include <immintrin.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -204,7 +207,10 @@ static void *worker_main(void *arg) {
 }
 
 /* A forked child has no workers and may have inherited a lock held by one: start afresh. */
+static int forked = 0; /* set in a forked child: its OpenMP runtime may wait for the parent's team */
+
 static void pool_after_fork_child(void) {
+    forked = 1;
     pthread_mutex_t fresh_mu = PTHREAD_MUTEX_INITIALIZER;
     pthread_cond_t fresh_cv = PTHREAD_COND_INITIALIZER;
     call_mu = fresh_mu;
@@ -213,11 +219,37 @@ static void pool_after_fork_child(void) {
     n_workers = 0;
 }
 
-static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
-static void register_atfork(void) { pthread_atfork(NULL, NULL, pool_after_fork_child); }
+/* Registered when the library loads, so every child forked after that knows it is one. */
+__attribute__((constructor)) static void register_atfork(void) { pthread_atfork(NULL, NULL, pool_after_fork_child); }
+
+#ifdef _OPENMP
+/* The OpenMP team of the calling thread claims the chunks one by one: a member that starts
+ * late finds fewer left, so the call waits for it only to arrive at the region's end. */
+static void run_team(const job_t *j, int nthreads, int nchunks) {
+    _Atomic int next = 0;
+    const int nrb = j->rb1;
+#pragma omp parallel num_threads(nthreads)
+    for (;;) {
+        const int c = atomic_fetch_add(&next, 1);
+        if (c >= nchunks) break;
+        job_t jj = *j;
+        jj.rb0 = (int)((long)nrb * c / nchunks);
+        jj.rb1 = (int)((long)nrb * (c + 1) / nchunks);
+        run_job(&jj);
+    }
+}
+#endif
+
+/* Which threading this build uses: 1 an OpenMP team, 0 the pool. */
+int shiftadd_lut_threading(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 static void run_pooled(const job_t *j, int nthreads, int nchunks) {
-    pthread_once(&atfork_once, register_atfork);
     while (n_workers < nthreads - 1) {
         pthread_t t;
         pthread_attr_t attr;
@@ -284,10 +316,21 @@ int shiftadd_lut_linear(const float *x, int m, int k, const int32_t *planes, int
     if (nthreads < 1) nthreads = 1;
     if (nthreads > MAX_WORKERS + 1) nthreads = MAX_WORKERS + 1;
     job_t j = {tables, m, planes, q, kw, n, alpha, kb, ngr, block_cols / 4, group_rows, acc, y, 0, nrb};
+    const int nchunks = nrb < CHUNKS_PER_THREAD * nthreads ? nrb : CHUNKS_PER_THREAD * nthreads;
+#ifdef _OPENMP
+    /* each calling thread has a team of its own; a forked child (whose OpenMP runtime would
+     * wait for the parent's team) runs the pool below */
+    if (!forked) {
+        if (nthreads == 1 || nrb == 1) run_job(&j);
+        else run_team(&j, nthreads, nchunks);
+        free(tables);
+        return 0;
+    }
+#endif
     if (nthreads == 1 || nrb == 1 || pthread_mutex_trylock(&call_mu) != 0) {
         run_job(&j); /* one thread, or another call holds the pool: run here */
     } else {
-        run_pooled(&j, nthreads, nrb < CHUNKS_PER_THREAD * nthreads ? nrb : CHUNKS_PER_THREAD * nthreads);
+        run_pooled(&j, nthreads, nchunks);
         pthread_mutex_unlock(&call_mu);
     }
     free(tables);

@@ -230,6 +230,35 @@ def test_forked_child_runs_pooled_calls():
 
 
 @needs_kernel
+def test_openmp_team_is_torchs_runtime():
+    """The default build runs its threads as an OpenMP team on the libgomp torch loaded (one
+    OpenMP runtime in the process, not a second one beside torch's)."""
+    assert shiftadd_lut.thread_mode() == "openmp"
+    maps = open("/proc/self/maps").read()
+    gomp = {line.split()[-1] for line in maps.splitlines() if "libgomp" in line}
+    assert len(gomp) == 1 and "torch" in next(iter(gomp)), gomp
+
+
+@needs_kernel
+@pytest.mark.parametrize("flags", ["FLAGS", "POOL_FLAGS"])
+def test_both_builds_agree_across_threads(fresh_cache, monkeypatch, flags):
+    """The OpenMP build and the pool build (where OpenMP is missing) give the 1-thread result
+    at 2 threads, back to back over shapes of different chunk counts, and from several
+    Python threads at once."""
+    monkeypatch.setattr(shiftadd_lut, "FLAGS", getattr(shiftadd_lut, flags))
+    assert shiftadd_lut.thread_mode() == ("openmp" if flags == "FLAGS" else "pool")
+    cases = [_case(2, n, 96, 2, 32, 1, seed=n) for n in (100, 1000, 16)]
+    wants = [shiftadd_lut.lut_linear(x, p, a, 32, 1, threads=1) for x, p, a in cases]
+    for i in range(60):
+        x, p, a = cases[i % 3]
+        assert torch.equal(shiftadd_lut.lut_linear(x, p, a, 32, 1, threads=2), wants[i % 3]), i
+    x, p, a = cases[1]
+    with ThreadPoolExecutor(3) as ex:
+        outs = list(ex.map(lambda _: shiftadd_lut.lut_linear(x, p, a, 32, 1, threads=2), range(9)))
+    assert all(torch.equal(o, wants[1]) for o in outs)
+
+
+@needs_kernel
 def test_scales_equal_alpha():
     """The C scales equal backends.triton.shiftadd.alpha bit for bit (zero terms, the whole exponent range in use)."""
     g = torch.Generator().manual_seed(7)
