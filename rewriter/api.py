@@ -329,6 +329,10 @@ def rewrite(model: Any, passes: Sequence[str | Pass], *, options: Mapping[str, A
     """Apply ``passes`` in order to ``model`` and verify each one.
 
     ``options``: ``{"foldnorm": {"direction": "next"}}`` (strings are parsed like ``--set``).
+    ``calib``: a ``.npz`` path or ``{name: array}``, samples stacked on the first axis,
+    checked against the model's inputs (names, dtypes, and every static axis after the
+    first: a torch module captured by ``torch.export`` is static in all of them, so its
+    calibration arrays have the example inputs' shapes past the batch axis).
     ``inputs``: a ``.npz`` path or ``{name: array}`` for verification (default: seeded
     random inputs, or the example inputs of a torch module); ``max_input_bytes`` bounds
     their total size (default ``rewriter.run.verify.DEFAULT_MAX_INPUT_BYTES``, checked before
