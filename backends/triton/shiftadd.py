@@ -91,7 +91,7 @@ CHUNK_WORDS = 8  # CPU kernel: input columns decoded per step = 32 * CHUNK_WORDS
 # The op's CPU kernel runs the LUT kernel up to this many tokens. Its alternative here is
 # ``reference``, whose decode costs the same at any batch, not ``F.linear``: the LUT kernel
 # stays faster up to 128-256 tokens (benchmarks/shiftadd_op_tokens.py: at 128 tokens 1.5-3.2x
-# on 384 x 384 to 4096 x 4096 layers, at 1 and 2 threads; at 512 slower everywhere).
+# on 384 x 384 to 4096 x 4096 layers, at 1 and 2 threads; at 512 slower in most runs).
 OP_MAX_TOKENS = 128
 
 
