@@ -22,12 +22,11 @@ never reaches Triton ("0 active drivers"). ``triton_*`` launch the kernel direct
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
 
-from backends.triton import load, next_power_of_2
+from backends.triton import lazy_kernel, load, next_power_of_2
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +47,9 @@ def reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, compr
     return y.to(x.dtype), (None if residual is None else h)
 
 
-@functools.cache
-def _kernel():
+@lazy_kernel
+def _kernel(triton, tl):
     """The Triton kernel, defined on first use (None without triton)."""
-    triton = load()
-    if triton is None:
-        return None
-    tl = triton.language
 
     @triton.jit
     def norm_fwd(X, R, W, Y, H, stride_x, stride_r, stride_y, stride_h, n_cols, eps,

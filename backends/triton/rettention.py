@@ -32,7 +32,6 @@ Triton kernels or the CPU block kernels, chosen by ``kernel_for`` (see there). `
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 
@@ -42,7 +41,7 @@ from torch.library import custom_op, register_fake
 from backends import flex_rettention as flex
 from backends.rettention_blocks import masked_blocks, window_refresh
 from backends.rettention_spec import KINDS, BlockLayout, MaskSpec
-from backends.triton import cdiv, load, next_power_of_2
+from backends.triton import cdiv, lazy_kernel, load, next_power_of_2
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +104,9 @@ def cpu_sparse(q, k, v, rho, res, coef: float, scale: float, layout: BlockLayout
 
 
 # -- Triton kernels ----------------------------------------------------------------------------
-@functools.cache
-def _kernel():
+@lazy_kernel
+def _kernel(triton, tl):
     """The Triton kernel, defined on first use (None without triton)."""
-    triton = load()
-    if triton is None:
-        return None
-    tl = triton.language
 
     @triton.jit
     def attn_fwd(Q, K, V, O, LSE, RHO, RES, OFULL, LSEFULL,

@@ -31,14 +31,13 @@ AVX-512, else ``dequantize`` + matmul (the op's body branches on the device, so
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import numpy as np
 import torch
 
 from backends import shiftadd_lut
-from backends.triton import cdiv, load, next_power_of_2
+from backends.triton import cdiv, lazy_kernel, load, next_power_of_2
 
 log = logging.getLogger(__name__)
 
@@ -140,13 +139,9 @@ def cpu_linear(x: torch.Tensor, planes: torch.Tensor, exps: torch.Tensor, signs:
     return reference(x, planes, exps, signs, bias, group_rows, mode)
 
 
-@functools.cache
-def _kernel():
+@lazy_kernel
+def _kernel(triton, tl):
     """The Triton kernel, defined on first use (None without triton)."""
-    triton = load()
-    if triton is None:
-        return None
-    tl = triton.language
 
     @triton.jit
     def shiftadd_kernel(X, P, E, S, B, Y, M, N, K, KW, KB, NG, G, stride_xm, stride_ym,
